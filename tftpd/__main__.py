@@ -1,0 +1,3 @@
+from tftpd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""`tftpd [options] [ROOT]`: argv -> Config -> a running master."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import logging.handlers
+import os
+import shutil
+import socket
+import sys
+import tempfile
+
+from tftpd.config import Address, Config, ConfigError, from_argv
+
+log = logging.getLogger("tftpd")
+
+EXIT_USAGE = 2
+EXIT_STARTUP = 1
+DEMO_PORT = 6969
+
+
+def _setup_logging(cfg: Config, syslog: bool) -> None:
+    level = logging.DEBUG if cfg.verbose >= 3 else logging.INFO
+    handler: logging.Handler
+    if syslog and os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(
+            "/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        handler.setFormatter(logging.Formatter("tftpd[%(process)d]: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("tftpd[%(process)d]: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def _demo(cfg: Config) -> tuple[Config, str]:
+    root = tempfile.mkdtemp(prefix="tftpd-demo-")
+    with open(os.path.join(root, "hello.txt"), "w") as f:
+        f.write("Hello from tftpd: served over TFTP from a preforked pool.\n")
+    with open(os.path.join(root, "boot.img"), "wb") as f:
+        f.write(os.urandom(1 << 20))
+    addresses = cfg.addresses or (Address(socket.AF_INET, "127.0.0.1", DEMO_PORT),)
+    return dataclasses.replace(cfg, root=root, addresses=addresses, foreground=True,
+                               workers=min(cfg.workers, 2)), root
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tftpd.master import Master, StartupError, daemonize
+
+    try:
+        cfg = from_argv(sys.argv[1:] if argv is None else argv)
+    except ConfigError as err:
+        print(f"tftpd: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    demo_root = None
+    if cfg.demo:
+        cfg, demo_root = _demo(cfg)
+    if not cfg.listen and not cfg.foreground and _stdin_is_socket():
+        print("tftpd: started with a socket on stdin (inetd); inetd mode is not supported "
+              "yet (comes with issue 8): use -l or -L", file=sys.stderr)
+        return EXIT_USAGE
+    _setup_logging(cfg, syslog=cfg.listen and not cfg.foreground)
+    try:
+        from tftpd.datapath import get_datapath
+
+        datapath = get_datapath()
+    except ImportError as err:
+        print(f"tftpd: {err}", file=sys.stderr)
+        return EXIT_STARTUP
+    master = Master(cfg, datapath)
+    try:
+        if not os.path.isdir(cfg.root):
+            raise StartupError(f"root {cfg.root!r} does not exist or is not a directory")
+        master.bind()
+        master.prepare()
+    except (StartupError, PermissionError) as err:
+        print(f"tftpd: {err}", file=sys.stderr)
+        return EXIT_STARTUP
+    # The listen sockets are bound: requests queue from here on, so this line is the
+    # moment a test or a supervisor may start sending.
+    print(f"tftpd: listening on {', '.join(master.bound)} ({cfg.workers} workers, "
+          f"root {cfg.root}, {datapath.name} data path)", file=sys.stderr, flush=True)
+    if demo_root:
+        addr = master.bound[0]
+        print(f"Demo root {demo_root} holds hello.txt and boot.img (1 MiB).\n"
+              f"Fetch one with:\n\n    curl -s tftp://{addr}/hello.txt\n\n"
+              "Ctrl-C stops the server.", flush=True)
+    if cfg.listen and not cfg.foreground:
+        daemonize()
+    try:
+        return master.run()
+    finally:
+        # Workers never return here (they leave through os._exit), only the master.
+        if demo_root:
+            shutil.rmtree(demo_root, ignore_errors=True)
+
+
+def _stdin_is_socket() -> bool:
+    import stat
+
+    try:
+        return stat.S_ISSOCK(os.fstat(0).st_mode)
+    except OSError:
+        return False

@@ -1,0 +1,232 @@
+"""Every setting declared once; the command line is generated from this list.
+
+Flags follow in.tftpd (tftp-hpa) so that someone replacing it can keep typing what
+they type. A setting whose feature is not built yet is declared with `later` set to
+the issue that brings it: using it fails with a clear "not supported yet" message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tftpd import __version__
+from tftpd.options import BLKSIZE_MAX, BLKSIZE_MIN, WINDOW_MAX
+
+DEFAULT_PORT = 69
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message says which and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    family: int
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.family == socket.AF_INET6 \
+            else f"{self.host}:{self.port}"
+
+
+def parse_address(text: str) -> Address:
+    """ADDR, ADDR:PORT, :PORT, [V6], [V6]:PORT or a bare IPv6 address."""
+    host, port = text, str(DEFAULT_PORT)
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ConfigError(f"bad address {text!r}: missing ']'")
+        host, rest = text[1:end], text[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError(f"bad address {text!r}")
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    host = host or "0.0.0.0"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"bad address {text!r}: {host!r} is not an IP address") from None
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"bad address {text!r}: port must be 0..65535")
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    return Address(family, str(ip), int(port))
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition(":")
+    if not sep or not lo.isdigit() or not hi.isdigit() or not 1 <= int(lo) <= int(hi) <= 65535:
+        raise ConfigError(f"bad port range {text!r}: want LOW:HIGH within 1..65535")
+    return int(lo), int(hi)
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    def check(text: str) -> int:
+        if not text.isdigit() or not lo <= int(text) <= hi:
+            raise ConfigError(f"{text!r} is not a whole number in {lo}..{hi}")
+        return int(text)
+    return check
+
+
+def _umask(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise ConfigError(f"bad umask {text!r}: want octal") from None
+    if not 0 <= value <= 0o777:
+        raise ConfigError(f"bad umask {text!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    name: str  # Config attribute
+    flags: tuple[str, ...]
+    help: str
+    default: Any = None
+    convert: Callable[[str], Any] | None = None  # None: a switch
+    repeat: bool = False
+    count: bool = False
+    later: str = ""  # the issue that implements it; set = "not supported yet"
+    metavar: str | None = None
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("listen", ("-l", "--listen"),
+            "standalone: detach from the terminal and serve (in.tftpd -l)", False),
+    Setting("foreground", ("-L", "--foreground"),
+            "standalone in the foreground, logging to stderr (in.tftpd -L)", False),
+    Setting("addresses", ("-a", "--address"),
+            "listen on ADDR[:PORT] (IPv4, [IPv6]); repeatable; default 0.0.0.0:69",
+            (), parse_address, repeat=True, metavar="ADDR[:PORT]"),
+    Setting("secure", ("-s", "--secure"),
+            "chroot to ROOT when started as root; names are always relative to ROOT", False),
+    Setting("user", ("-u", "--user"), "run as USER after binding (default: nobody when "
+            "started as root)", None, str, metavar="USER"),
+    Setting("create", ("-c", "--create"), "allow uploads that create files", False,
+            later="issue 8 (uploads)"),
+    Setting("permissive", ("-p", "--permissive"), "skip permission checks beyond the "
+            "system's", False, later="issue 8 (uploads)"),
+    Setting("umask", ("-U", "--umask"), "umask for created files", None, _umask,
+            later="issue 8 (uploads)", metavar="UMASK"),
+    Setting("max_blksize", ("-B", "--blocksize"),
+            f"largest blksize granted ({BLKSIZE_MIN}..{BLKSIZE_MAX})", BLKSIZE_MAX,
+            _int_in(BLKSIZE_MIN, BLKSIZE_MAX), metavar="MAX"),
+    Setting("retransmit_us", ("-T", "--retransmit"),
+            "initial retransmission timeout in microseconds (adapts to the RTT after)",
+            1_000_000, _int_in(10_000, 255_000_000), metavar="USEC"),
+    Setting("port_range", ("-R", "--port-range"), "transfer ports from LOW:HIGH", None,
+            _port_range, metavar="LOW:HIGH"),
+    Setting("refuse", ("-r", "--refuse"), "never negotiate OPTION (blksize, tsize, timeout, "
+            "windowsize); repeatable", (), str, repeat=True, metavar="OPTION"),
+    Setting("verbose", ("-v", "--verbose"), "more logging: -v requests, -vvv every packet",
+            0, count=True),
+    Setting("workers", ("--workers",), "worker processes (default: number of CPUs)",
+            None, _int_in(1, 256), metavar="N"),
+    Setting("max_windowsize", ("--windowsize",), "largest windowsize granted (RFC 7440)",
+            64, _int_in(1, WINDOW_MAX), metavar="MAX"),
+    Setting("retries", ("--retries",), "timeouts in a row before a transfer is given up",
+            5, _int_in(1, 50), metavar="N"),
+    Setting("rollover", ("--rollover",), "block number after 65535: 0 or 1", 0,
+            _int_in(0, 1), metavar="0|1"),
+    Setting("drain_s", ("--drain-timeout",), "on SIGTERM, seconds running transfers get "
+            "to finish", 30, _int_in(0, 3600), metavar="SECONDS"),
+    Setting("map_file", ("-m", "--map-file"), "filename remapping rules (tftp-hpa syntax)",
+            None, str, later="issue 8 (remap rules)", metavar="FILE"),
+    Setting("timeout", ("-t", "--timeout"), "inetd mode: exit after SECONDS idle", None,
+            str, later="issue 8 (inetd mode)", metavar="SECONDS"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    root: str = "/srv/tftp"
+    listen: bool = False
+    foreground: bool = False
+    addresses: tuple[Address, ...] = ()
+    secure: bool = False
+    user: str | None = None
+    create: bool = False
+    permissive: bool = False
+    umask: int | None = None
+    max_blksize: int = BLKSIZE_MAX
+    retransmit_us: int = 1_000_000
+    port_range: tuple[int, int] | None = None
+    refuse: tuple[str, ...] = ()
+    verbose: int = 0
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    max_windowsize: int = 64
+    retries: int = 5
+    rollover: int = 0
+    drain_s: int = 30
+    map_file: str | None = None
+    timeout: str | None = None
+    demo: bool = False
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tftpd", description="A preforked TFTP server for network-boot storms.")
+    for s in SETTINGS:
+        kw: dict[str, Any] = {"dest": s.name, "help": s.help + (
+            f" [not supported yet: {s.later}]" if s.later else "")}
+        if s.count:
+            kw.update(action="count", default=0)
+        elif s.convert is None:
+            kw.update(action="store_true", default=None)
+        else:
+            kw.update(action="append" if s.repeat else "store", metavar=s.metavar)
+        p.add_argument(*s.flags, **kw)
+    p.add_argument("-V", "--version", action="version", version=version_text())
+    p.add_argument("--demo", action="store_true",
+                   help="serve a demo root on 127.0.0.1:6969 and print a curl command")
+    p.add_argument("root", nargs="?", help="the directory served (default /srv/tftp)")
+    return p
+
+
+def version_text() -> str:
+    from tftpd.datapath import ext_error, get_datapath
+
+    try:
+        path = get_datapath().name
+    except ImportError as err:
+        return f"tftpd {__version__} (data path unavailable: {err})"
+    why = ext_error()
+    note = f"; C extension unavailable: {why}" if path == "python" and why else ""
+    return f"tftpd {__version__} ({path} data path{note})"
+
+
+def from_argv(argv: list[str]) -> Config:
+    ns = build_parser().parse_args(argv)
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        raw = getattr(ns, s.name)
+        if raw in (None, False, 0, []) and not (s.count and raw):
+            continue
+        if s.later:
+            raise ConfigError(f"{s.flags[-1]} is not supported yet (comes with {s.later})")
+        if s.repeat:
+            values[s.name] = tuple(s.convert(v) if s.convert else v for v in raw)
+        elif s.convert is not None and not s.count:
+            values[s.name] = s.convert(raw)
+        else:
+            values[s.name] = raw
+    for opt in values.get("refuse", ()):
+        if opt not in ("blksize", "tsize", "timeout", "windowsize", "utimeout"):
+            raise ConfigError(f"--refuse {opt!r}: not an option tftpd negotiates")
+    if ns.root:
+        values["root"] = ns.root
+    values["demo"] = bool(ns.demo)
+    return Config(**values)

@@ -1,0 +1,343 @@
+"""The data path: send a window of DATA blocks from a file to a client.
+
+Two implementations with one behaviour: the C one (``tftpd._datapath``, built by
+cffi from ``_ext/``) and a pure-Python twin used when the extension is missing.
+This module is the only importer of the compiled module.  Python validates
+every argument and decides what is sent; C does the syscalls and returns a
+count or ``-errno``; this module turns the status into the typed exception.
+
+Both implementations, per window:
+
+- read the blocks in batches of at most ``BATCH`` blocks (``pread`` into a
+  scratch buffer the ``DataPath`` owns), each batch read completely before any
+  of it is sent, so a file that shrinks under us never yields a short or
+  garbage block: ``FileShrank`` is raised instead (the batches before it went
+  out whole);
+- send one datagram per block, the 4-byte header and the payload gathered from
+  two buffers (C: ``sendmmsg``; Python: ``socket.sendmsg``), to an explicit
+  address, because transfer sockets are unconnected (so the server can answer
+  a stray TID with ERROR 5);
+- stop on back-pressure (EAGAIN/EWOULDBLOCK/ENOBUFS) and return how many
+  datagrams went out, 0 when the first one did not; raise ``OSError`` for any
+  other error.
+
+Neither sendfile() (needs a connected socket) nor mmap() (a file truncated
+under a mapping raises SIGBUS and kills the worker) is used.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import warnings
+from typing import Any
+
+__all__ = [
+    "BATCH",
+    "DataPath",
+    "FileShrank",
+    "MAX_BLKSIZE",
+    "MIN_BLKSIZE",
+    "encode_sockaddr",
+    "ext_error",
+    "get_datapath",
+    "wire_block",
+]
+
+# The version of _ext/tftpd_datapath.h this module speaks; the compiled module
+# reports its own (TFTPD_DATAPATH_VERSION) and a mismatch means a stale build.
+EXT_VERSION = 1
+
+# Blocks read and sent per batch; equal to TFTPD_MAX_BATCH in the C code
+# (checked at import) so both implementations stop at the same place.
+BATCH = 64
+
+MIN_BLKSIZE = 8  # RFC 2348
+MAX_BLKSIZE = 65464  # RFC 2348
+
+_OPCODE_DATA = 3
+_BACK_PRESSURE = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
+_ENV = "TFTPD_DATAPATH"
+
+
+class FileShrank(OSError):
+    """The file ended before a block it had to supply: it shrank after its size was taken.
+
+    An OSError with errno EIO, so callers that map errno to a TFTP error need
+    no special case.
+    """
+
+    def __init__(self, filesize: int) -> None:
+        super().__init__(errno.EIO, f"file shrank below the {filesize} bytes being sent")
+        self.filesize = filesize
+
+
+def wire_block(k: int, rollover: int) -> int:
+    """The 16-bit block number that block ``k`` (1, 2, 3, ...) carries on the wire.
+
+    Past 65535 the counter restarts at ``rollover`` (0, the common behaviour, or
+    1 for clients that expect it), on every lap.
+    """
+    if k < 65536:
+        return k
+    return rollover + (k - 65536) % (65536 - rollover)
+
+
+_SOCKADDR_IN = struct.Struct("=H2s4s8x")  # family (host order), port, address
+_SOCKADDR_IN6 = struct.Struct("=H2s4s16sI")  # family, port, flowinfo, address, scope
+_SOCKADDR_STORAGE = 128
+
+
+def encode_sockaddr(addr: tuple[Any, ...]) -> bytes:
+    """The raw ``struct sockaddr_in``/``sockaddr_in6`` for a socket-module address.
+
+    ``addr`` is what ``recvfrom`` gives: ``(host, port)`` for IPv4 or
+    ``(host, port, flowinfo, scope_id)`` for IPv6 (a 2-tuple with an IPv6 host is
+    taken with flowinfo and scope_id 0).  Hosts are numeric.  Workers encode a
+    client's address once per transfer and keep the bytes.
+    """
+    if not isinstance(addr, tuple) or not 2 <= len(addr) <= 4:
+        raise ValueError(f"not a socket address: {addr!r}")
+    host, port = addr[0], addr[1]
+    if not isinstance(host, str) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"not a socket address: {addr!r}")
+    port_be = port.to_bytes(2, "big")
+    if ":" not in host:
+        if len(addr) != 2:
+            raise ValueError(f"an IPv4 address is a 2-tuple: {addr!r}")
+        try:
+            packed = socket.inet_pton(socket.AF_INET, host)
+        except OSError:
+            raise ValueError(f"not a numeric IPv4 address: {host!r}") from None
+        return _SOCKADDR_IN.pack(socket.AF_INET, port_be, packed)
+    flowinfo = addr[2] if len(addr) > 2 else 0
+    scope_id = addr[3] if len(addr) > 3 else 0
+    if not isinstance(flowinfo, int) or not 0 <= flowinfo < 1 << 20:
+        raise ValueError(f"bad IPv6 flowinfo in {addr!r}")
+    if not isinstance(scope_id, int) or not 0 <= scope_id < 1 << 32:
+        raise ValueError(f"bad IPv6 scope id in {addr!r}")
+    # recvfrom names link-local peers "fe80::1%eth0"; the scope is in scope_id.
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
+    except OSError:
+        raise ValueError(f"not a numeric IPv6 address: {host!r}") from None
+    # The kernel keeps sin6_flowinfo in network order, sin6_scope_id in host order.
+    return _SOCKADDR_IN6.pack(socket.AF_INET6, port_be, flowinfo.to_bytes(4, "big"), packed,
+                              scope_id)
+
+
+class DataPath:
+    """Sends windows of DATA blocks; see the module docstring for the contract.
+
+    ``name`` is ``"c"`` or ``"python"``.  An instance owns a scratch buffer,
+    grown on demand to one batch of the largest block size it has served; it
+    is not thread-safe (one per worker).
+    """
+
+    name: str = ""
+
+    def __init__(self) -> None:
+        self._scratch_len = 0
+
+    def send_window(
+        self,
+        sock: socket.socket,
+        addr: tuple[Any, ...],
+        sockaddr: bytes,
+        file_fd: int,
+        first: int,
+        count: int,
+        blksize: int,
+        filesize: int,
+        rollover: int = 0,
+    ) -> int:
+        """Send blocks ``first`` .. ``first+count-1`` of the file to the client.
+
+        ``addr`` is the client's socket-module address (used by the Python
+        twin) and ``sockaddr`` the same address from ``encode_sockaddr`` (used
+        by C).  Block k holds file bytes [(k-1)*blksize, min(k*blksize,
+        filesize)); the last block may be empty.
+
+        Returns the number of datagrams sent: ``count``, or fewer when the
+        socket pushed back (EAGAIN/ENOBUFS), possibly 0.  Raises ``FileShrank``
+        when the file is shorter than ``filesize``, ``OSError`` on other
+        errors and ``ValueError`` on bad arguments.
+        """
+        _check(sockaddr, file_fd, first, count, blksize, filesize, rollover)
+        need = min(count, BATCH) * blksize
+        if need > self._scratch_len:
+            self._grow(need)
+        return self._send(sock, addr, sockaddr, file_fd, first, count, blksize, filesize,
+                          rollover)
+
+    def _grow(self, size: int) -> None:
+        raise NotImplementedError
+
+    def _send(self, sock: socket.socket, addr: tuple[Any, ...], sockaddr: bytes, file_fd: int,
+              first: int, count: int, blksize: int, filesize: int, rollover: int) -> int:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<DataPath {self.name}>"
+
+
+def _check(sockaddr: bytes, file_fd: int, first: int, count: int, blksize: int, filesize: int,
+           rollover: int) -> None:
+    # Any raw sockaddr up to sizeof(struct sockaddr_storage); normally one
+    # from encode_sockaddr().
+    if not isinstance(sockaddr, bytes) or not 0 < len(sockaddr) <= _SOCKADDR_STORAGE:
+        raise ValueError("sockaddr must be the bytes of a struct sockaddr")
+    if file_fd < 0:
+        raise ValueError(f"bad file descriptor {file_fd}")
+    if not MIN_BLKSIZE <= blksize <= MAX_BLKSIZE:
+        raise ValueError(f"blksize {blksize} outside {MIN_BLKSIZE}..{MAX_BLKSIZE}")
+    if rollover not in (0, 1):
+        raise ValueError(f"rollover must be 0 or 1, not {rollover}")
+    if filesize < 0 or filesize > (1 << 63) - 1 - MAX_BLKSIZE:
+        raise ValueError(f"bad file size {filesize}")
+    if not 1 <= count <= 0x7FFFFFFF:  # C returns the count as an int
+        raise ValueError(f"count {count} outside 1..{0x7FFFFFFF}")
+    # Blocks 1 .. filesize // blksize + 1 exist; the last one may be empty.
+    last_block = filesize // blksize + 1
+    if first < 1 or first + count - 1 > last_block:
+        raise ValueError(
+            f"blocks {first}..{first + count - 1} outside 1..{last_block} "
+            f"(file of {filesize} bytes, blksize {blksize})"
+        )
+
+
+class _PythonDataPath(DataPath):
+    """os.preadv into a bytearray, then socket.sendmsg per block."""
+
+    name = "python"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buf = memoryview(bytearray(0))
+
+    def _grow(self, size: int) -> None:
+        self._buf = memoryview(bytearray(size))
+        self._scratch_len = size
+
+    def _send(self, sock: socket.socket, addr: tuple[Any, ...], sockaddr: bytes, file_fd: int,
+              first: int, count: int, blksize: int, filesize: int, rollover: int) -> int:
+        buf = self._buf
+        batch = min(self._scratch_len // blksize, BATCH)
+        sent = 0
+        while sent < count:
+            k0 = first + sent
+            n = min(batch, count - sent)
+            off = (k0 - 1) * blksize
+            length = min(off + n * blksize, filesize) - off
+            _read_full(file_fd, buf, length, off, filesize)
+            for i in range(n):
+                start = i * blksize
+                left = filesize - off - start
+                wire = wire_block(k0 + i, rollover)
+                header = bytes((0, _OPCODE_DATA, wire >> 8, wire & 0xFF))
+                payload = buf[start:start + min(left, blksize)]
+                try:
+                    sock.sendmsg((header, payload), (), 0, addr)
+                except OSError as exc:
+                    # Python retries EINTR itself (PEP 475).
+                    if exc.errno in _BACK_PRESSURE:
+                        return sent + i
+                    raise
+            sent += n
+        return sent
+
+
+def _read_full(fd: int, buf: memoryview, length: int, off: int, filesize: int) -> None:
+    done = 0
+    while done < length:
+        n = os.preadv(fd, (buf[done:length],), off + done)
+        if n == 0:
+            raise FileShrank(filesize)
+        done += n
+
+
+class _CDataPath(DataPath):
+    """tftpd._datapath: pread, then sendmmsg of the whole batch."""
+
+    name = "c"
+
+    def __init__(self) -> None:
+        super().__init__()
+        if _ext is None:
+            raise ImportError(_ext_error or "tftpd._datapath is not available")
+        self._ffi = _ext.ffi
+        self._lib = _ext.lib
+        self._buf: Any = self._ffi.NULL
+
+    def _grow(self, size: int) -> None:
+        self._buf = self._ffi.new("char[]", size)
+        self._scratch_len = size
+
+    def _send(self, sock: socket.socket, addr: tuple[Any, ...], sockaddr: bytes, file_fd: int,
+              first: int, count: int, blksize: int, filesize: int, rollover: int) -> int:
+        rc: int = self._lib.tftpd_send_window(
+            sock.fileno(), sockaddr, len(sockaddr), file_fd, filesize, blksize, first, count,
+            rollover, self._buf, self._scratch_len,
+        )
+        if rc >= 0:
+            return rc
+        if rc == -self._lib.TFTPD_ESHRANK:
+            raise FileShrank(filesize)
+        raise OSError(-rc, os.strerror(-rc))
+
+
+def _load_ext() -> tuple[Any, str | None]:
+    try:
+        from tftpd import _datapath  # type: ignore[attr-defined]
+    except ImportError as exc:
+        return None, f"the C data path tftpd._datapath is not built ({exc})"
+    version = _datapath.lib.TFTPD_DATAPATH_VERSION
+    if version != EXT_VERSION:
+        return None, (
+            f"the C data path tftpd._datapath is version {version}, this tftpd "
+            f"expects {EXT_VERSION}: rebuild it (pip install -e . or "
+            "python3 setup.py build_ext --inplace)"
+        )
+    if _datapath.lib.TFTPD_MAX_BATCH != BATCH:
+        return None, (
+            f"the C data path batches {_datapath.lib.TFTPD_MAX_BATCH} blocks, "
+            f"the Python twin {BATCH}: rebuild it"
+        )
+    return _datapath, None
+
+
+_ext, _ext_error = _load_ext()
+_warned = False
+
+
+def ext_error() -> str | None:
+    """Why the C data path is unavailable, or None when it loaded."""
+    return _ext_error
+
+
+def get_datapath(force: str | None = None) -> DataPath:
+    """A new DataPath: C when the extension loaded, else Python (with a warning, once).
+
+    ``force`` (or else the environment variable ``TFTPD_DATAPATH``) set to
+    ``"c"`` or ``"python"`` picks one; forcing ``"c"`` without the extension
+    raises ImportError.
+    """
+    global _warned
+    choice = force if force is not None else os.environ.get(_ENV, "").strip().lower() or None
+    if choice not in (None, "c", "python"):
+        raise ValueError(f"data path must be 'c' or 'python', not {choice!r}")
+    if choice == "python":
+        return _PythonDataPath()
+    if choice == "c":
+        if _ext is None:
+            raise ImportError(f"{_ext_error}; it was required (force='c' or {_ENV}=c)")
+        return _CDataPath()
+    if _ext is not None:
+        return _CDataPath()
+    if not _warned:
+        _warned = True
+        warnings.warn(f"{_ext_error}; using the slower pure-Python data path",
+                      RuntimeWarning, stacklevel=2)
+    return _PythonDataPath()

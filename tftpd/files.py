@@ -1,0 +1,148 @@
+"""Client filename -> an open file under the root, or a TFTP error.
+
+Paths are checked by components, never by string prefix. The file is opened first
+and everything after is decided on its descriptor (`fstat`, and where it really is
+through /proc/self/fd), so a symlink swapped in between a check and the open cannot
+lead outside the root.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+
+from tftpd import packet as P
+
+MAX_NAME = 1024  # bytes; longer names are refused, not truncated
+MAX_COMPONENT = 255  # NAME_MAX
+MAX_NETASCII = 64 << 20  # netascii is converted in memory; bigger files are refused
+
+
+class FileError(Exception):
+    """A request that cannot be served; carries the TFTP error to answer with."""
+
+    def __init__(self, code: int, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason or message
+
+
+@dataclass(slots=True)
+class OpenFile:
+    """An open file ready to serve: the descriptor the data path reads from."""
+
+    fd: int
+    size: int  # bytes the client will receive (after netascii conversion)
+    path: str  # relative to the root, for logs
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def sanitize(raw: bytes | str, limit: int = 120) -> str:
+    """A client string made safe for one log line: printable ASCII, escapes, bounded."""
+    if isinstance(raw, str):
+        raw = raw.encode("latin-1", "replace")
+    out = "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw[:limit])
+    return out + ("..." if len(raw) > limit else "")
+
+
+def normalize(filename: bytes, root: str) -> str:
+    """The path of `filename` relative to `root`, or FileError.
+
+    `\\` becomes `/` (Windows boxen); a leading `/` means the root, and an absolute
+    name that spells out the root itself (`/tftpboot/x` with root /tftpboot, as the
+    FreeBSD loader asks) is taken relative to it. `..` is refused, never resolved.
+    """
+    # Legacy PXE ROMs have been seen to end the filename with a 0xFF byte.
+    name = filename.rstrip(b"\xff")
+    if len(name) > MAX_NAME:
+        raise FileError(P.E_ACCESS, "Access violation", "filename too long")
+    if any(b < 0x20 or b == 0x7F for b in name):
+        raise FileError(P.E_ACCESS, "Access violation", "control byte in filename")
+    text = os.fsdecode(name.replace(b"\\", b"/"))
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    if text.startswith("/"):
+        root_parts = [p for p in root.split("/") if p]
+        if root_parts and parts[: len(root_parts)] == root_parts:
+            parts = parts[len(root_parts):]
+    for part in parts:
+        if part == "..":
+            raise FileError(P.E_ACCESS, "Access violation", "'..' in filename")
+        if len(os.fsencode(part)) > MAX_COMPONENT:
+            raise FileError(P.E_ACCESS, "Access violation", "filename component too long")
+    if not parts:
+        raise FileError(P.E_ACCESS, "Access violation", "filename names the root")
+    return "/".join(parts)
+
+
+def _errno_to_tftp(err: OSError) -> FileError:
+    # One place maps errno to a TFTP error (tftp-hpa's nak()).
+    if err.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+        return FileError(P.E_NOT_FOUND, "File not found", os.strerror(err.errno))
+    if err.errno in (errno.EACCES, errno.EPERM, errno.ELOOP):
+        return FileError(P.E_ACCESS, "Access violation", os.strerror(err.errno))
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return FileError(P.E_DISK_FULL, "Disk full or allocation exceeded")
+    return FileError(P.E_UNDEFINED, "Cannot open file", os.strerror(err.errno or 0))
+
+
+def _netascii(fd: int, size: int) -> tuple[int, int]:
+    """Convert to netascii (LF -> CR LF, CR -> CR NUL) into a memfd; (fd, new size)."""
+    if size > MAX_NETASCII:
+        raise FileError(P.E_UNDEFINED, "File too large for netascii mode")
+    data = os.pread(fd, size, 0)
+    if len(data) != size:
+        raise FileError(P.E_UNDEFINED, "File changed while reading")
+    converted = data.replace(b"\r", b"\r\0").replace(b"\n", b"\r\n")
+    mfd = os.memfd_create("tftpd-netascii", os.MFD_CLOEXEC)
+    view = memoryview(converted)
+    while view:
+        view = view[os.write(mfd, view):]
+    return mfd, len(converted)
+
+
+class Root:
+    """The served directory. `real` is its resolved path; confinement compares to it."""
+
+    def __init__(self, path: str, chrooted: bool = False) -> None:
+        self.path = path
+        self.real = os.path.realpath(path)
+        self.chrooted = chrooted
+
+    def _inside(self, fd: int) -> bool:
+        if self.chrooted:
+            return True  # after chroot(2) nothing outside the root is reachable
+        try:
+            where = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return False
+        return os.path.commonpath([where, self.real]) == self.real
+
+    def open_read(self, filename: bytes, mode: str = "octet") -> OpenFile:
+        rel = normalize(filename, self.real)
+        try:
+            fd = os.open(os.path.join(self.real, rel), os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY
+                         | os.O_NONBLOCK)
+        except OSError as err:
+            raise _errno_to_tftp(err) from None
+        try:
+            if not self._inside(fd):
+                raise FileError(P.E_ACCESS, "Access violation", "path leads outside the root")
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise FileError(P.E_ACCESS, "Access violation", "not a regular file")
+            size = st.st_size
+            if mode == "netascii":
+                mfd, size = _netascii(fd, size)
+                os.close(fd)
+                fd = mfd
+            return OpenFile(fd, size, rel)
+        except BaseException:
+            os.close(fd)
+            raise

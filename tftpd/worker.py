@@ -1,0 +1,437 @@
+"""One worker: an event loop over the listen sockets it was handed and its transfers.
+
+The only place in tftpd that waits. Each loop turn serves, in this order, the listen
+sockets (a PXE ROM gives its RRQ one to four seconds; a running transfer tolerates a
+short wait), then the transfer sockets, then the timers.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import itertools
+import logging
+import os
+import selectors
+import signal
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+
+from tftpd import packet as P
+from tftpd.config import Config
+from tftpd.datapath import DataPath, FileShrank, encode_sockaddr
+from tftpd.files import FileError, OpenFile, Root, sanitize
+from tftpd.options import Policy, negotiate
+from tftpd.transfer import Finish, ReadTransfer, Send, SendBlocks, SendTo
+
+log = logging.getLogger("tftpd")
+
+LISTEN_BATCH = 256  # requests read per turn before transfers get their share
+TRANSFER_BATCH = 16  # datagrams read from one transfer socket per turn
+IDLE_WAIT = 1.0  # s; the longest the loop sleeps with nothing scheduled
+EXIT_BOOT_FAILED = 3  # the master does not respawn a worker that exits with this
+
+# struct in_pktinfo {int ifindex; in_addr spec_dst; in_addr addr} (Linux ip(7))
+_PKTINFO4 = struct.Struct("=i4s4s")
+_IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+_IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+_IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+_ANC_SIZE = socket.CMSG_SPACE(32)
+
+
+def wants_pktinfo(sock: socket.socket) -> bool:
+    """A wildcard-bound socket must learn each request's destination address."""
+    host = sock.getsockname()[0]
+    return host in ("0.0.0.0", "::")
+
+
+def enable_pktinfo(sock: socket.socket) -> None:
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVPKTINFO, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
+
+
+def _local_from_ancillary(family: int, anc: list) -> str | None:
+    for level, kind, data in anc:
+        if family == socket.AF_INET and level == socket.IPPROTO_IP and kind == _IP_PKTINFO \
+                and len(data) >= _PKTINFO4.size:
+            _, _, addr = _PKTINFO4.unpack_from(data)
+            return socket.inet_ntop(socket.AF_INET, addr)
+        if family == socket.AF_INET6 and level == socket.IPPROTO_IPV6 \
+                and kind == _IPV6_PKTINFO and len(data) >= 16:
+            return socket.inet_ntop(socket.AF_INET6, data[:16])
+    return None
+
+
+@dataclass(slots=True)
+class Listener:
+    sock: socket.socket
+    pktinfo: bool
+    host: str  # the bound address (wildcard or not)
+
+
+@dataclass(slots=True, eq=False)
+class Session:
+    """A live transfer and the I/O the worker holds for it."""
+
+    transfer: ReadTransfer
+    sock: socket.socket
+    file: OpenFile
+    peer: tuple
+    sockaddr: bytes
+    request: bytes  # the RRQ datagram, to merge a repeated one
+    name: str  # sanitised, for the log
+    mode: str
+    started: float
+    heap_deadline: float = field(default=float("inf"))
+
+
+class Worker:
+    def __init__(self, cfg: Config, listeners: list[Listener], root: Root,
+                 datapath: DataPath) -> None:
+        self.cfg = cfg
+        self.listeners = listeners
+        self.root = root
+        self.datapath = datapath
+        self.policy = Policy(max_blksize=cfg.max_blksize, max_windowsize=cfg.max_windowsize,
+                             refused=frozenset(cfg.refuse))
+        self.sel = selectors.DefaultSelector()
+        self.sessions: dict[tuple, Session] = {}  # by peer address
+        self.timers: list[tuple[float, int, Session]] = []
+        self._seq = itertools.count()
+        self.draining = False
+        self.drain_deadline = 0.0
+        self.stop_now = False
+        self._error_socks: dict[int, socket.socket] = {}
+        self._wake_r = -1
+
+    # -- setup in the child (nothing process-wide happens before fork) --------------
+
+    def init_process(self) -> None:
+        self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGQUIT, self._on_quit)
+        # Ctrl-C reaches the whole process group; the master decides what it means.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, None)
+        for lst in self.listeners:
+            lst.sock.setblocking(False)
+            self.sel.register(lst.sock, selectors.EVENT_READ, lst)
+
+    def _on_term(self, signum: int, frame: object) -> None:
+        # Only flags here: the loop does the work (no logging in a handler).
+        self.draining = True
+
+    def _on_quit(self, signum: int, frame: object) -> None:
+        self.stop_now = True
+
+    # -- the loop --------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.init_process()
+        drain_started = False
+        while True:
+            if self.stop_now:
+                return 0
+            if self.draining and not drain_started:
+                drain_started = True
+                self._stop_listening()
+                self.drain_deadline = time.monotonic() + self.cfg.drain_s
+            if drain_started and (not self.sessions or time.monotonic() >= self.drain_deadline):
+                for s in list(self.sessions.values()):
+                    self._finish(s, Finish("failed", "server shutting down"), time.monotonic())
+                return 0
+            wait = IDLE_WAIT
+            if self.timers:
+                wait = max(0.0, min(wait, self.timers[0][0] - time.monotonic()))
+            events = self.sel.select(wait)
+            # Listen sockets first, then transfers: new requests beat running ones.
+            transfers = []
+            for key, _ in events:
+                if isinstance(key.data, Listener):
+                    self._read_requests(key.data)
+                elif isinstance(key.data, Session):
+                    transfers.append(key.data)
+                else:
+                    self._drain_wakeup()
+            for session in transfers:
+                self._read_transfer(session)
+            self._run_timers(time.monotonic())
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _stop_listening(self) -> None:
+        # With SO_REUSEPORT a socket that stays open keeps receiving its share of
+        # requests; a draining worker closes its copy (the master closes its own).
+        for lst in self.listeners:
+            self.sel.unregister(lst.sock)
+            lst.sock.close()
+        self.listeners = []
+
+    # -- requests --------------------------------------------------------------------
+
+    def _read_requests(self, lst: Listener) -> None:
+        for _ in range(LISTEN_BATCH):
+            try:
+                if lst.pktinfo:
+                    data, anc, _flags, src = lst.sock.recvmsg(P.MAX_DATAGRAM, _ANC_SIZE)
+                    local = _local_from_ancillary(lst.sock.family, anc) or lst.host
+                else:
+                    data, src = lst.sock.recvfrom(P.MAX_DATAGRAM)
+                    local = lst.host
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                log.warning("listen socket: %s", err)
+                return
+            try:
+                self._on_request(data, src, local, lst)
+            except Exception:  # one bad request must never take the worker down
+                log.exception("request from %s failed", sanitize(str(src[:2])))
+
+    def _on_request(self, data: bytes, src: tuple, local: str, lst: Listener) -> None:
+        now = time.monotonic()
+        try:
+            req = P.parse(data)
+        except P.PacketError as err:
+            log.info("dropped malformed packet from %s: %s", _peer(src), err)
+            return
+        if not isinstance(req, P.Request):
+            if self.cfg.verbose >= 3:
+                log.debug("ignored %s on the listen port from %s", type(req).__name__,
+                          _peer(src))
+            return
+        name = sanitize(req.filename)
+        live = self.sessions.get(src)
+        if live is not None:
+            if live.request == data:
+                # A repeated RRQ (legacy ROMs send it twice, 10 us apart; a Raspberry
+                # Pi three times): the transfer already answers it.
+                if self.cfg.verbose >= 1:
+                    log.info("merged repeated request from %s for %s", _peer(src), name)
+                return
+            # Same address and port, a different request: the client moved on.
+            self._finish(live, Finish("aborted", "superseded by a new request"), now)
+        if self.cfg.verbose >= 1:
+            log.info("request %s %s %s from %s %s", "WRQ" if req.is_write else "RRQ", name,
+                     req.mode, _peer(src), _opts(req.options))
+        if req.is_write:
+            self._refuse(lst, src, local, P.E_ACCESS, "Uploads are disabled",
+                         "denied", name, req.mode, now)
+            return
+        if req.mode not in ("octet", "netascii"):
+            self._refuse(lst, src, local, P.E_ILLEGAL_OP, f"Mode not supported: {req.mode}"
+                         if req.mode == "mail" else "Unknown mode", "denied", name,
+                         sanitize(req.mode), now)
+            return
+        try:
+            f = self.root.open_read(req.filename, req.mode)
+        except FileError as err:
+            outcome = "notfound" if err.code == P.E_NOT_FOUND else "denied"
+            self._refuse(lst, src, local, err.code, err.message, outcome, name, req.mode, now,
+                         err.reason)
+            return
+        try:
+            neg = negotiate(req.options, self.policy, size=f.size)
+            sock = self._transfer_socket(lst.sock.family, local)
+        except OSError as err:
+            f.close()
+            self._refuse(lst, src, local, P.E_UNDEFINED, "Server busy", "failed", name,
+                         req.mode, now, f"no transfer socket: {err}")
+            return
+        except Exception:
+            f.close()
+            raise
+        rto = neg.timeout if neg.timeout is not None else self.cfg.retransmit_us / 1e6
+        t = ReadTransfer(src, f.size, blksize=neg.blksize, windowsize=neg.windowsize,
+                         oack=neg.oack or None, timeout=rto,
+                         client_timeout=neg.timeout is not None, retries=self.cfg.retries,
+                         rollover=self.cfg.rollover)
+        session = Session(t, sock, f, src, encode_sockaddr(src), data, name, req.mode, now)
+        self.sessions[src] = session
+        self.sel.register(sock, selectors.EVENT_READ, session)
+        self._apply(session, t.start(now), now)
+
+    def _transfer_socket(self, family: int, local: str) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+                             | socket.SOCK_CLOEXEC)
+        try:
+            if self.cfg.port_range is None:
+                sock.bind((local, 0))
+            else:
+                self._bind_in_range(sock, local)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _bind_in_range(self, sock: socket.socket, local: str) -> None:
+        assert self.cfg.port_range is not None
+        lo, hi = self.cfg.port_range
+        span = hi - lo + 1
+        start = int.from_bytes(os.urandom(2), "big") % span
+        for i in range(span):
+            try:
+                sock.bind((local, lo + (start + i) % span))
+                return
+            except OSError as err:
+                if err.errno != errno.EADDRINUSE:
+                    raise
+        raise OSError(errno.EADDRINUSE, "no free port in --port-range")
+
+    def _error_socket(self, lst: Listener) -> socket.socket:
+        """One socket per listener for answers that start no transfer.
+
+        Errors still come from a port other than the listen port (a new TID, as
+        RFC 1350 has it) without a socket per refusal: misses in a storm stay cheap.
+        """
+        key = id(lst)
+        sock = self._error_socks.get(key)
+        if sock is None:
+            sock = socket.socket(lst.sock.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+                                 | socket.SOCK_CLOEXEC)
+            sock.bind((lst.host, 0))
+            self._error_socks[key] = sock
+        return sock
+
+    def _refuse(self, lst: Listener, src: tuple, local: str, code: int, message: str,
+                outcome: str, name: str, mode: str, now: float, reason: str = "") -> None:
+        pkt = P.encode_error(code, message)
+        sock = self._error_socket(lst)
+        try:
+            if lst.pktinfo:
+                # Answer from the address the request was sent to (multi-homed hosts).
+                sock.sendmsg([pkt], [_pktinfo_cmsg(lst.sock.family, local)], 0, src)
+            else:
+                sock.sendto(pkt, src)
+        except OSError as err:
+            log.warning("error reply to %s: %s", _peer(src), err)
+        log.info("%s file=%s mode=%s outcome=%s error=%d reason=%s", _peer(src), name, mode,
+                 outcome, code, reason or message)
+
+    # -- transfers -------------------------------------------------------------------
+
+    def _read_transfer(self, session: Session) -> None:
+        for _ in range(TRANSFER_BATCH):
+            if session.sock.fileno() < 0:
+                return
+            try:
+                data, src = session.sock.recvfrom(P.MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                # ICMP port unreachable surfaces here: the client has gone away.
+                now = time.monotonic()
+                self._finish(session, Finish("failed", f"socket error: {err.strerror}"), now)
+                return
+            now = time.monotonic()
+            if self.cfg.verbose >= 3:
+                log.debug("recv %d bytes from %s for %s", len(data), _peer(src), session.name)
+            self._apply(session, session.transfer.on_datagram(data, src, now), now)
+
+    def _apply(self, session: Session, actions: list, now: float) -> None:
+        t = session.transfer
+        for action in actions:
+            try:
+                if isinstance(action, SendBlocks):
+                    # Fewer sent than asked is back-pressure (a full send queue): the
+                    # retransmission timer sends the rest, as it would after a loss.
+                    self.datapath.send_window(session.sock, session.peer, session.sockaddr,
+                                              session.file.fd, action.first, action.count,
+                                              t.blksize, t.size, t.rollover)
+                elif isinstance(action, Send):
+                    session.sock.sendto(action.data, session.peer)
+                elif isinstance(action, SendTo):
+                    session.sock.sendto(action.data, action.addr)
+                    log.info("%s: ERROR 5 to foreign TID %s", session.name, _peer(action.addr))
+                elif isinstance(action, Finish):
+                    self._finish(session, action, now)
+                    return
+            except FileShrank:
+                self._abort(session, P.E_UNDEFINED, "File changed during transfer",
+                            "file shrank under the transfer", now)
+                return
+            except (BlockingIOError, InterruptedError):
+                pass  # back-pressure: the retransmission timer sends it again
+            except OSError as err:
+                if err.errno in (errno.ENOBUFS, errno.EAGAIN):
+                    continue
+                self._abort(session, P.E_UNDEFINED, "Send failed", f"send: {err}", now)
+                return
+            except ValueError as err:  # the data path refused its arguments: our bug
+                log.exception("data path refused a send")
+                self._abort(session, P.E_UNDEFINED, "Internal error", f"send: {err}", now)
+                return
+        if t.deadline is not None and t.deadline < session.heap_deadline:
+            session.heap_deadline = t.deadline
+            heapq.heappush(self.timers, (t.deadline, next(self._seq), session))
+
+    def _abort(self, session: Session, code: int, message: str, detail: str,
+               now: float) -> None:
+        try:
+            session.sock.sendto(P.encode_error(code, message), session.peer)
+        except OSError:
+            pass
+        session.transfer._finish("failed", detail)
+        self._finish(session, Finish("failed", detail), now)
+
+    def _run_timers(self, now: float) -> None:
+        while self.timers and self.timers[0][0] <= now:
+            _, _, session = heapq.heappop(self.timers)
+            session.heap_deadline = float("inf")
+            if self.sessions.get(session.peer) is not session:
+                continue  # finished since: a stale entry
+            t = session.transfer
+            if t.deadline is None:
+                continue
+            if t.deadline > now:
+                # Progress moved the deadline; one heap entry per session, re-armed.
+                session.heap_deadline = t.deadline
+                heapq.heappush(self.timers, (t.deadline, next(self._seq), session))
+                continue
+            self._apply(session, t.on_timer(now), now)
+
+    def _finish(self, session: Session, fin: Finish, now: float) -> None:
+        if self.sessions.get(session.peer) is session:
+            del self.sessions[session.peer]
+        try:
+            self.sel.unregister(session.sock)
+        except (KeyError, ValueError):
+            pass
+        session.sock.close()
+        session.file.close()
+        t = session.transfer
+        # One line per finished transfer, whatever its end.
+        log.info("%s file=%s mode=%s bytes=%d blksize=%d window=%d duration=%.3fs "
+                 "retransmits=%d outcome=%s%s", _peer(session.peer), session.name,
+                 session.mode, t.size if fin.outcome == "ok" else t.bytes_sent, t.blksize,
+                 t.windowsize, now - session.started, t.retransmits, fin.outcome,
+                 f" reason={sanitize(fin.detail, 200)}" if fin.detail else "")
+
+
+def _pktinfo_cmsg(family: int, local: str) -> tuple[int, int, bytes]:
+    if family == socket.AF_INET6:
+        return (socket.IPPROTO_IPV6, _IPV6_PKTINFO,
+                socket.inet_pton(socket.AF_INET6, local) + struct.pack("=I", 0))
+    return (socket.IPPROTO_IP, _IP_PKTINFO,
+            _PKTINFO4.pack(0, socket.inet_pton(socket.AF_INET, local), bytes(4)))
+
+
+def _peer(addr: tuple) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _opts(options: dict[str, str]) -> str:
+    return " ".join(f"{sanitize(k, 20)}={sanitize(v, 20)}" for k, v in options.items())
