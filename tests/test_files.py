@@ -1,0 +1,88 @@
+"""Names -> files under the root: confinement by components, on the descriptor."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tftpd import packet as P
+from tftpd.files import FileError, Root, normalize, sanitize
+
+
+@pytest.mark.parametrize("name,expected", [
+    (b"pxelinux.0", "pxelinux.0"),
+    (b"/pxelinux.0", "pxelinux.0"),
+    (b"boot\\grub\\grub.cfg", "boot/grub/grub.cfg"),
+    (b"\\boot\\x", "boot/x"),
+    (b"a//b/./c", "a/b/c"),
+    (b"nbp.efi\xff", "nbp.efi"),  # legacy PXE ROM quirk
+    (b"/tftpboot/frisbee/boot/loader.rc", "frisbee/boot/loader.rc"),  # root spelled out
+])
+def test_normalize(name: bytes, expected: str) -> None:
+    assert normalize(name, "/tftpboot") == expected
+
+
+@pytest.mark.parametrize("name", [
+    b"../etc/passwd", b"a/../../x", b"..\\..\\x", b"/..", b"a/..", b"x\x01", b"\x1b[31m",
+    b"a" * 1025, b"a/" + b"b" * 256, b"/", b".", b"\x7f",
+])
+def test_normalize_refuses(name: bytes) -> None:
+    with pytest.raises(FileError) as exc:
+        normalize(name, "/tftpboot")
+    assert exc.value.code == P.E_ACCESS
+
+
+def test_sanitize_escapes_control_bytes() -> None:
+    assert sanitize(b"a\x1b[31mb\\") == "a\\x1b[31mb\\x5c"
+    assert sanitize(b"x" * 500).endswith("...")
+    assert len(sanitize(b"x" * 500)) == 123
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "f.txt").write_bytes(b"inside")
+    (tmp_path / "secret").write_bytes(b"outside")
+    (root / "out").symlink_to(tmp_path / "secret")
+    (root / "in").symlink_to(root / "sub" / "f.txt")
+    (root / "rel").symlink_to("sub/f.txt")
+    os.mkfifo(root / "fifo")
+    return root
+
+
+def read_all(f_fd: int, size: int) -> bytes:
+    return os.pread(f_fd, size, 0)
+
+
+def test_open_inside(tree: Path) -> None:
+    r = Root(str(tree))
+    for name in (b"sub/f.txt", b"in", b"rel", b"/sub/f.txt", b"sub\\f.txt"):
+        f = r.open_read(name)
+        try:
+            assert read_all(f.fd, f.size) == b"inside"
+        finally:
+            f.close()
+
+
+@pytest.mark.parametrize("name,code", [
+    (b"out", P.E_ACCESS), (b"sub", P.E_ACCESS), (b"fifo", P.E_ACCESS),
+    (b"missing", P.E_NOT_FOUND), (b"sub/f.txt/x", P.E_NOT_FOUND),
+])
+def test_open_refuses(tree: Path, name: bytes, code: int) -> None:
+    with pytest.raises(FileError) as exc:
+        Root(str(tree)).open_read(name)
+    assert exc.value.code == code
+
+
+def test_netascii_conversion_and_size(tree: Path) -> None:
+    (tree / "t.txt").write_bytes(b"a\nb\r\nc\rd")
+    f = Root(str(tree)).open_read(b"t.txt", "netascii")
+    try:
+        data = read_all(f.fd, f.size)
+    finally:
+        f.close()
+    assert data == b"a\r\nb\r\0\r\nc\r\0d"
+    assert f.size == len(data)  # tsize is the size on the wire

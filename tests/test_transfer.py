@@ -1,0 +1,254 @@
+"""The read-transfer state machine on a fake clock: no sockets, no files."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tftpd import packet as P
+from tftpd.transfer import (
+    OACK_SENT,
+    Finish,
+    ReadTransfer,
+    Send,
+    SendBlocks,
+    SendTo,
+    block_count,
+    wire_block,
+)
+
+PEER = ("192.0.2.1", 2000)
+
+
+def ack(n: int) -> bytes:
+    return P.encode_ack(n)
+
+
+def test_lock_step_without_options() -> None:
+    t = ReadTransfer(PEER, 1000, blksize=512)
+    assert t.start(0.0) == [SendBlocks(1, 1)]
+    assert t.on_datagram(ack(1), PEER, 0.1) == [SendBlocks(2, 1)]
+    assert t.on_datagram(ack(2), PEER, 0.2) == [Finish("ok")]
+    assert t.deadline is None and t.outcome == "ok"
+
+
+def test_multiple_of_blksize_ends_with_empty_block() -> None:
+    assert block_count(1024, 512) == 3
+    assert block_count(0, 512) == 1
+    t = ReadTransfer(PEER, 0)
+    assert t.start(0.0) == [SendBlocks(1, 1)]
+    assert t.on_datagram(ack(1), PEER, 0.1) == [Finish("ok")]
+
+
+def test_oack_then_ack0_then_window() -> None:
+    t = ReadTransfer(PEER, 10_000, blksize=1000, windowsize=4,
+                     oack={"blksize": "1000", "windowsize": "4"})
+    assert t.start(0.0) == [Send(P.encode_oack({"blksize": "1000", "windowsize": "4"}))]
+    assert t.state == OACK_SENT
+    assert t.on_datagram(ack(1), PEER, 0.01) == []  # only ACK 0 answers an OACK
+    assert t.on_datagram(ack(0), PEER, 0.01) == [SendBlocks(1, 4)]
+    assert t.on_datagram(ack(4), PEER, 0.02) == [SendBlocks(5, 4)]
+    assert t.on_datagram(ack(8), PEER, 0.03) == [SendBlocks(9, 3)]  # 11 blocks in all
+    assert t.on_datagram(ack(11), PEER, 0.04) == [Finish("ok")]
+
+
+def test_ack_inside_window_restarts_window_after_it() -> None:
+    t = ReadTransfer(PEER, 100_000, blksize=512, windowsize=8, oack={"windowsize": "8"})
+    t.start(0.0)
+    t.on_datagram(ack(0), PEER, 0.0)
+    # RFC 7440: the client lost block 4; the next window starts at 4.
+    assert t.on_datagram(ack(3), PEER, 0.01) == [SendBlocks(4, 8)]
+    assert t.retransmits == 5
+
+
+def test_duplicate_ack_never_resends() -> None:
+    # The Sorcerer's Apprentice bug: only a timer may retransmit.
+    t = ReadTransfer(PEER, 5000)
+    t.start(0.0)
+    assert t.on_datagram(ack(1), PEER, 0.01) == [SendBlocks(2, 1)]
+    for _ in range(5):
+        assert t.on_datagram(ack(1), PEER, 0.02) == []
+    assert t.on_datagram(ack(0), PEER, 0.02) == []  # stale
+    assert t.retransmits == 0
+
+
+def test_timeout_resends_with_backoff_then_gives_up() -> None:
+    t = ReadTransfer(PEER, 5000, timeout=1.0, retries=3)
+    t.start(0.0)
+    assert t.on_timer(0.5) == []  # not yet
+    assert t.on_timer(1.0) == [SendBlocks(1, 1)]
+    assert t.deadline == 3.0  # backed off: 2 s
+    assert t.on_timer(3.0) == [SendBlocks(1, 1)]
+    assert t.deadline == 7.0  # 4 s
+    assert t.on_timer(7.0) == [SendBlocks(1, 1)]
+    assert t.on_timer(15.0) == [Finish("failed", "timeout: client stopped answering")]
+    assert t.retransmits == 3
+
+
+def test_progress_ends_the_backoff() -> None:
+    t = ReadTransfer(PEER, 5000, timeout=1.0)
+    t.start(0.0)
+    t.on_timer(1.0)
+    t.on_timer(3.0)
+    assert t.rto == 4.0
+    t.on_datagram(ack(1), PEER, 3.5)
+    assert t.rto == t.base_rto and t.retries == 0
+
+
+def test_client_timeout_is_used_as_is() -> None:
+    t = ReadTransfer(PEER, 5000, timeout=5, client_timeout=True, oack={"timeout": "5"})
+    t.start(0.0)
+    t.on_datagram(ack(0), PEER, 0.001)
+    assert t.deadline == pytest.approx(5.001)  # no RTT adaptation
+    t.on_timer(5.001)
+    assert t.deadline == pytest.approx(10.001)  # and no backoff
+
+
+def test_rtt_adapts_the_timeout_with_a_floor() -> None:
+    t = ReadTransfer(PEER, 50_000, timeout=1.0)
+    t.start(0.0)
+    t.on_datagram(ack(1), PEER, 0.0001)
+    assert t.base_rto == 0.2  # loopback-fast RTT, held at the floor
+
+
+def test_lost_oack_is_resent() -> None:
+    t = ReadTransfer(PEER, 10, oack={"tsize": "10"})
+    oack = t.start(0.0)
+    assert t.on_timer(1.0) == oack
+    assert t.retransmits == 1
+
+
+def test_error_after_oack_is_a_probe() -> None:
+    for code in (0, 8, 9):
+        t = ReadTransfer(PEER, 10, oack={"tsize": "10"})
+        t.start(0.0)
+        assert t.on_datagram(P.encode_error(code, "x"), PEER, 0.0) == [Finish("probe")]
+        assert t.deadline is None  # no retransmission timer left behind
+
+
+def test_other_errors_abort() -> None:
+    t = ReadTransfer(PEER, 10, oack={"tsize": "10"})
+    t.start(0.0)
+    assert t.on_datagram(P.encode_error(2, "no"), PEER, 0.0)[0].outcome == "aborted"
+    t = ReadTransfer(PEER, 5000)
+    t.start(0.0)
+    # GRUB-style ERROR 0 in the middle of the data is an abort, not a probe.
+    assert t.on_datagram(P.encode_error(0, "closed"), PEER, 0.0)[0].outcome == "aborted"
+
+
+def test_foreign_tid_gets_error_5_and_transfer_goes_on() -> None:
+    t = ReadTransfer(PEER, 5000)
+    t.start(0.0)
+    other = ("192.0.2.9", 3000)
+    out = t.on_datagram(ack(1), other, 0.01)
+    assert out == [SendTo(other, P.encode_error(5, "Unknown transfer ID"))]
+    assert t.last_acked == 0
+    assert t.on_datagram(ack(1), PEER, 0.02) == [SendBlocks(2, 1)]
+
+
+def test_garbage_from_peer_is_ignored() -> None:
+    t = ReadTransfer(PEER, 5000)
+    t.start(0.0)
+    assert t.on_datagram(b"\x00", PEER, 0.0) == []
+    assert t.on_datagram(P.encode_data(1, b"x"), PEER, 0.0) == []
+
+
+def test_wire_block_rollover() -> None:
+    assert [wire_block(k) for k in (65535, 65536, 65537, 131072)] == [65535, 0, 1, 0]
+    assert [wire_block(k, 1) for k in (65535, 65536, 65537, 131070, 131071)] == \
+        [65535, 1, 2, 65535, 1]
+
+
+def test_rollover_past_65535_twice() -> None:
+    for rollover in (0, 1):
+        nblocks = 2 * 65536 + 10
+        t = ReadTransfer(PEER, (nblocks - 1) * 8 + 3, blksize=8, rollover=rollover)
+        assert t.nblocks == nblocks
+        t.start(0.0)
+        for k in range(1, nblocks):
+            out = t.on_datagram(ack(wire_block(k, rollover)), PEER, 0.0)
+            assert out == [SendBlocks(k + 1, 1)], (rollover, k)
+        assert t.on_datagram(ack(wire_block(nblocks, rollover)), PEER, 0.0) == [Finish("ok")]
+
+
+# -- a lossy network on a fake clock ---------------------------------------------------
+
+class Receiver:
+    """An RFC 7440 receiver: ACK each window's end, the last block in order on a gap."""
+
+    def __init__(self, window: int, nblocks: int) -> None:
+        self.window = window
+        self.nblocks = nblocks
+        self.expected = 1
+        self.window_start = 1
+        self.done = False
+
+    def on_block(self, k: int) -> int | None:
+        if k != self.expected:
+            # A gap, or a block again (our ACK was lost): say where we are.
+            self.window_start = self.expected
+            return self.expected - 1
+        self.expected += 1
+        if k == self.nblocks:
+            self.done = True
+            return k
+        if k - self.window_start + 1 >= self.window:
+            self.window_start = k + 1
+            return k
+        return None
+
+    def on_timeout(self) -> int:
+        self.window_start = self.expected
+        return self.expected - 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(0, 20_000), blksize=st.sampled_from([8, 512, 1456]),
+       window=st.integers(1, 16), oack=st.booleans(),
+       losses=st.lists(st.booleans(), min_size=0, max_size=400))
+def test_lossy_channel_delivers_everything_in_order(size: int, blksize: int, window: int,
+                                                    oack: bool, losses: list[bool]) -> None:
+    opts = {"blksize": str(blksize), "windowsize": str(window)} if oack else None
+    if not oack:
+        blksize, window = 512, 1
+    t = ReadTransfer(PEER, size, blksize=blksize, windowsize=window, oack=opts, timeout=1.0,
+                     retries=50)
+    rx = Receiver(window, t.nblocks)
+    lossy = iter(losses)
+
+    def lost() -> bool:
+        return next(lossy, False)  # the drawn losses, then a clean network
+
+    now = 0.0
+    pending = t.start(now)
+    for _ in range(100_000):
+        if rx.done and t.outcome == "ok":
+            break
+        acks: list[int] = []
+        for action in pending:
+            assert not isinstance(action, SendTo)
+            if isinstance(action, Send) and not lost():
+                acks.append(0)  # the OACK arrived
+            elif isinstance(action, SendBlocks):
+                for k in range(action.first, action.first + action.count):
+                    if not lost():
+                        a = rx.on_block(k)
+                        if a is not None:
+                            acks.append(a)
+            elif isinstance(action, Finish):
+                assert action.outcome == "ok", action
+        pending = []
+        for a in acks:
+            now += 0.001
+            if not lost():
+                pending += t.on_datagram(ack(wire_block(a)), PEER, now)
+        if not pending and t.outcome is None:
+            assert t.deadline is not None
+            now = t.deadline
+            if not rx.done and rx.expected > 1 and not lost():
+                # The receiver's own timer: ACK the last block in order.
+                pending += t.on_datagram(ack(wire_block(rx.on_timeout())), PEER, now)
+            pending += t.on_timer(now)
+    assert rx.done and rx.expected == t.nblocks + 1
+    assert t.outcome == "ok" or (t.outcome is None and rx.done)
