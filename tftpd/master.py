@@ -257,6 +257,16 @@ class Master:
         except Exception:
             log.exception("worker %d failed to start", slot.index)
             return EXIT_BOOT_FAILED
+        profile_dir = os.environ.get("TFTPD_PROFILE")
+        if profile_dir:
+            # Developers: one cProfile file per worker, written when it exits.
+            import cProfile
+
+            prof = cProfile.Profile()
+            try:
+                return prof.runcall(worker.run)
+            finally:
+                prof.dump_stats(os.path.join(profile_dir, f"worker-{os.getpid()}.prof"))
         return worker.run()
 
 
