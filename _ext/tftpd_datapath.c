@@ -142,3 +142,210 @@ int tftpd_send_window(int sock, const char *addr, unsigned int addrlen,
     }
     return (int)sent;
 }
+
+/* ---- the lock-step pump ------------------------------------------------- */
+
+#include <sys/epoll.h>
+
+#define TFTPD_OPCODE_ACK 4
+#define TFTPD_PUMP_READY_MAX 256 /* epoll events per call (stack array) */
+#define TFTPD_PUMP_PER_SOCKET 16 /* datagrams read from one socket per call */
+#define TFTPD_PUMP_ROOM 1500     /* pktbuf room kept for one reported datagram */
+
+/* The absolute block acknowledged by wire number n, or 0 if none in flight
+ * (ReadTransfer._absolute). */
+static unsigned long long tftpd_absolute(const struct tftpd_xfer *x, unsigned int n)
+{
+    unsigned long long base = x->last_acked;
+    unsigned int cycles[2] = {65536, 65535};
+    int i, ncycles = x->rollover ? 2 : 1;
+
+    for (i = 0; i < ncycles; i++) {
+        unsigned int c = cycles[i];
+        unsigned int wb = tftpd_wire_block(base, x->rollover);
+        /* Python's (n - wb) % c, always non-negative. */
+        unsigned long long d = ((unsigned long long)n + c - wb % c) % c;
+        unsigned long long k = base + d;
+        if (k <= x->sent_upto && tftpd_wire_block(k, x->rollover) == n)
+            return k;
+    }
+    return 0;
+}
+
+static void tftpd_sample_rtt(struct tftpd_xfer *x, double now)
+{
+    double r, rto;
+
+    if (x->fixed_rto || x->resent)
+        return;
+    r = now - x->sent_at;
+    if (r < 0)
+        r = 0;
+    if (x->srtt < 0) {
+        x->srtt = r;
+        x->rttvar = r / 2;
+    } else {
+        double dev = x->srtt - r;
+        if (dev < 0)
+            dev = -dev;
+        x->rttvar = 0.75 * x->rttvar + 0.25 * dev;
+        x->srtt = 0.875 * x->srtt + 0.125 * r;
+    }
+    rto = x->srtt + 4 * x->rttvar;
+    if (rto < TFTPD_RTO_FLOOR_MS / 1000.0)
+        rto = TFTPD_RTO_FLOOR_MS / 1000.0;
+    if (rto > TFTPD_RTO_CEILING_MS / 1000.0)
+        rto = TFTPD_RTO_CEILING_MS / 1000.0;
+    x->base_rto = rto;
+    x->rto = rto;
+}
+
+/* Send the window that starts at block `first`; 0, or -errno / -ESHRANK.
+ * Back-pressure is not an error: the retransmission timer covers it. */
+static int tftpd_next_window(struct tftpd_xfer *x, unsigned long long first, double now,
+                             char *scratch, size_t scratch_len)
+{
+    unsigned long long count = x->nblocks - first + 1;
+    int rc;
+
+    if (count > x->windowsize)
+        count = x->windowsize;
+    x->sent_upto = first + count - 1;
+    x->sent_at = now;
+    x->armed_at = now;
+    x->resent = 0;
+    rc = tftpd_send_window(x->sock, x->addr, x->addrlen, x->fd, x->filesize, x->blksize,
+                           first, (unsigned int)count, x->rollover, scratch, scratch_len);
+    return rc < 0 ? rc : 0;
+}
+
+/* Handle an ACK from the peer of a fast transfer: 1 when it finished it,
+ * 0 when handled, -errno / -ESHRANK when the next send failed. */
+static int tftpd_on_ack(struct tftpd_xfer *x, unsigned int n, double now,
+                        char *scratch, size_t scratch_len)
+{
+    unsigned long long k = tftpd_absolute(x, n);
+    int complete;
+
+    if (k == 0 || k == x->last_acked)
+        return 0; /* duplicate or stale: never resend on it (Sorcerer's Apprentice) */
+    complete = k == x->sent_upto;
+    if (complete)
+        tftpd_sample_rtt(x, now);
+    x->last_acked = k;
+    x->retries = 0;
+    x->rto = x->base_rto;
+    if (k == x->nblocks) {
+        x->fast = 0;
+        return 1;
+    }
+    if (!complete)
+        x->retransmits += x->sent_upto - k; /* RFC 7440: restart after k */
+    return tftpd_next_window(x, k + 1, now, scratch, scratch_len);
+}
+
+static int tftpd_same_peer(const struct tftpd_xfer *x, const struct sockaddr_storage *src,
+                           socklen_t srclen)
+{
+    return srclen == x->addrlen && memcmp(src, x->addr, srclen) == 0;
+}
+
+int tftpd_pump(int epfd, struct tftpd_xfer **table, unsigned int table_len,
+               double now, unsigned int max_ready,
+               struct tftpd_event *events, unsigned int max_events,
+               char *pktbuf, size_t pktbuf_len,
+               char *scratch, size_t scratch_len)
+{
+    struct epoll_event ready[TFTPD_PUMP_READY_MAX];
+    unsigned int nev = 0, used = 0;
+    int nready, i;
+
+    if (table == NULL || events == NULL || pktbuf == NULL || scratch == NULL
+        || max_events == 0)
+        return -EINVAL;
+    if (max_ready > TFTPD_PUMP_READY_MAX)
+        max_ready = TFTPD_PUMP_READY_MAX;
+    if (max_ready == 0)
+        return 0;
+    do {
+        nready = epoll_wait(epfd, ready, (int)max_ready, 0);
+    } while (nready < 0 && errno == EINTR);
+    if (nready < 0)
+        return -errno;
+
+    for (i = 0; i < nready; i++) {
+        unsigned int slot = ready[i].data.u32;
+        struct tftpd_xfer *x;
+        int d;
+
+        if (slot >= table_len || (x = table[slot]) == NULL)
+            continue;
+        for (d = 0; d < TFTPD_PUMP_PER_SOCKET; d++) {
+            struct sockaddr_storage src;
+            socklen_t srclen = sizeof(src);
+            unsigned char *p;
+            ssize_t len;
+            int rc;
+
+            /* Never read a datagram there is no room to report. */
+            if (nev >= max_events || pktbuf_len - used < TFTPD_PUMP_ROOM)
+                return (int)nev;
+            p = (unsigned char *)pktbuf + used;
+            len = recvfrom(x->sock, p, TFTPD_PUMP_ROOM, MSG_DONTWAIT,
+                           (struct sockaddr *)&src, &srclen);
+            if (len < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK)
+                    break;
+                /* ICMP port unreachable and friends: Python decides. */
+                events[nev].slot = slot;
+                events[nev].kind = TFTPD_EV_ERROR;
+                events[nev].err = errno;
+                events[nev].off = events[nev].len = events[nev].srclen = 0;
+                nev++;
+                x->fast = 0;
+                break;
+            }
+            if (x->fast && len >= 4 && p[0] == 0 && p[1] == TFTPD_OPCODE_ACK
+                && tftpd_same_peer(x, &src, srclen)) {
+                rc = tftpd_on_ack(x, ((unsigned int)p[2] << 8) | p[3], now,
+                                  scratch, scratch_len);
+                if (rc == 0)
+                    continue;
+                events[nev].slot = slot;
+                events[nev].kind = rc == 1 ? TFTPD_EV_DONE : TFTPD_EV_ERROR;
+                events[nev].err = rc == 1 ? 0 : -rc;
+                events[nev].off = events[nev].len = events[nev].srclen = 0;
+                nev++;
+                x->fast = 0;
+                break; /* the transfer is over: what follows is Python's */
+            }
+            events[nev].slot = slot;
+            events[nev].kind = TFTPD_EV_PACKET;
+            events[nev].err = 0;
+            events[nev].off = used;
+            events[nev].len = (unsigned int)len;
+            events[nev].srclen = srclen <= sizeof(events[nev].src) ? srclen : 0;
+            memcpy(events[nev].src, &src, events[nev].srclen);
+            nev++;
+            used += (unsigned int)len;
+            break; /* Python may change this transfer: let it look first */
+        }
+    }
+    return (int)nev;
+}
+
+int tftpd_epoll_set(int epfd, int op, int fd, unsigned int slot)
+{
+    struct epoll_event ev;
+
+    if (op != EPOLL_CTL_ADD && op != EPOLL_CTL_DEL)
+        return -EINVAL;
+    memset(&ev, 0, sizeof(ev));
+    ev.events = EPOLLIN;
+    ev.data.u32 = slot;
+    if (epoll_ctl(epfd, op, fd, &ev) < 0)
+        return -errno;
+    return 0;
+}

@@ -40,6 +40,8 @@ __all__ = [
     "FileShrank",
     "MAX_BLKSIZE",
     "MIN_BLKSIZE",
+    "Pump",
+    "decode_sockaddr",
     "encode_sockaddr",
     "ext_error",
     "get_datapath",
@@ -48,7 +50,7 @@ __all__ = [
 
 # The version of _ext/tftpd_datapath.h this module speaks; the compiled module
 # reports its own (TFTPD_DATAPATH_VERSION) and a mismatch means a stale build.
-EXT_VERSION = 1
+EXT_VERSION = 2
 
 # Blocks read and sent per batch; equal to TFTPD_MAX_BATCH in the C code
 # (checked at import) so both implementations stop at the same place.
@@ -175,6 +177,10 @@ class DataPath:
     def _grow(self, size: int) -> None:
         raise NotImplementedError
 
+    def pump(self) -> Pump | None:
+        """C's lock-step for many transfers, or None on the Python path."""
+        return None
+
     def _send(self, sock: socket.socket, addr: tuple[Any, ...], sockaddr: bytes, file_fd: int,
               first: int, count: int, blksize: int, filesize: int, rollover: int) -> int:
         raise NotImplementedError
@@ -275,6 +281,9 @@ class _CDataPath(DataPath):
         self._buf = self._ffi.new("char[]", size)
         self._scratch_len = size
 
+    def pump(self) -> Pump:
+        return Pump(self)
+
     def _send(self, sock: socket.socket, addr: tuple[Any, ...], sockaddr: bytes, file_fd: int,
               first: int, count: int, blksize: int, filesize: int, rollover: int) -> int:
         rc: int = self._lib.tftpd_send_window(
@@ -286,6 +295,124 @@ class _CDataPath(DataPath):
         if rc == -self._lib.TFTPD_ESHRANK:
             raise FileShrank(filesize)
         raise OSError(-rc, os.strerror(-rc))
+
+
+def decode_sockaddr(raw: bytes) -> tuple[Any, ...]:
+    """The socket-module address of a raw struct sockaddr_in / sockaddr_in6."""
+    family = struct.unpack_from("=H", raw)[0]
+    port = struct.unpack_from("!H", raw, 2)[0]
+    if family == socket.AF_INET6:
+        flowinfo, = struct.unpack_from("!I", raw, 4)
+        scope, = struct.unpack_from("=I", raw, 24)
+        return (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, flowinfo, scope)
+    return (socket.inet_ntop(socket.AF_INET, raw[4:8]), port)
+
+
+EV_PACKET, EV_DONE, EV_ERROR = 1, 2, 3
+
+
+class Pump:
+    """C's lock-step for a set of transfer sockets (see tftpd_pump in the header).
+
+    The worker registers each transfer's socket with a slot; `run` serves the
+    ready ones and returns what Python must decide: (slot, kind, err, datagram,
+    source). Only the C data path has one; the Python twin of a pump step is
+    ReadTransfer.on_datagram itself.
+    """
+
+    MAX_EVENTS = 256
+    PKTBUF = 256 * 1500
+    SCRATCH = 1 << 20
+
+    def __init__(self, datapath: _CDataPath) -> None:
+        self._dp = datapath
+        ffi, lib = datapath._ffi, datapath._lib
+        self._ffi, self._lib = ffi, lib
+        import select
+
+        self.epoll = select.epoll()
+        self._cap = 1024
+        self._table = ffi.new("struct tftpd_xfer *[]", self._cap)
+        self._states: dict[int, Any] = {}  # slot -> the struct (keeps it alive)
+        self._free: list[int] = list(range(self._cap - 1, -1, -1))
+        self._events = ffi.new("struct tftpd_event[]", self.MAX_EVENTS)
+        self._pktbuf = ffi.new("char[]", self.PKTBUF)
+        self._buffer = ffi.buffer(self._pktbuf)
+        # C batches a window by what fits: 1 MiB holds 64 blocks up to 16 KiB
+        # (and always at least one of the largest).
+        if datapath._scratch_len < self.SCRATCH:
+            datapath._grow(self.SCRATCH)
+
+    def fileno(self) -> int:
+        return self.epoll.fileno()
+
+    def close(self) -> None:
+        self.epoll.close()
+
+    def new_state(self) -> tuple[int, Any]:
+        """A zeroed struct tftpd_xfer and the slot it is known by."""
+        if not self._free:
+            self._grow()
+        slot = self._free.pop()
+        x = self._ffi.new("struct tftpd_xfer *")
+        self._states[slot] = x
+        self._table[slot] = x
+        return slot, x
+
+    def _grow(self) -> None:
+        old, cap = self._table, self._cap
+        self._cap = cap * 2
+        self._table = self._ffi.new("struct tftpd_xfer *[]", self._cap)
+        self._ffi.memmove(self._table, old, cap * self._ffi.sizeof("struct tftpd_xfer *"))
+        self._free.extend(range(self._cap - 1, cap - 1, -1))
+
+    def watch(self, slot: int, sock: socket.socket, peer: tuple[Any, ...], file_fd: int) -> None:
+        x = self._states[slot]
+        raw = encode_sockaddr(peer)
+        x.sock = sock.fileno()
+        x.fd = file_fd
+        x.addrlen = len(raw)
+        self._ffi.memmove(x.addr, raw, len(raw))
+        rc = self._lib.tftpd_epoll_set(self.epoll.fileno(), self._lib.TFTPD_EPOLL_ADD,
+                                       sock.fileno(), slot)
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc))
+
+    def release(self, slot: int, sock: socket.socket | None = None) -> None:
+        """Forget a slot; call before closing its socket (or with it: it leaves the set)."""
+        x = self._states.pop(slot, None)
+        if x is None:
+            return
+        if sock is not None and sock.fileno() >= 0:
+            self._lib.tftpd_epoll_set(self.epoll.fileno(), self._lib.TFTPD_EPOLL_DEL,
+                                      sock.fileno(), slot)
+        self._table[slot] = self._ffi.NULL
+        self._free.append(slot)
+
+    def run(self, now: float, max_ready: int = 256) -> list[tuple[int, int, int, bytes,
+                                                                  tuple[Any, ...] | None]]:
+        dp = self._dp
+        n = self._lib.tftpd_pump(self.epoll.fileno(), self._table, self._cap, now, max_ready,
+                                 self._events, self.MAX_EVENTS, self._pktbuf, self.PKTBUF,
+                                 dp._buf, dp._scratch_len)
+        if n < 0:
+            raise OSError(-n, os.strerror(-n))
+        out = []
+        ev = self._events
+        for i in range(n):
+            e = ev[i]
+            if e.kind == EV_PACKET:
+                data = self._buffer[e.off:e.off + e.len]
+                src = decode_sockaddr(bytes(self._ffi.buffer(e.src, e.srclen)))
+                out.append((e.slot, EV_PACKET, 0, data, src))
+            elif e.kind == EV_ERROR and e.err == self._lib.TFTPD_ESHRANK:
+                out.append((e.slot, EV_ERROR, -1, b"", None))
+            else:
+                out.append((e.slot, e.kind, e.err, b"", None))
+        return out
+
+    def state(self, slot: int) -> Any:
+        return self._states[slot]
 
 
 def _load_ext() -> tuple[Any, str | None]:

@@ -69,44 +69,91 @@ Action = Send | SendTo | SendBlocks | Finish
 OACK_SENT, SENDING, DONE = "oack-sent", "sending", "done"
 
 
+class XferState:
+    """The numbers of a read transfer, in the shape of C's `struct tftpd_xfer`.
+
+    The pure-Python twin of the C struct: with the C data path the worker hands
+    ReadTransfer a cffi struct instead, and C's pump answers the common ACK itself,
+    with the same rules as `ReadTransfer._on_ack` (see _ext/tftpd_datapath.h).
+    """
+
+    __slots__ = ("sock", "fd", "addrlen", "addr", "filesize", "nblocks", "last_acked",
+                 "sent_upto", "retransmits", "blksize", "windowsize", "rollover", "fast",
+                 "resent", "fixed_rto", "retries", "sent_at", "armed_at", "rto", "base_rto",
+                 "srtt", "rttvar")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+
 class ReadTransfer:
     """Serve one RRQ: `size` bytes in blocks of `blksize`, `windowsize` at a time."""
 
     def __init__(self, peer: tuple, size: int, *, blksize: int = 512, windowsize: int = 1,
                  oack: dict[str, str] | None = None, timeout: float | None = None,
                  client_timeout: bool = False, retries: int = DEFAULT_RETRIES,
-                 rollover: int = 0) -> None:
+                 rollover: int = 0, state: object | None = None) -> None:
         self.peer = peer
-        self.size = size
-        self.blksize = blksize
-        self.windowsize = windowsize
         self.oack = oack
-        self.rollover = rollover
         self.retries_max = retries
+        s = self.s = state if state is not None else XferState()
+        s.filesize = size
+        s.blksize = blksize
+        s.windowsize = windowsize
+        s.rollover = rollover
+        s.nblocks = block_count(size, blksize)
+        s.last_acked = 0  # highest absolute block the client has acknowledged
+        s.sent_upto = 0  # highest absolute block sent
+        s.retries = 0  # consecutive timeouts without progress
+        s.retransmits = 0  # blocks (or OACKs) sent again, for the log
         # A timeout the client asked for (RFC 2349) is used as it is; otherwise the
         # retransmission timeout adapts to measured round trips (RFC 6298 style).
-        self.fixed_rto = client_timeout
-        self.base_rto = timeout if timeout is not None else 1.0  # from RTT samples
-        self.rto = self.base_rto  # base_rto backed off by the timeouts in a row
-        self.srtt: float | None = None
-        self.rttvar = 0.0
-        self.nblocks = block_count(size, blksize)
+        s.fixed_rto = 1 if client_timeout else 0
+        s.base_rto = timeout if timeout is not None else 1.0  # from RTT samples
+        s.rto = s.base_rto  # base_rto backed off by the timeouts in a row
+        s.srtt = -1.0  # no sample yet
+        s.rttvar = 0.0
+        s.sent_at = 0.0
+        s.armed_at = 0.0
+        s.resent = 0  # Karn: no RTT sample from a retransmitted window
+        s.fast = 0  # 1 while sending: C's pump may answer ACKs itself
         self.state = OACK_SENT if oack else SENDING
-        self.last_acked = 0  # highest absolute block the client has acknowledged
-        self.sent_upto = 0  # highest absolute block sent
-        self.retries = 0  # consecutive timeouts without progress
-        self.retransmits = 0  # blocks (or OACKs) sent again, for the log
-        self.deadline: float | None = None
-        self._sent_at = 0.0
-        self._resent = False  # Karn: no RTT sample from a retransmitted window
         self.outcome: str | None = None
         self.detail = ""
+
+    # -- read-only views for the worker, logs and tests -------------------------------
+
+    size = property(lambda self: self.s.filesize)
+    blksize = property(lambda self: self.s.blksize)
+    windowsize = property(lambda self: self.s.windowsize)
+    rollover = property(lambda self: self.s.rollover)
+    nblocks = property(lambda self: self.s.nblocks)
+    last_acked = property(lambda self: self.s.last_acked)
+    sent_upto = property(lambda self: self.s.sent_upto)
+    retransmits = property(lambda self: self.s.retransmits)
+    retries = property(lambda self: self.s.retries)
+    rto = property(lambda self: self.s.rto)
+    base_rto = property(lambda self: self.s.base_rto)
+
+    @property
+    def deadline(self) -> float | None:
+        """When the timer fires: derived, so C's progress moves it without Python."""
+        if self.state == DONE:
+            return None
+        return self.s.armed_at + self.s.rto
+
+    @property
+    def bytes_sent(self) -> int:
+        """Payload bytes the client has acknowledged."""
+        return min(self.s.last_acked * self.s.blksize, self.s.filesize)
 
     # -- the worker's entry points -------------------------------------------------
 
     def start(self, now: float) -> list[Action]:
         if self.oack:
             return [self._arm(now, Send(P.encode_oack(self.oack)))]
+        self.s.fast = 1
         return [self._send_window(now, 1)]
 
     def on_datagram(self, data: bytes, src: tuple, now: float) -> list[Action]:
@@ -126,93 +173,105 @@ class ReadTransfer:
         return []  # a stray RRQ/DATA/OACK on a read transfer: nothing to do
 
     def on_timer(self, now: float) -> list[Action]:
-        if self.state == DONE or self.deadline is None or now < self.deadline:
+        deadline = self.deadline
+        if deadline is None or now < deadline:
             return []
-        if self.retries >= self.retries_max:
+        s = self.s
+        if s.retries >= self.retries_max:
             return [self._finish("failed", "timeout: client stopped answering")]
-        self.retries += 1
-        self._resent = True
-        if not self.fixed_rto:
+        s.retries += 1
+        s.resent = 1
+        if not s.fixed_rto:
             # Exponential backoff; it lasts until the client shows progress again
             # (see _progress), so one loss does not slow the rest of the transfer.
-            self.rto = min(self.base_rto * 2 ** self.retries, RTO_CEILING)
+            s.rto = min(s.base_rto * 2 ** s.retries, RTO_CEILING)
         if self.state == OACK_SENT:
-            self.retransmits += 1
+            s.retransmits += 1
             return [self._arm(now, Send(P.encode_oack(self.oack or {})), fresh=False)]
-        first = self.last_acked + 1
-        action = self._send_window(now, first, fresh=False)
-        self.retransmits += action.count if isinstance(action, SendBlocks) else 0
+        action = self._send_window(now, s.last_acked + 1, fresh=False)
+        s.retransmits += action.count
         return [action]
 
-    @property
-    def bytes_sent(self) -> int:
-        """Payload bytes the client has acknowledged."""
-        return min(self.last_acked * self.blksize, self.size)
+    def fail(self, detail: str) -> Finish:
+        """The worker could not go on (a send failed, the file shrank)."""
+        return self._finish("failed", detail)
+
+    def on_pumped_done(self) -> list[Action]:
+        """C's pump saw the last ACK (and finished the numbers); close the books."""
+        return [self._finish("ok")]
 
     # -- internals -----------------------------------------------------------------
 
     def _arm(self, now: float, action: Action, fresh: bool = True) -> Action:
+        s = self.s
         if fresh:
-            self._sent_at = now
-            self._resent = False
-        self.deadline = now + self.rto
+            s.sent_at = now
+            s.resent = 0
+        s.armed_at = now
         return action
 
     def _send_window(self, now: float, first: int, fresh: bool = True) -> SendBlocks:
-        count = min(self.windowsize, self.nblocks - first + 1)
-        self.sent_upto = first + count - 1
+        s = self.s
+        count = min(s.windowsize, s.nblocks - first + 1)
+        s.sent_upto = first + count - 1
         action = SendBlocks(first, count)
         self._arm(now, action, fresh)
         return action
 
     def _absolute(self, n: int) -> int | None:
         """The absolute block acknowledged by wire number n, or None if not in flight."""
-        base = self.last_acked
-        for cycle in (65536, 65535) if self.rollover else (65536,):
-            k = base + (n - wire_block(base, self.rollover)) % cycle
-            if k <= self.sent_upto and wire_block(k, self.rollover) == n:
+        s = self.s
+        base = s.last_acked
+        for cycle in (65536, 65535) if s.rollover else (65536,):
+            k = base + (n - wire_block(base, s.rollover)) % cycle
+            if k <= s.sent_upto and wire_block(k, s.rollover) == n:
                 return k
         return None
 
     def _sample_rtt(self, now: float) -> None:
-        if self.fixed_rto or self._resent:
+        s = self.s
+        if s.fixed_rto or s.resent:
             return
-        r = max(0.0, now - self._sent_at)
-        if self.srtt is None:
-            self.srtt, self.rttvar = r, r / 2
+        r = max(0.0, now - s.sent_at)
+        if s.srtt < 0:
+            s.srtt, s.rttvar = r, r / 2
         else:
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - r)
-            self.srtt = 0.875 * self.srtt + 0.125 * r
-        self.base_rto = min(max(self.srtt + 4 * self.rttvar, RTO_FLOOR), RTO_CEILING)
-        self.rto = self.base_rto
+            s.rttvar = 0.75 * s.rttvar + 0.25 * abs(s.srtt - r)
+            s.srtt = 0.875 * s.srtt + 0.125 * r
+        s.base_rto = min(max(s.srtt + 4 * s.rttvar, RTO_FLOOR), RTO_CEILING)
+        s.rto = s.base_rto
 
     def _progress(self) -> None:
-        self.retries = 0
-        self.rto = self.base_rto
+        s = self.s
+        s.retries = 0
+        s.rto = s.base_rto
 
     def _on_ack(self, n: int, now: float) -> list[Action]:
+        s = self.s
         if self.state == OACK_SENT:
             if n != 0:
                 return []
             self._sample_rtt(now)
             self.state = SENDING
+            s.fast = 1
             self._progress()
             return [self._send_window(now, 1)]
+        # C's tftpd_pump does exactly this for the ACKs it answers; keep them alike.
         k = self._absolute(n)
-        if k is None or k == self.last_acked:
+        if k is None or k == s.last_acked:
             # A duplicate or stale ACK: never resend on it (Sorcerer's Apprentice).
             return []
-        complete = k == self.sent_upto
+        complete = k == s.sent_upto
         if complete:
             self._sample_rtt(now)
-        self.last_acked = k
+        s.last_acked = k
         self._progress()
-        if k == self.nblocks:
+        if k == s.nblocks:
             return [self._finish("ok")]
         if not complete:
             # RFC 7440: an ACK inside the window means the client lost block k+1;
             # the next window starts there.
-            self.retransmits += self.sent_upto - k
+            s.retransmits += s.sent_upto - k
         return [self._send_window(now, k + 1)]
 
     def _on_error(self, pkt: P.Error) -> list[Action]:
@@ -224,7 +283,7 @@ class ReadTransfer:
 
     def _finish(self, outcome: str, detail: str = "") -> Finish:
         self.state = DONE
-        self.deadline = None
+        self.s.fast = 0
         self.outcome = outcome
         self.detail = detail
         return Finish(outcome, detail)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from tftpd import packet as P
 from tftpd.config import Config
-from tftpd.datapath import DataPath, FileShrank, encode_sockaddr
+from tftpd.datapath import EV_DONE, EV_PACKET, DataPath, FileShrank, Pump, encode_sockaddr
 from tftpd.files import FileError, OpenFile, Root, sanitize
 from tftpd.options import Policy, negotiate
 from tftpd.transfer import Finish, ReadTransfer, Send, SendBlocks, SendTo
@@ -86,6 +86,7 @@ class Session:
     name: str  # sanitised, for the log
     mode: str
     started: float
+    slot: int = -1  # the transfer's slot in C's pump, -1 on the Python path
     heap_deadline: float = field(default=float("inf"))
 
 
@@ -107,6 +108,8 @@ class Worker:
         self.stop_now = False
         self._error_socks: dict[int, socket.socket] = {}
         self._wake_r = -1
+        self.pump: Pump | None = None
+        self.by_slot: dict[int, Session] = {}
 
     # -- setup in the child (nothing process-wide happens before fork) --------------
 
@@ -120,6 +123,12 @@ class Worker:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self.sel.register(self._wake_r, selectors.EVENT_READ, None)
+        if os.environ.get("TFTPD_PUMP", "1") != "0":
+            # With the C data path, C answers the ACKs of every transfer socket in one
+            # call per loop turn; the pump's epoll set sits inside the worker's.
+            self.pump = self.datapath.pump()
+        if self.pump is not None:
+            self.sel.register(self.pump.fileno(), selectors.EVENT_READ, self.pump)
         for lst in self.listeners:
             lst.sock.setblocking(False)
             self.sel.register(lst.sock, selectors.EVENT_READ, lst)
@@ -153,15 +162,20 @@ class Worker:
             events = self.sel.select(wait)
             # Listen sockets first, then transfers: new requests beat running ones.
             transfers = []
+            pump_ready = False
             for key, _ in events:
                 if isinstance(key.data, Listener):
                     self._read_requests(key.data)
                 elif isinstance(key.data, Session):
                     transfers.append(key.data)
+                elif key.data is not None:
+                    pump_ready = True
                 else:
                     self._drain_wakeup()
             for session in transfers:
                 self._read_transfer(session)
+            if pump_ready:
+                self._run_pump()
             self._run_timers(time.monotonic())
 
     def _drain_wakeup(self) -> None:
@@ -254,13 +268,19 @@ class Worker:
             f.close()
             raise
         rto = neg.timeout if neg.timeout is not None else self.cfg.retransmit_us / 1e6
+        slot, state = self.pump.new_state() if self.pump is not None else (-1, None)
         t = ReadTransfer(src, f.size, blksize=neg.blksize, windowsize=neg.windowsize,
                          oack=neg.oack or None, timeout=rto,
                          client_timeout=neg.timeout is not None, retries=self.cfg.retries,
-                         rollover=self.cfg.rollover)
-        session = Session(t, sock, f, src, encode_sockaddr(src), data, name, req.mode, now)
+                         rollover=self.cfg.rollover, state=state)
+        session = Session(t, sock, f, src, encode_sockaddr(src), data, name, req.mode, now,
+                          slot)
         self.sessions[src] = session
-        self.sel.register(sock, selectors.EVENT_READ, session)
+        if self.pump is not None:
+            self.by_slot[slot] = session
+            self.pump.watch(slot, sock, src, f.fd)
+        else:
+            self.sel.register(sock, selectors.EVENT_READ, session)
         self._apply(session, t.start(now), now)
 
     def _transfer_socket(self, family: int, local: str) -> socket.socket:
@@ -340,6 +360,33 @@ class Worker:
                 log.debug("recv %d bytes from %s for %s", len(data), _peer(src), session.name)
             self._apply(session, session.transfer.on_datagram(data, src, now), now)
 
+    def _run_pump(self) -> None:
+        """Let C answer the ready transfers' ACKs; act on what it hands back."""
+        assert self.pump is not None
+        for _ in range(8):  # bounded: listen sockets get their turn again soon
+            now = time.monotonic()
+            events = self.pump.run(now)
+            for slot, kind, err, data, src in events:
+                session = self.by_slot.get(slot)
+                if session is None:
+                    continue
+                t = session.transfer
+                if kind == EV_PACKET:
+                    if self.cfg.verbose >= 3:
+                        log.debug("recv %d bytes from %s for %s", len(data), _peer(src),
+                                  session.name)
+                    self._apply(session, t.on_datagram(data, src, now), now)
+                elif kind == EV_DONE:
+                    self._apply(session, t.on_pumped_done(), now)
+                elif err == -1:
+                    self._abort(session, P.E_UNDEFINED, "File changed during transfer",
+                                "file shrank under the transfer", now)
+                else:
+                    self._finish(session, Finish("failed", f"socket error: "
+                                                 f"{os.strerror(err)}"), now)
+            if len(events) < Pump.MAX_EVENTS // 2:
+                return
+
     def _apply(self, session: Session, actions: list, now: float) -> None:
         t = session.transfer
         for action in actions:
@@ -383,8 +430,7 @@ class Worker:
             session.sock.sendto(P.encode_error(code, message), session.peer)
         except OSError:
             pass
-        session.transfer._finish("failed", detail)
-        self._finish(session, Finish("failed", detail), now)
+        self._finish(session, session.transfer.fail(detail), now)
 
     def _run_timers(self, now: float) -> None:
         while self.timers and self.timers[0][0] <= now:
@@ -405,10 +451,14 @@ class Worker:
     def _finish(self, session: Session, fin: Finish, now: float) -> None:
         if self.sessions.get(session.peer) is session:
             del self.sessions[session.peer]
-        try:
-            self.sel.unregister(session.sock)
-        except (KeyError, ValueError):
-            pass
+        if session.slot >= 0 and self.pump is not None:
+            self.pump.release(session.slot, session.sock)
+            self.by_slot.pop(session.slot, None)
+        else:
+            try:
+                self.sel.unregister(session.sock)
+            except (KeyError, ValueError):
+                pass
         session.sock.close()
         session.file.close()
         t = session.transfer
