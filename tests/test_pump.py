@@ -1,0 +1,156 @@
+"""C's lock-step pump follows ReadTransfer's rules: same numbers, same datagrams."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tftpd import packet as P
+from tftpd import transfer as T
+from tftpd.datapath import EV_DONE, EV_PACKET, encode_sockaddr, ext_error, get_datapath
+
+pytestmark = pytest.mark.skipif(
+    ext_error() is not None and not os.environ.get("TFTPD_REQUIRE_EXT"),
+    reason=f"the C extension is not built: {ext_error()}")
+
+FIELDS = ("last_acked", "sent_upto", "retransmits", "retries", "fast", "resent", "rto",
+          "base_rto", "srtt", "rttvar", "sent_at", "armed_at")
+
+
+def test_constants_match() -> None:
+    from tftpd import _datapath  # type: ignore[attr-defined]
+
+    assert _datapath.lib.TFTPD_RTO_FLOOR_MS / 1000 == T.RTO_FLOOR
+    assert _datapath.lib.TFTPD_RTO_CEILING_MS / 1000 == T.RTO_CEILING
+
+
+class Rig:
+    """A C-pumped transfer and its Python twin, fed the same ACKs."""
+
+    def __init__(self, path: Path, size: int, blksize: int, window: int, rollover: int) -> None:
+        self.dp = get_datapath("c")
+        self.pump = self.dp.pump()
+        assert self.pump is not None
+        self.server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        self.server.bind(("127.0.0.1", 0))
+        self.client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.client.bind(("127.0.0.1", 0))
+        self.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        self.client.settimeout(2)
+        self.peer = self.client.getsockname()
+        self.fd = os.open(path, os.O_RDONLY)
+        self.slot, state = self.pump.new_state()
+        kw = dict(blksize=blksize, windowsize=window, timeout=1.0, rollover=rollover)
+        self.c = T.ReadTransfer(self.peer, size, state=state, **kw)  # type: ignore[arg-type]
+        self.py = T.ReadTransfer(self.peer, size, **kw)  # type: ignore[arg-type]
+        self.pump.watch(self.slot, self.server, self.peer, self.fd)
+        self.data = path.read_bytes()
+
+    def close(self) -> None:
+        self.pump.release(self.slot, self.server)
+        self.pump.close()
+        for s in (self.server, self.client):
+            s.close()
+        os.close(self.fd)
+
+    def expect_blocks(self, actions: list[T.Action]) -> None:
+        """The client receives exactly the blocks the Python twin asked for."""
+        t = self.py
+        for a in actions:
+            if not isinstance(a, T.SendBlocks):
+                continue
+            for k in range(a.first, a.first + a.count):
+                got, _ = self.client.recvfrom(70000)
+                off = (k - 1) * t.blksize
+                assert got == P.encode_data(T.wire_block(k, t.rollover),
+                                            self.data[off:off + t.blksize])
+
+    def start(self) -> None:
+        acts = self.py.start(0.0)
+        assert self.c.start(0.0) == acts
+        first = acts[0]
+        assert isinstance(first, T.SendBlocks)
+        self.dp.send_window(self.server, self.peer, encode_sockaddr(self.peer), self.fd,
+                            first.first, first.count, self.c.blksize, self.c.size,
+                            self.c.rollover)
+        self.expect_blocks(acts)
+
+    def ack(self, n: int, now: float) -> None:
+        self.client.sendto(P.encode_ack(n), self.server.getsockname())
+        acts = self.py.on_datagram(P.encode_ack(n), self.peer, now)
+        events = []
+        for _ in range(100):  # the ACK is in flight on loopback: bounded wait
+            events = self.pump.run(now)
+            if events or self._consumed():
+                break
+        done = [e for e in events if e[1] == EV_DONE]
+        assert bool(done) == any(isinstance(a, T.Finish) for a in acts)
+        assert not [e for e in events if e[1] == EV_PACKET]
+        for name in FIELDS:
+            assert getattr(self.c.s, name) == pytest.approx(getattr(self.py.s, name)), name
+        self.expect_blocks(acts)
+
+    def _consumed(self) -> bool:
+        try:
+            self.server.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return True
+        return False
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Iterator[Path]:
+    p = tmp_path / "f"
+    p.write_bytes(os.urandom(40_000))
+    yield p
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(blksize=st.sampled_from([8, 512, 1456]), window=st.integers(1, 8),
+       rollover=st.integers(0, 1), acks=st.lists(st.integers(0, 80), max_size=40))
+def test_pump_matches_python(data_file: Path, blksize: int, window: int, rollover: int,
+                             acks: list[int]) -> None:
+    size = 40_000 if blksize > 8 else 400
+    rig = Rig(data_file, size, blksize, window, rollover)
+    try:
+        rig.start()
+        now = 0.0
+        for n in acks:
+            if rig.py.state == T.DONE:
+                break
+            now += 0.003
+            # Mostly plausible ACKs (inside or at the end of the window), some junk.
+            plausible = rig.py.s.last_acked + 1 + n % max(1, rig.py.s.windowsize)
+            rig.ack(T.wire_block(plausible if n % 5 else n, rollover), now)
+    finally:
+        rig.close()
+
+
+def test_foreign_and_non_ack_datagrams_go_to_python(data_file: Path) -> None:
+    rig = Rig(data_file, 40_000, 512, 1, 0)
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    stranger.bind(("127.0.0.1", 0))
+    try:
+        rig.start()
+        stranger.sendto(P.encode_ack(1), rig.server.getsockname())
+        rig.client.sendto(P.encode_error(0, "bye"), rig.server.getsockname())
+        got: list[tuple] = []
+        for _ in range(100):
+            got += rig.pump.run(1.0)
+            if len(got) >= 2:
+                break
+        assert [(e[1], e[3]) for e in got] == [(EV_PACKET, P.encode_ack(1)),
+                                               (EV_PACKET, P.encode_error(0, "bye"))]
+        assert got[0][4] == stranger.getsockname()
+        assert got[1][4] == rig.peer
+        assert rig.c.s.last_acked == 0  # nothing was taken as progress
+    finally:
+        stranger.close()
+        rig.close()
