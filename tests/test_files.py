@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tftpd import packet as P
-from tftpd.files import FileError, Root, normalize, sanitize
+from tftpd.files import FileCache, FileError, Root, normalize, sanitize
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -86,3 +86,85 @@ def test_netascii_conversion_and_size(tree: Path) -> None:
         f.close()
     assert data == b"a\r\nb\r\0\r\nc\r\0d"
     assert f.size == len(data)  # tsize is the size on the wire
+
+
+# -- the shared open-file cache ----------------------------------------------------------
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_cache_shares_one_descriptor(tree: Path) -> None:
+    cache = FileCache(Root(str(tree)))
+    a = cache.open(b"sub/f.txt")
+    b = cache.open(b"/sub/f.txt")
+    assert a.fd == b.fd and cache.stats.opens == 1 and cache.stats.hits == 1
+    a.close()
+    b.close()
+    c = cache.open(b"sub/f.txt")
+    assert read_all(c.fd, c.size) == b"inside"  # still open after its users left
+    c.close()
+
+
+def test_replaced_file_is_served_whole_old_or_new(tree: Path) -> None:
+    cache = FileCache(Root(str(tree)))
+    old = cache.open(b"sub/f.txt")
+    new_path = tree / "sub" / "f.new"
+    new_path.write_bytes(b"brand new content")
+    os.replace(new_path, tree / "sub" / "f.txt")  # how a careful admin updates a file
+    new = cache.open(b"sub/f.txt")
+    assert new.fd != old.fd
+    assert read_all(old.fd, old.size) == b"inside"  # the running transfer keeps its file
+    assert read_all(new.fd, new.size) == b"brand new content"
+    old_fd = old.fd
+    old.close()
+    with pytest.raises(OSError):
+        os.fstat(old_fd)  # the retired descriptor closed with its last user
+    new.close()
+
+
+def test_negative_cache_and_its_invalidation(tree: Path) -> None:
+    clock = Clock()
+    cache = FileCache(Root(str(tree)), miss_ttl=2.0, clock=clock)
+    for _ in range(3):
+        with pytest.raises(FileError) as exc:
+            cache.open(b"sub/late.txt")
+        assert exc.value.code == P.E_NOT_FOUND
+    assert cache.stats.miss_hits == 2
+    (tree / "sub" / "late.txt").write_bytes(b"here now")  # the directory changes
+    f = cache.open(b"sub/late.txt")
+    assert read_all(f.fd, f.size) == b"here now"
+    f.close()
+    with pytest.raises(FileError):
+        cache.open(b"gone")
+    clock.now += 2.5  # and misses expire
+    with pytest.raises(FileError):
+        cache.open(b"gone")
+    assert cache.stats.miss_hits == 2
+
+
+def test_cache_still_confines(tree: Path) -> None:
+    cache = FileCache(Root(str(tree)))
+    f = cache.open(b"in")
+    f.close()
+    (tree / "in").unlink()
+    (tree / "in").symlink_to(tree.parent / "secret")
+    with pytest.raises(FileError) as exc:
+        cache.open(b"in")
+    assert exc.value.code == P.E_ACCESS
+
+
+def test_cache_bounds_open_descriptors(tree: Path) -> None:
+    for i in range(10):
+        (tree / f"n{i}").write_bytes(b"x")
+    cache = FileCache(Root(str(tree)), max_open=4)
+    held = cache.open(b"n0")
+    for i in range(1, 10):
+        cache.open(f"n{i}".encode()).close()
+    assert len(cache._open) <= 4 + 1
+    assert read_all(held.fd, 1) == b"x"  # a descriptor in use is never evicted
+    held.close()

@@ -50,7 +50,7 @@ class Rig:
         self.c = T.ReadTransfer(self.peer, size, state=state, **kw)  # type: ignore[arg-type]
         self.py = T.ReadTransfer(self.peer, size, **kw)  # type: ignore[arg-type]
         self.pump.watch(self.slot, self.server, self.peer, self.fd)
-        self.data = path.read_bytes()
+        self.data = path.read_bytes()[:size]  # the transfer serves `size` bytes
 
     def close(self) -> None:
         self.pump.release(self.slot, self.server)

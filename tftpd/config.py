@@ -139,6 +139,11 @@ SETTINGS: tuple[Setting, ...] = (
             _int_in(0, 1), metavar="0|1"),
     Setting("drain_s", ("--drain-timeout",), "on SIGTERM, seconds running transfers get "
             "to finish", 30, _int_in(0, 3600), metavar="SECONDS"),
+    Setting("max_transfers", ("--max-transfers",), "transfers at once, all workers together; "
+            "more are refused with an error", 10000, _int_in(1, 1_000_000), metavar="N"),
+    Setting("max_per_client", ("--max-per-client",), "transfers at once from one client "
+            "address, per worker (0: no limit; loopback and NAT put many clients on one)",
+            0, _int_in(0, 1_000_000), metavar="N"),
     Setting("map_file", ("-m", "--map-file"), "filename remapping rules (tftp-hpa syntax)",
             None, str, later="issue 8 (remap rules)", metavar="FILE"),
     Setting("timeout", ("-t", "--timeout"), "inetd mode: exit after SECONDS idle", None,
@@ -167,6 +172,8 @@ class Config:
     retries: int = 5
     rollover: int = 0
     drain_s: int = 30
+    max_transfers: int = 10000
+    max_per_client: int = 0
     map_file: str | None = None
     timeout: str | None = None
     demo: bool = False

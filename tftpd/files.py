@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tftpd import packet as P
@@ -37,11 +39,17 @@ class OpenFile:
     fd: int
     size: int  # bytes the client will receive (after netascii conversion)
     path: str  # relative to the root, for logs
+    ident: tuple = ()  # (dev, ino, size, mtime_ns) of the file as opened
+    release: Callable[[], None] | None = None  # a shared descriptor: give it back
 
     def close(self) -> None:
-        if self.fd >= 0:
+        if self.fd < 0:
+            return
+        if self.release is not None:
+            self.release()
+        else:
             os.close(self.fd)
-            self.fd = -1
+        self.fd = -1
 
 
 def sanitize(raw: bytes | str, limit: int = 120) -> str:
@@ -138,11 +146,133 @@ class Root:
             if not stat.S_ISREG(st.st_mode):
                 raise FileError(P.E_ACCESS, "Access violation", "not a regular file")
             size = st.st_size
+            ident = identity(st)
             if mode == "netascii":
                 mfd, size = _netascii(fd, size)
                 os.close(fd)
                 fd = mfd
-            return OpenFile(fd, size, rel)
+            return OpenFile(fd, size, rel, ident)
         except BaseException:
             os.close(fd)
             raise
+
+
+def identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What says a file is still the one we opened: a replaced or rewritten file
+    changes its inode, size or mtime."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(slots=True, eq=False)
+class _Shared:
+    fd: int
+    size: int
+    ident: tuple
+    refs: int = 0
+    current: bool = True  # still what the cache hands out for its name
+
+
+@dataclass(slots=True)
+class _Miss:
+    expires: float
+    parent: tuple | None  # the directory's identity when the name was missing
+
+
+@dataclass(slots=True)
+class CacheStats:
+    hits: int = 0
+    opens: int = 0
+    miss_hits: int = 0  # misses answered from the negative cache
+
+
+class FileCache:
+    """One open descriptor per file per worker, shared by all its transfers.
+
+    A thousand clients reading nbp.efi cost one open. Each request checks the name
+    with one stat(): a file replaced or rewritten on disk has a new identity and is
+    opened afresh, while transfers already running keep the descriptor they started
+    with (a replaced file is served whole, old or new). Names that do not exist are
+    remembered for `miss_ttl` seconds, or until their directory changes, so loaders
+    that guess (`.gz`, pxelinux.cfg/01-<mac>) cost no open.
+    """
+
+    def __init__(self, root: Root, *, max_open: int = 256, miss_ttl: float = 2.0,
+                 max_misses: int = 4096, clock: Callable[[], float] = time.monotonic) -> None:
+        self.root = root
+        self.max_open = max_open
+        self.miss_ttl = miss_ttl
+        self.max_misses = max_misses
+        self.clock = clock
+        self._open: dict[tuple[str, str], _Shared] = {}
+        self._misses: dict[str, _Miss] = {}
+        self.stats = CacheStats()
+
+    def open(self, filename: bytes, mode: str = "octet") -> OpenFile:
+        rel = normalize(filename, self.root.real)
+        path = os.path.join(self.root.real, rel)
+        miss = self._misses.get(rel)
+        if miss is not None:
+            if miss.expires > self.clock() and miss.parent == self._parent(path):
+                self.stats.miss_hits += 1
+                raise FileError(P.E_NOT_FOUND, "File not found", "No such file (cached)")
+            del self._misses[rel]
+        try:
+            st = os.stat(path)
+        except OSError as err:
+            if err.errno in (errno.ENOENT, errno.ENOTDIR):
+                self._remember_miss(rel, path)
+            raise _errno_to_tftp(err) from None
+        key = (rel, mode)
+        shared = self._open.get(key)
+        if shared is not None and shared.ident == identity(st):
+            self.stats.hits += 1
+            self._open[key] = self._open.pop(key)  # most recently used last
+            return self._lend(shared, rel)
+        f = self.root.open_read(filename, mode)  # the checks, on the new descriptor
+        self.stats.opens += 1
+        fresh = _Shared(f.fd, f.size, f.ident)
+        if shared is not None:
+            self._retire(shared)
+            del self._open[key]
+        self._open[key] = fresh
+        self._evict()
+        return self._lend(fresh, rel)
+
+    def close(self) -> None:
+        for shared in self._open.values():
+            self._retire(shared)
+        self._open.clear()
+
+    def _lend(self, shared: _Shared, rel: str) -> OpenFile:
+        shared.refs += 1
+
+        def release() -> None:
+            shared.refs -= 1
+            if shared.refs == 0 and not shared.current:
+                os.close(shared.fd)
+
+        return OpenFile(shared.fd, shared.size, rel, shared.ident, release)
+
+    def _retire(self, shared: _Shared) -> None:
+        shared.current = False
+        if shared.refs == 0:
+            os.close(shared.fd)
+
+    def _evict(self) -> None:
+        if len(self._open) <= self.max_open:
+            return
+        for key in [k for k, v in self._open.items() if v.refs == 0]:
+            self._retire(self._open.pop(key))
+            if len(self._open) <= self.max_open:
+                return
+
+    def _parent(self, path: str) -> tuple | None:
+        try:
+            return identity(os.stat(os.path.dirname(path)))
+        except OSError:
+            return None
+
+    def _remember_miss(self, rel: str, path: str) -> None:
+        if len(self._misses) >= self.max_misses:
+            del self._misses[next(iter(self._misses))]  # the oldest
+        self._misses[rel] = _Miss(self.clock() + self.miss_ttl, self._parent(path))

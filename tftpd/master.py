@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from tftpd.config import Address, Config
 from tftpd.datapath import DataPath
 from tftpd.files import Root
+from tftpd.stats import Stats
 from tftpd.worker import EXIT_BOOT_FAILED, Listener, Worker, enable_pktinfo, wants_pktinfo
 
 log = logging.getLogger("tftpd")
@@ -63,6 +64,7 @@ class Master:
     root: Root | None = None
     signals: list[int] = field(default_factory=list)
     stopping: str = ""  # "", "drain" or "now"
+    stats: Stats | None = None
     _wake_r: int = -1
 
     # -- startup ---------------------------------------------------------------------
@@ -70,11 +72,11 @@ class Master:
     def bind(self) -> None:
         addresses = self.cfg.addresses or (Address(socket.AF_INET, "0.0.0.0", 69),)
         self.slots = [Slot(i, []) for i in range(self.cfg.workers)]
+        self.stats = Stats(self.cfg.workers)
         for addr in addresses:
-            port = addr.port
+            port = _claim_port(addr)
             for slot in self.slots:
                 sock = _listen_socket(addr, port)
-                port = sock.getsockname()[1]  # port 0: the first bind picks for all
                 slot.sockets.append(sock)
             self.bound.append(str(Address(addr.family, addr.host, port)))
 
@@ -101,7 +103,7 @@ class Master:
         self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
-                    signal.SIGHUP):
+                    signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, self._queue_signal)
         for slot in self.slots:
             self.spawn_worker(slot)
@@ -113,6 +115,8 @@ class Master:
             if self.stopping:
                 alive = [s for s in self.slots if s.pid]
                 if not alive:
+                    if self.stats:
+                        log.info("stopped; totals: %s", self.stats.summary())
                     return 0
                 if self.stopping == "drain" and deadline == float("inf"):
                     deadline = now + self.cfg.drain_s + 5
@@ -166,6 +170,10 @@ class Master:
         self.stopping = "now"
         self._close_listen_sockets()
         self._signal_workers(signal.SIGQUIT)
+
+    def handle_usr1(self) -> None:
+        if self.stats:
+            log.info("totals: %s", self.stats.summary())
 
     def handle_hup(self) -> None:
         log.info("SIGHUP: reload is not supported yet (issue 8); ignored")
@@ -253,7 +261,8 @@ class Master:
             listeners.append(Listener(sock, pk, sock.getsockname()[0]))
         assert self.root is not None
         try:
-            worker = Worker(self.cfg, listeners, self.root, self.datapath)
+            worker = Worker(self.cfg, listeners, self.root, self.datapath,
+                            self.stats.row(slot.index) if self.stats else None)
         except Exception:
             log.exception("worker %d failed to start", slot.index)
             return EXIT_BOOT_FAILED
@@ -270,6 +279,38 @@ class Master:
         return worker.run()
 
 
+def _claim_port(addr: Address) -> int:
+    """Check the port is free, and pick one for port 0.
+
+    SO_REUSEPORT would let our sockets join those of another server of the same
+    user on the same port, each then getting a share of the requests. A plain bind
+    first fails with EADDRINUSE if anything holds the port, reuseport or not.
+    """
+    probe = socket.socket(addr.family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        if addr.family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        probe.bind((addr.host, addr.port))
+        return probe.getsockname()[1]
+    except OSError as err:
+        raise _bind_error(addr, addr.port, err) from None
+    finally:
+        probe.close()
+
+
+def _bind_error(addr: Address, port: int, err: OSError) -> StartupError:
+    where = str(Address(addr.family, addr.host, port))
+    if err.errno == errno.EADDRINUSE:
+        return StartupError(f"{where}: address already in use (another TFTP server, "
+                            "such as tftpd-hpa or inetd, may hold the port)")
+    if err.errno == errno.EACCES:
+        return StartupError(f"{where}: permission denied (ports below 1024 need root "
+                            "or CAP_NET_BIND_SERVICE)")
+    if err.errno == errno.EADDRNOTAVAIL:
+        return StartupError(f"{where}: no interface has this address")
+    return StartupError(f"{where}: {err.strerror}")
+
+
 def _listen_socket(addr: Address, port: int) -> socket.socket:
     sock = socket.socket(addr.family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
@@ -278,20 +319,10 @@ def _listen_socket(addr: Address, port: int) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         _size_rcvbuf(sock)
         sock.bind((addr.host, port))
-        if wants_pktinfo(sock):
-            enable_pktinfo(sock)
+        enable_pktinfo(sock)  # every listener: destination address and interface
     except OSError as err:
         sock.close()
-        where = str(Address(addr.family, addr.host, port))
-        if err.errno == errno.EADDRINUSE:
-            raise StartupError(f"{where}: address already in use (another TFTP server, "
-                               "such as tftpd-hpa or inetd, may hold the port)") from None
-        if err.errno == errno.EACCES:
-            raise StartupError(f"{where}: permission denied (ports below 1024 need root "
-                               "or CAP_NET_BIND_SERVICE)") from None
-        if err.errno == errno.EADDRNOTAVAIL:
-            raise StartupError(f"{where}: no interface has this address") from None
-        raise StartupError(f"{where}: {err.strerror}") from None
+        raise _bind_error(addr, port, err) from None
     return sock
 
 

@@ -20,9 +20,10 @@ import time
 from dataclasses import dataclass, field
 
 from tftpd import packet as P
+from tftpd import stats as S
 from tftpd.config import Config
 from tftpd.datapath import EV_DONE, EV_PACKET, DataPath, FileShrank, Pump, encode_sockaddr
-from tftpd.files import FileError, OpenFile, Root, sanitize
+from tftpd.files import FileCache, FileError, OpenFile, Root, sanitize
 from tftpd.options import Policy, negotiate
 from tftpd.transfer import Finish, ReadTransfer, Send, SendBlocks, SendTo
 
@@ -32,6 +33,8 @@ LISTEN_BATCH = 256  # requests read per turn before transfers get their share
 TRANSFER_BATCH = 16  # datagrams read from one transfer socket per turn
 IDLE_WAIT = 1.0  # s; the longest the loop sleeps with nothing scheduled
 EXIT_BOOT_FAILED = 3  # the master does not respawn a worker that exits with this
+BUSY_LOG_INTERVAL = 10.0  # s between "server full" reports
+NOISE_INTERVAL, NOISE_LINES = 10.0, 100  # bad-input log lines per interval, at most
 
 # struct in_pktinfo {int ifindex; in_addr spec_dst; in_addr addr} (Linux ip(7))
 _PKTINFO4 = struct.Struct("=i4s4s")
@@ -47,6 +50,39 @@ def wants_pktinfo(sock: socket.socket) -> bool:
     return host in ("0.0.0.0", "::")
 
 
+class MtuCache:
+    """Interface MTUs by index, from /sys/class/net (the kernel's own figure, as
+    netlink reports it; pyroute2 would cost each worker ~20 MB and 0.25 s to load).
+    Re-read every REFRESH seconds, so a changed MTU is noticed."""
+
+    REFRESH = 10.0
+
+    def __init__(self) -> None:
+        self._known: dict[int, tuple[float, int | None]] = {}
+
+    def get(self, ifindex: int, now: float) -> int | None:
+        hit = self._known.get(ifindex)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        mtu: int | None = None
+        try:
+            name = socket.if_indextoname(ifindex)
+            with open(f"/sys/class/net/{name}/mtu", "rb") as f:
+                mtu = int(f.read())
+        except (OSError, ValueError):
+            mtu = None
+        self._known[ifindex] = (now + self.REFRESH, mtu)
+        return mtu
+
+
+def blksize_for_mtu(mtu: int | None, family: int) -> int | None:
+    """The largest blksize whose DATA datagram fits one packet (IP + UDP + 4)."""
+    if mtu is None:
+        return None
+    overhead = 48 if family == socket.AF_INET6 else 28
+    return mtu - overhead - 4
+
+
 def enable_pktinfo(sock: socket.socket) -> None:
     if sock.family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVPKTINFO, 1)
@@ -54,16 +90,18 @@ def enable_pktinfo(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
 
 
-def _local_from_ancillary(family: int, anc: list) -> str | None:
+def _from_ancillary(family: int, anc: list) -> tuple[str | None, int]:
+    """The request's destination address and arrival interface (IP_PKTINFO)."""
     for level, kind, data in anc:
         if family == socket.AF_INET and level == socket.IPPROTO_IP and kind == _IP_PKTINFO \
                 and len(data) >= _PKTINFO4.size:
-            _, _, addr = _PKTINFO4.unpack_from(data)
-            return socket.inet_ntop(socket.AF_INET, addr)
+            ifindex, _, addr = _PKTINFO4.unpack_from(data)
+            return socket.inet_ntop(socket.AF_INET, addr), ifindex
         if family == socket.AF_INET6 and level == socket.IPPROTO_IPV6 \
-                and kind == _IPV6_PKTINFO and len(data) >= 16:
-            return socket.inet_ntop(socket.AF_INET6, data[:16])
-    return None
+                and kind == _IPV6_PKTINFO and len(data) >= 20:
+            return socket.inet_ntop(socket.AF_INET6, data[:16]), \
+                struct.unpack_from("=I", data, 16)[0]
+    return None, 0
 
 
 @dataclass(slots=True)
@@ -92,10 +130,22 @@ class Session:
 
 class Worker:
     def __init__(self, cfg: Config, listeners: list[Listener], root: Root,
-                 datapath: DataPath) -> None:
+                 datapath: DataPath, counters: memoryview | None = None) -> None:
         self.cfg = cfg
+        self.counters = counters if counters is not None else \
+            memoryview(bytearray(8 * len(S.FIELDS))).cast("Q")
+        # Each worker serves its share of the total (SO_REUSEPORT spreads clients).
+        self.max_sessions = max(1, -(-cfg.max_transfers // max(1, cfg.workers)))
+        self.per_client: dict[str, int] = {}
+        self.busy_refusals = 0
+        self.busy_logged_at = 0.0
+        self.noise_window = 0.0
+        self.noise_lines = 0
+        self.noise_suppressed = 0
+        self.mtu = MtuCache()
         self.listeners = listeners
         self.root = root
+        self.files = FileCache(root)
         self.datapath = datapath
         self.policy = Policy(max_blksize=cfg.max_blksize, max_windowsize=cfg.max_windowsize,
                              refused=frozenset(cfg.refuse))
@@ -121,6 +171,7 @@ class Worker:
         # Ctrl-C reaches the whole process group; the master decides what it means.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self.sel.register(self._wake_r, selectors.EVENT_READ, None)
         if os.environ.get("TFTPD_PUMP", "1") != "0":
@@ -198,28 +249,30 @@ class Worker:
     def _read_requests(self, lst: Listener) -> None:
         for _ in range(LISTEN_BATCH):
             try:
-                if lst.pktinfo:
-                    data, anc, _flags, src = lst.sock.recvmsg(P.MAX_DATAGRAM, _ANC_SIZE)
-                    local = _local_from_ancillary(lst.sock.family, anc) or lst.host
-                else:
-                    data, src = lst.sock.recvfrom(P.MAX_DATAGRAM)
-                    local = lst.host
+                # IP_PKTINFO on every listener: the destination address (for a wildcard
+                # bind) and the arrival interface, whose MTU caps the blksize.
+                data, anc, _flags, src = lst.sock.recvmsg(P.MAX_DATAGRAM, _ANC_SIZE)
+                dst, ifindex = _from_ancillary(lst.sock.family, anc)
+                local = dst if lst.pktinfo and dst else lst.host
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
                 log.warning("listen socket: %s", err)
                 return
             try:
-                self._on_request(data, src, local, lst)
+                self._on_request(data, src, local, lst, ifindex)
             except Exception:  # one bad request must never take the worker down
                 log.exception("request from %s failed", sanitize(str(src[:2])))
 
-    def _on_request(self, data: bytes, src: tuple, local: str, lst: Listener) -> None:
+    def _on_request(self, data: bytes, src: tuple, local: str, lst: Listener,
+                    ifindex: int = 0) -> None:
         now = time.monotonic()
+        c = self.counters
         try:
             req = P.parse(data)
         except P.PacketError as err:
-            log.info("dropped malformed packet from %s: %s", _peer(src), err)
+            c[S.INDEX["malformed"]] += 1
+            self._log_limited(now, "dropped malformed packet from %s: %s", _peer(src), err)
             return
         if not isinstance(req, P.Request):
             if self.cfg.verbose >= 3:
@@ -227,11 +280,13 @@ class Worker:
                           _peer(src))
             return
         name = sanitize(req.filename)
+        c[S.INDEX["requests"]] += 1
         live = self.sessions.get(src)
         if live is not None:
             if live.request == data:
                 # A repeated RRQ (legacy ROMs send it twice, 10 us apart; a Raspberry
                 # Pi three times): the transfer already answers it.
+                c[S.INDEX["merged"]] += 1
                 if self.cfg.verbose >= 1:
                     log.info("merged repeated request from %s for %s", _peer(src), name)
                 return
@@ -249,15 +304,21 @@ class Worker:
                          if req.mode == "mail" else "Unknown mode", "denied", name,
                          sanitize(req.mode), now)
             return
+        if self._full(src, now):
+            self._refuse(lst, src, local, P.E_UNDEFINED, "Server busy, try again later",
+                         "busy", name, req.mode, now)
+            return
         try:
-            f = self.root.open_read(req.filename, req.mode)
+            f = self.files.open(req.filename, req.mode)
         except FileError as err:
             outcome = "notfound" if err.code == P.E_NOT_FOUND else "denied"
             self._refuse(lst, src, local, err.code, err.message, outcome, name, req.mode, now,
                          err.reason)
             return
         try:
-            neg = negotiate(req.options, self.policy, size=f.size)
+            mtu_blk = blksize_for_mtu(self.mtu.get(ifindex, now), lst.sock.family) \
+                if ifindex else None
+            neg = negotiate(req.options, self.policy, size=f.size, mtu_blksize=mtu_blk)
             sock = self._transfer_socket(lst.sock.family, local)
         except OSError as err:
             f.close()
@@ -276,6 +337,7 @@ class Worker:
         session = Session(t, sock, f, src, encode_sockaddr(src), data, name, req.mode, now,
                           slot)
         self.sessions[src] = session
+        self.per_client[src[0]] = self.per_client.get(src[0], 0) + 1
         if self.pump is not None:
             self.by_slot[slot] = session
             self.pump.watch(slot, sock, src, f.fd)
@@ -337,8 +399,39 @@ class Worker:
                 sock.sendto(pkt, src)
         except OSError as err:
             log.warning("error reply to %s: %s", _peer(src), err)
+        if outcome == "busy":
+            # A flood of refusals is counted, and logged once per interval.
+            self.counters[S.INDEX["refused_busy"]] += 1
+            self.busy_refusals += 1
+            if now - self.busy_logged_at >= BUSY_LOG_INTERVAL:
+                log.warning("server full (%d transfers in this worker): refused %d "
+                            "request(s) since the last report", len(self.sessions),
+                            self.busy_refusals)
+                self.busy_refusals = 0
+                self.busy_logged_at = now
+            return
+        self.counters[S.OUTCOME.get(outcome, S.INDEX["failed"])] += 1
         log.info("%s file=%s mode=%s outcome=%s error=%d reason=%s", _peer(src), name, mode,
                  outcome, code, reason or message)
+
+    def _log_limited(self, now: float, fmt: str, *args: object) -> None:
+        """Log bad input, but a flood of it only as a count per interval."""
+        if now - self.noise_window >= NOISE_INTERVAL:
+            if self.noise_suppressed:
+                log.warning("suppressed %d more log lines about bad input",
+                            self.noise_suppressed)
+            self.noise_window, self.noise_lines, self.noise_suppressed = now, 0, 0
+        if self.noise_lines < NOISE_LINES:
+            self.noise_lines += 1
+            log.info(fmt, *args)
+        else:
+            self.noise_suppressed += 1
+
+    def _full(self, src: tuple, now: float) -> bool:
+        if len(self.sessions) >= self.max_sessions:
+            return True
+        limit = self.cfg.max_per_client
+        return bool(limit) and self.per_client.get(src[0], 0) >= limit
 
     # -- transfers -------------------------------------------------------------------
 
@@ -451,6 +544,12 @@ class Worker:
     def _finish(self, session: Session, fin: Finish, now: float) -> None:
         if self.sessions.get(session.peer) is session:
             del self.sessions[session.peer]
+            host = session.peer[0]
+            left = self.per_client.get(host, 1) - 1
+            if left > 0:
+                self.per_client[host] = left
+            else:
+                self.per_client.pop(host, None)
         if session.slot >= 0 and self.pump is not None:
             self.pump.release(session.slot, session.sock)
             self.by_slot.pop(session.slot, None)
@@ -462,6 +561,13 @@ class Worker:
         session.sock.close()
         session.file.close()
         t = session.transfer
+        c = self.counters
+        c[S.OUTCOME.get(fin.outcome, S.INDEX["failed"])] += 1
+        c[S.INDEX["bytes"]] += t.size if fin.outcome == "ok" else t.bytes_sent
+        c[S.INDEX["retransmits"]] += t.retransmits
+        st = self.files.stats
+        c[S.INDEX["cache_hits"]] = st.hits
+        c[S.INDEX["miss_cache_hits"]] = st.miss_hits
         # One line per finished transfer, whatever its end.
         log.info("%s file=%s mode=%s bytes=%d blksize=%d window=%d duration=%.3fs "
                  "retransmits=%d outcome=%s%s", _peer(session.peer), session.name,
