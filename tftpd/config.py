@@ -144,6 +144,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_per_client", ("--max-per-client",), "transfers at once from one client "
             "address, per worker (0: no limit; loopback and NAT put many clients on one)",
             0, _int_in(0, 1_000_000), metavar="N"),
+    Setting("gz", ("--gz",), "answer X.gz from X (compressed) and X from X.gz "
+            "(decompressed) when only the other exists", False),
+    Setting("gz_cache", ("--gz-cache",), "directory for files made by --gz (default "
+            "/var/cache/tftpd as root, else a per-user directory under /tmp)", None, str,
+            metavar="DIR"),
+    Setting("gz_cache_mb", ("--gz-cache-max",), "bound on that directory, MiB", 1024,
+            _int_in(1, 1 << 20), metavar="MIB"),
     Setting("map_file", ("-m", "--map-file"), "filename remapping rules (tftp-hpa syntax)",
             None, str, later="issue 8 (remap rules)", metavar="FILE"),
     Setting("timeout", ("-t", "--timeout"), "inetd mode: exit after SECONDS idle", None,
@@ -174,6 +181,9 @@ class Config:
     drain_s: int = 30
     max_transfers: int = 10000
     max_per_client: int = 0
+    gz: bool = False
+    gz_cache: str | None = None
+    gz_cache_mb: int = 1024
     map_file: str | None = None
     timeout: str | None = None
     demo: bool = False

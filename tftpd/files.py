@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tftpd import packet as P
+from tftpd.gz import DeriveError, GzCache
 
 MAX_NAME = 1024  # bytes; longer names are refused, not truncated
 MAX_COMPONENT = 255  # NAME_MAX
@@ -197,8 +198,10 @@ class FileCache:
     """
 
     def __init__(self, root: Root, *, max_open: int = 256, miss_ttl: float = 2.0,
-                 max_misses: int = 4096, clock: Callable[[], float] = time.monotonic) -> None:
+                 max_misses: int = 4096, clock: Callable[[], float] = time.monotonic,
+                 gz: GzCache | None = None) -> None:
         self.root = root
+        self.gz = gz  # set: `.gz` lookup both ways
         self.max_open = max_open
         self.miss_ttl = miss_ttl
         self.max_misses = max_misses
@@ -220,6 +223,10 @@ class FileCache:
             st = os.stat(path)
         except OSError as err:
             if err.errno in (errno.ENOENT, errno.ENOTDIR):
+                if self.gz is not None:
+                    derived = self._open_derived(rel, mode)
+                    if derived is not None:
+                        return derived
                 self._remember_miss(rel, path)
             raise _errno_to_tftp(err) from None
         key = (rel, mode)
@@ -231,6 +238,49 @@ class FileCache:
         f = self.root.open_read(filename, mode)  # the checks, on the new descriptor
         self.stats.opens += 1
         fresh = _Shared(f.fd, f.size, f.ident)
+        if shared is not None:
+            self._retire(shared)
+            del self._open[key]
+        self._open[key] = fresh
+        self._evict()
+        return self._lend(fresh, rel)
+
+    def _open_derived(self, rel: str, mode: str) -> OpenFile | None:
+        """`X.gz` from `X`, or `X` from `X.gz`, when only the other exists."""
+        assert self.gz is not None
+        compress = rel.endswith(".gz")
+        alt = rel[:-3] if compress else rel + ".gz"
+        if not alt or alt.endswith("/"):
+            return None
+        try:
+            st = os.stat(os.path.join(self.root.real, alt))
+        except OSError:
+            return None
+        key = (rel, mode)
+        ident = (*identity(st), "gz" if compress else "gunzip")
+        shared = self._open.get(key)
+        if shared is not None and shared.ident == ident:
+            self.stats.hits += 1
+            return self._lend(shared, rel)
+        src = self.root.open_read(os.fsencode(alt))  # confinement, on the source
+        try:
+            try:
+                fd = self.gz.derived(src.fd, src.ident, compress)
+            except DeriveError as err:
+                raise FileError(P.E_UNDEFINED, "Cannot derive file", str(err)) from None
+        finally:
+            src.close()
+        try:
+            size = os.fstat(fd).st_size
+            if mode == "netascii":
+                mfd, size = _netascii(fd, size)
+                os.close(fd)
+                fd = mfd
+        except BaseException:
+            os.close(fd)
+            raise
+        self.stats.opens += 1
+        fresh = _Shared(fd, size, (*src.ident, ident[-1]))
         if shared is not None:
             self._retire(shared)
             del self._open[key]

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from tftpd.config import Address, Config
 from tftpd.datapath import DataPath
 from tftpd.files import Root
+from tftpd.gz import GzCache
 from tftpd.stats import Stats
 from tftpd.worker import EXIT_BOOT_FAILED, Listener, Worker, enable_pktinfo, wants_pktinfo
 
@@ -65,6 +66,7 @@ class Master:
     signals: list[int] = field(default_factory=list)
     stopping: str = ""  # "", "drain" or "now"
     stats: Stats | None = None
+    gz: GzCache | None = None
     _wake_r: int = -1
 
     # -- startup ---------------------------------------------------------------------
@@ -87,6 +89,20 @@ class Master:
         if not os.path.isdir(root):
             raise StartupError(f"root {root!r} is not a directory")
         chrooted = False
+        if self.cfg.gz:
+            # Opened before chroot (the cache is never inside the served root) and
+            # handed to the new user, so workers can write to it.
+            path = self.cfg.gz_cache or default_gz_cache()
+            try:
+                self.gz = GzCache.open_dir(path, max_bytes=self.cfg.gz_cache_mb << 20)
+            except OSError as err:
+                raise StartupError(f"--gz-cache {path}: {err.strerror}") from None
+            if self.cfg.user:
+                try:
+                    pw = pwd.getpwnam(self.cfg.user)
+                    os.chown(self.gz.dir_fd, pw.pw_uid, pw.pw_gid)
+                except (KeyError, OSError):
+                    pass
         if self.cfg.secure and os.geteuid() == 0:
             os.chroot(root)
             os.chdir("/")
@@ -262,7 +278,7 @@ class Master:
         assert self.root is not None
         try:
             worker = Worker(self.cfg, listeners, self.root, self.datapath,
-                            self.stats.row(slot.index) if self.stats else None)
+                            self.stats.row(slot.index) if self.stats else None, self.gz)
         except Exception:
             log.exception("worker %d failed to start", slot.index)
             return EXIT_BOOT_FAILED
@@ -357,6 +373,14 @@ def _drop_privileges(user: str) -> None:
     except PermissionError:
         raise StartupError(f"-u {user}: not permitted (start as root to switch users)") \
             from None
+
+
+def default_gz_cache() -> str:
+    if os.geteuid() == 0:
+        return "/var/cache/tftpd"
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), f"tftpd-gz-{os.geteuid()}")
 
 
 def daemonize() -> None:

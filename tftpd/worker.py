@@ -24,6 +24,7 @@ from tftpd import stats as S
 from tftpd.config import Config
 from tftpd.datapath import EV_DONE, EV_PACKET, DataPath, FileShrank, Pump, encode_sockaddr
 from tftpd.files import FileCache, FileError, OpenFile, Root, sanitize
+from tftpd.gz import GzCache
 from tftpd.options import Policy, negotiate
 from tftpd.transfer import Finish, ReadTransfer, Send, SendBlocks, SendTo
 
@@ -130,7 +131,8 @@ class Session:
 
 class Worker:
     def __init__(self, cfg: Config, listeners: list[Listener], root: Root,
-                 datapath: DataPath, counters: memoryview | None = None) -> None:
+                 datapath: DataPath, counters: memoryview | None = None,
+                 gz: GzCache | None = None) -> None:
         self.cfg = cfg
         self.counters = counters if counters is not None else \
             memoryview(bytearray(8 * len(S.FIELDS))).cast("Q")
@@ -145,7 +147,7 @@ class Worker:
         self.mtu = MtuCache()
         self.listeners = listeners
         self.root = root
-        self.files = FileCache(root)
+        self.files = FileCache(root, gz=gz)
         self.datapath = datapath
         self.policy = Policy(max_blksize=cfg.max_blksize, max_windowsize=cfg.max_windowsize,
                              refused=frozenset(cfg.refuse))
