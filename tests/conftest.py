@@ -64,7 +64,8 @@ class Daemon:
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            # The daemon has a session of its own: take its workers down with it.
+            os.killpg(self.proc.pid, signal.SIGKILL)
             rc = self.proc.wait()
         if self._reader:
             self._reader.join(5)

@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     except (StartupError, PermissionError) as err:
         print(f"tftpd: {err}", file=sys.stderr)
         return EXIT_STARTUP
+    master.install_signals()
     # The listen sockets are bound: requests queue from here on, so this line is the
-    # moment a test or a supervisor may start sending.
+    # moment a test or a supervisor may start sending (or signalling).
     print(f"tftpd: listening on {', '.join(master.bound)} ({cfg.workers} workers, "
           f"root {cfg.root}, {datapath.name} data path)", file=sys.stderr, flush=True)
     if demo_root:

@@ -111,12 +111,14 @@ SETTINGS: tuple[Setting, ...] = (
             "chroot to ROOT when started as root; names are always relative to ROOT", False),
     Setting("user", ("-u", "--user"), "run as USER after binding (default: nobody when "
             "started as root)", None, str, metavar="USER"),
-    Setting("create", ("-c", "--create"), "allow uploads that create files", False,
-            later="issue 8 (uploads)"),
-    Setting("permissive", ("-p", "--permissive"), "skip permission checks beyond the "
-            "system's", False, later="issue 8 (uploads)"),
-    Setting("umask", ("-U", "--umask"), "umask for created files", None, _umask,
-            later="issue 8 (uploads)", metavar="UMASK"),
+    Setting("create", ("-c", "--create"), "allow uploads (WRQ); new files may be created",
+            False),
+    Setting("permissive", ("-p", "--permissive"), "an upload may replace any regular file "
+            "the server can write, not only world-writable ones", False),
+    Setting("umask", ("-U", "--umask"), "umask for uploaded files (octal, default 022)",
+            0o022, _umask, metavar="UMASK"),
+    Setting("max_upload", ("--max-upload",), "largest upload in bytes (tsize is checked "
+            "against it up front)", 1 << 30, _int_in(0, 1 << 62), metavar="BYTES"),
     Setting("max_blksize", ("-B", "--blocksize"),
             f"largest blksize granted ({BLKSIZE_MIN}..{BLKSIZE_MAX})", BLKSIZE_MAX,
             _int_in(BLKSIZE_MIN, BLKSIZE_MAX), metavar="MAX"),
@@ -168,7 +170,8 @@ class Config:
     user: str | None = None
     create: bool = False
     permissive: bool = False
-    umask: int | None = None
+    umask: int = 0o022
+    max_upload: int = 1 << 30
     max_blksize: int = BLKSIZE_MAX
     retransmit_us: int = 1_000_000
     port_range: tuple[int, int] | None = None

@@ -326,3 +326,122 @@ class FileCache:
         if len(self._misses) >= self.max_misses:
             del self._misses[next(iter(self._misses))]  # the oldest
         self._misses[rel] = _Miss(self.clock() + self.miss_ttl, self._parent(path))
+
+
+# -- uploads ---------------------------------------------------------------------------
+
+_PROC_FD = "/proc/self/fd"
+
+
+@dataclass(slots=True)
+class Upload:
+    """An upload in progress: a file with no name (O_TMPFILE) or a hidden temporary
+    one, beside its target, given the target's name only once it is complete."""
+
+    dir_fd: int
+    name: str  # the target's name in its directory
+    fd: int
+    tmp_name: str | None  # None: an O_TMPFILE, which nothing can see or leave behind
+    rel: str
+    overwrite: bool  # the target existed and may be replaced
+    committed: bool = False
+
+    def write(self, offset: int, payload: bytes) -> None:
+        view = memoryview(payload)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def commit(self) -> None:
+        """Put the file in place; raises FileError if that is no longer allowed."""
+        os.fsync(self.fd)
+        try:
+            if self.tmp_name is None:
+                # linkat() through /proc gives the anonymous file a name.
+                src = f"{_PROC_FD}/{self.fd}"
+                if not self.overwrite:
+                    os.link(src, self.name, dst_dir_fd=self.dir_fd, follow_symlinks=True)
+                else:
+                    self.tmp_name = f".{self.name}.tftpd-{os.getpid()}.part"
+                    os.link(src, self.tmp_name, dst_dir_fd=self.dir_fd, follow_symlinks=True)
+            if self.tmp_name is not None:
+                if not self.overwrite:
+                    # link() fails if the name appeared meanwhile; rename() would not.
+                    os.link(self.tmp_name, self.name, src_dir_fd=self.dir_fd,
+                            dst_dir_fd=self.dir_fd)
+                    os.unlink(self.tmp_name, dir_fd=self.dir_fd)
+                else:
+                    os.rename(self.tmp_name, self.name, src_dir_fd=self.dir_fd,
+                              dst_dir_fd=self.dir_fd)
+                self.tmp_name = None
+        except FileExistsError:
+            raise FileError(P.E_EXISTS, "File already exists") from None
+        except OSError as err:
+            raise _errno_to_tftp(err) from None
+        self.committed = True
+
+    def discard(self) -> None:
+        """Close; an upload that did not complete leaves nothing behind."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.tmp_name is not None:
+            try:
+                os.unlink(self.tmp_name, dir_fd=self.dir_fd)
+            except OSError:
+                pass
+            self.tmp_name = None
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
+
+
+def open_upload(root: Root, filename: bytes, *, create: bool, permissive: bool,
+                umask: int) -> Upload:
+    """Check a WRQ's target (in.tftpd's rules) and open its temporary file.
+
+    A new file needs --create. An existing one is replaced only if it is a regular
+    file writable by everyone (as in.tftpd asks) or with --permissive; never through a
+    symlink. The directory must exist under the root.
+    """
+    rel = normalize(filename, root.real)
+    parent, _, name = rel.rpartition("/")
+    try:
+        dfd = os.open(os.path.join(root.real, parent), os.O_RDONLY | os.O_DIRECTORY
+                      | os.O_CLOEXEC)
+    except OSError as err:
+        raise _errno_to_tftp(err) from None
+    try:
+        if not root._inside(dfd):
+            raise FileError(P.E_ACCESS, "Access violation", "path leads outside the root")
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is None:
+            if not create:
+                raise FileError(P.E_NOT_FOUND, "File not found", "no --create")
+        elif not stat.S_ISREG(st.st_mode):
+            raise FileError(P.E_ACCESS, "Access violation", "target is not a regular file")
+        elif not permissive and not st.st_mode & stat.S_IWOTH:
+            raise FileError(P.E_EXISTS, "File already exists", "target not world-writable")
+        mode = 0o666 & ~umask
+        fd, tmp = -1, None
+        if not root.chrooted and os.path.isdir(_PROC_FD):
+            try:
+                fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, mode, dir_fd=dfd)
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise _errno_to_tftp(err) from None
+        if fd < 0:
+            tmp = f".{name}.tftpd-{os.getpid()}-{os.urandom(4).hex()}.part"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode,
+                             dir_fd=dfd)
+            except OSError as err:
+                raise _errno_to_tftp(err) from None
+        os.fchmod(fd, mode)  # the umask of the process must not narrow it further
+        return Upload(dfd, name, fd, tmp, rel, st is not None)
+    except BaseException:
+        os.close(dfd)
+        raise

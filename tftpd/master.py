@@ -30,7 +30,14 @@ from tftpd.datapath import DataPath
 from tftpd.files import Root
 from tftpd.gz import GzCache
 from tftpd.stats import Stats
-from tftpd.worker import EXIT_BOOT_FAILED, Listener, Worker, enable_pktinfo, wants_pktinfo
+from tftpd.worker import (
+    EXIT_BOOT_FAILED,
+    MASTER_SIGNALS,
+    Listener,
+    Worker,
+    enable_pktinfo,
+    wants_pktinfo,
+)
 
 log = logging.getLogger("tftpd")
 
@@ -115,12 +122,16 @@ class Master:
 
     # -- supervision -----------------------------------------------------------------
 
-    def run(self) -> int:
+    def install_signals(self) -> None:
+        """Before the ready line: a TERM sent the moment we say we listen is handled."""
         self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
-                    signal.SIGHUP, signal.SIGUSR1):
+        for sig in MASTER_SIGNALS:
             signal.signal(sig, self._queue_signal)
+
+    def run(self) -> int:
+        if self._wake_r < 0:
+            self.install_signals()
         for slot in self.slots:
             self.spawn_worker(slot)
         deadline = float("inf")
@@ -248,8 +259,13 @@ class Master:
                 self.spawn_worker(slot)
 
     def spawn_worker(self, slot: Slot) -> None:
+        # Signals stay blocked across fork() until the worker has its own handlers;
+        # otherwise a TERM in between runs the master's handler in the child and is
+        # lost there (the worker would never drain).
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
         pid = os.fork()
         if pid:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
             slot.pid = pid
             slot.started = time.monotonic()
             slot.respawn_at = 0.0

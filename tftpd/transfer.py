@@ -287,3 +287,144 @@ class ReadTransfer:
         self.outcome = outcome
         self.detail = detail
         return Finish(outcome, detail)
+
+
+# -- uploads ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """Append this payload to the upload at `offset` (the worker writes the file)."""
+
+    offset: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """The last block arrived: put the file in place (the worker renames it)."""
+
+
+RECEIVING, DALLYING = "receiving", "dallying"
+
+
+class WriteTransfer:
+    """Receive one WRQ (RFC 1350, 2347, 7440), sans I/O.
+
+    ACKs go after every `windowsize` blocks in order, at once on a gap (the last
+    block in order), and again when the peer repeats itself. After the last block
+    the transfer dallies for one timeout, answering a repeated last DATA with its
+    ACK in case that ACK was lost (RFC 1350 section 6), then ends ok.
+    """
+
+    def __init__(self, peer: tuple, *, blksize: int = 512, windowsize: int = 1,
+                 oack: dict[str, str] | None = None, timeout: float = 1.0,
+                 client_timeout: bool = False, retries: int = DEFAULT_RETRIES,
+                 max_size: int | None = None, rollover: int = 0) -> None:
+        self.peer = peer
+        self.blksize = blksize
+        self.windowsize = windowsize
+        self.oack = oack
+        self.rollover = rollover
+        self.retries_max = retries
+        self.max_size = max_size
+        self.fixed_rto = client_timeout
+        self.rto = timeout
+        self.received = 0  # absolute blocks received in order
+        self.size = 0  # bytes received in order
+        self.in_window = 0
+        self.gap_acked = False
+        self.retries = 0
+        self.retransmits = 0
+        self.state = RECEIVING
+        self.deadline: float | None = None
+        self.outcome: str | None = None
+        self.detail = ""
+        self._last: bytes = b""  # the last packet we sent (OACK or ACK), for timeouts
+
+    @property
+    def bytes_sent(self) -> int:  # the log's byte count, whichever way they went
+        return self.size
+
+    def start(self, now: float) -> list[Action]:
+        first = P.encode_oack(self.oack) if self.oack else P.encode_ack(0)
+        return [self._send(now, first)]
+
+    def on_datagram(self, data: bytes, src: tuple, now: float) -> list[Action]:
+        if self.state == DONE:
+            return []
+        if src != self.peer:
+            return [SendTo(src, P.encode_error(P.E_UNKNOWN_TID, "Unknown transfer ID"))]
+        try:
+            pkt = P.parse(data)
+        except P.PacketError:
+            return []
+        if isinstance(pkt, P.Error):
+            return [self._finish("aborted", f"client error {pkt.code}: {pkt.message}")]
+        if not isinstance(pkt, P.Data):
+            return []
+        expected = self.received + 1
+        if self.state == DALLYING:
+            if pkt.block == wire_block(self.received, self.rollover):
+                self.retransmits += 1
+                return [Send(self._last)]  # our final ACK was lost
+            return []
+        if pkt.block != wire_block(expected, self.rollover):
+            # A gap or a repeat: say where we are (RFC 7440), once until progress, so
+            # a window of repeats does not become a window of ACKs.
+            if self.gap_acked:
+                return []
+            self.gap_acked = True
+            self.in_window = 0
+            return [self._send(now, P.encode_ack(wire_block(self.received, self.rollover)))]
+        if len(pkt.payload) > self.blksize:
+            return self._error(P.E_ILLEGAL_OP, "DATA larger than the block size")
+        if self.max_size is not None and self.size + len(pkt.payload) > self.max_size:
+            return self._error(P.E_DISK_FULL, "Upload exceeds the size limit")
+        actions: list[Action] = [Write(self.size, pkt.payload)]
+        self.received = expected
+        self.size += len(pkt.payload)
+        self.retries = 0
+        self.gap_acked = False
+        self.in_window += 1
+        if len(pkt.payload) < self.blksize:
+            actions.append(Commit())
+            actions.append(self._send(now, P.encode_ack(pkt.block)))
+            self.state = DALLYING
+            self.deadline = now + self.rto  # one timeout of dally
+            return actions
+        if self.in_window >= self.windowsize:
+            self.in_window = 0
+            actions.append(self._send(now, P.encode_ack(pkt.block)))
+        return actions
+
+    def on_timer(self, now: float) -> list[Action]:
+        if self.state == DONE or self.deadline is None or now < self.deadline:
+            return []
+        if self.state == DALLYING:
+            return [self._finish("ok")]
+        if self.retries >= self.retries_max:
+            return [self._finish("failed", "timeout: client stopped sending")]
+        self.retries += 1
+        self.retransmits += 1
+        self.in_window = 0
+        if not self.fixed_rto:
+            self.rto = min(self.rto * 2, RTO_CEILING)
+        return [self._send(now, self._last)]
+
+    def fail(self, detail: str) -> Finish:
+        return self._finish("failed", detail)
+
+    def _send(self, now: float, data: bytes) -> Send:
+        self._last = data
+        self.deadline = now + self.rto
+        return Send(data)
+
+    def _error(self, code: int, message: str) -> list[Action]:
+        return [Send(P.encode_error(code, message)), self._finish("failed", message)]
+
+    def _finish(self, outcome: str, detail: str = "") -> Finish:
+        self.state = DONE
+        self.deadline = None
+        self.outcome = outcome
+        self.detail = detail
+        return Finish(outcome, detail)

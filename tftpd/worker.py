@@ -23,10 +23,19 @@ from tftpd import packet as P
 from tftpd import stats as S
 from tftpd.config import Config
 from tftpd.datapath import EV_DONE, EV_PACKET, DataPath, FileShrank, Pump, encode_sockaddr
-from tftpd.files import FileCache, FileError, OpenFile, Root, sanitize
+from tftpd.files import FileCache, FileError, OpenFile, Root, Upload, open_upload, sanitize
 from tftpd.gz import GzCache
-from tftpd.options import Policy, negotiate
-from tftpd.transfer import Finish, ReadTransfer, Send, SendBlocks, SendTo
+from tftpd.options import OptionRefused, Policy, negotiate
+from tftpd.transfer import (
+    Commit,
+    Finish,
+    ReadTransfer,
+    Send,
+    SendBlocks,
+    SendTo,
+    Write,
+    WriteTransfer,
+)
 
 log = logging.getLogger("tftpd")
 
@@ -43,6 +52,23 @@ _IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 _IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 _IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
 _ANC_SIZE = socket.CMSG_SPACE(32)
+
+
+MASTER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
+                  signal.SIGHUP, signal.SIGUSR1}
+
+
+def _die_with_parent() -> None:
+    """A worker whose master is killed (SIGKILL, OOM) drains and exits too, instead of
+    serving on as an orphan nobody supervises."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the master died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def wants_pktinfo(sock: socket.socket) -> bool:
@@ -116,9 +142,9 @@ class Listener:
 class Session:
     """A live transfer and the I/O the worker holds for it."""
 
-    transfer: ReadTransfer
+    transfer: ReadTransfer | WriteTransfer
     sock: socket.socket
-    file: OpenFile
+    file: OpenFile | None  # a read's file
     peer: tuple
     sockaddr: bytes
     request: bytes  # the RRQ datagram, to merge a repeated one
@@ -126,6 +152,7 @@ class Session:
     mode: str
     started: float
     slot: int = -1  # the transfer's slot in C's pump, -1 on the Python path
+    upload: Upload | None = None  # a write's file
     heap_deadline: float = field(default=float("inf"))
 
 
@@ -150,7 +177,7 @@ class Worker:
         self.files = FileCache(root, gz=gz)
         self.datapath = datapath
         self.policy = Policy(max_blksize=cfg.max_blksize, max_windowsize=cfg.max_windowsize,
-                             refused=frozenset(cfg.refuse))
+                             refused=frozenset(cfg.refuse), max_upload=cfg.max_upload)
         self.sel = selectors.DefaultSelector()
         self.sessions: dict[tuple, Session] = {}  # by peer address
         self.timers: list[tuple[float, int, Session]] = []
@@ -175,6 +202,10 @@ class Worker:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # The master blocked these around fork(); now that the handlers above are in
+        # place, a TERM that arrived in between is delivered to them, not lost.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
+        _die_with_parent()
         self.sel.register(self._wake_r, selectors.EVENT_READ, None)
         if os.environ.get("TFTPD_PUMP", "1") != "0":
             # With the C data path, C answers the ACKs of every transfer socket in one
@@ -297,7 +328,7 @@ class Worker:
         if self.cfg.verbose >= 1:
             log.info("request %s %s %s from %s %s", "WRQ" if req.is_write else "RRQ", name,
                      req.mode, _peer(src), _opts(req.options))
-        if req.is_write:
+        if req.is_write and not self.cfg.create:
             self._refuse(lst, src, local, P.E_ACCESS, "Uploads are disabled",
                          "denied", name, req.mode, now)
             return
@@ -309,6 +340,9 @@ class Worker:
         if self._full(src, now):
             self._refuse(lst, src, local, P.E_UNDEFINED, "Server busy, try again later",
                          "busy", name, req.mode, now)
+            return
+        if req.is_write:
+            self._on_write(req, data, src, local, lst, ifindex, name, now)
             return
         try:
             f = self.files.open(req.filename, req.mode)
@@ -345,6 +379,47 @@ class Worker:
             self.pump.watch(slot, sock, src, f.fd)
         else:
             self.sel.register(sock, selectors.EVENT_READ, session)
+        self._apply(session, t.start(now), now)
+
+    def _on_write(self, req: P.Request, data: bytes, src: tuple, local: str, lst: Listener,
+                  ifindex: int, name: str, now: float) -> None:
+        if req.mode != "octet":
+            # netascii uploads would need converting back; no boot tool sends them.
+            self._refuse(lst, src, local, P.E_ILLEGAL_OP, "Uploads are octet only",
+                         "denied", name, req.mode, now)
+            return
+        try:
+            mtu_blk = blksize_for_mtu(self.mtu.get(ifindex, now), lst.sock.family) \
+                if ifindex else None
+            neg = negotiate(req.options, self.policy, is_write=True, mtu_blksize=mtu_blk)
+        except OptionRefused as err:
+            self._refuse(lst, src, local, P.E_DISK_FULL, "Upload exceeds the size limit",
+                         "denied", name, req.mode, now, str(err))
+            return
+        try:
+            upload = open_upload(self.root, req.filename, create=self.cfg.create,
+                                 permissive=self.cfg.permissive, umask=self.cfg.umask)
+        except FileError as err:
+            outcome = "notfound" if err.code == P.E_NOT_FOUND else "denied"
+            self._refuse(lst, src, local, err.code, err.message, outcome, name, req.mode, now,
+                         err.reason)
+            return
+        try:
+            sock = self._transfer_socket(lst.sock.family, local)
+        except OSError as err:
+            upload.discard()
+            self._refuse(lst, src, local, P.E_UNDEFINED, "Server busy", "failed", name,
+                         req.mode, now, f"no transfer socket: {err}")
+            return
+        rto = neg.timeout if neg.timeout is not None else self.cfg.retransmit_us / 1e6
+        t = WriteTransfer(src, blksize=neg.blksize, windowsize=neg.windowsize,
+                          oack=neg.oack or None, timeout=rto,
+                          client_timeout=neg.timeout is not None, retries=self.cfg.retries,
+                          max_size=self.cfg.max_upload, rollover=self.cfg.rollover)
+        session = Session(t, sock, None, src, b"", data, name, req.mode, now, upload=upload)
+        self.sessions[src] = session
+        self.per_client[src[0]] = self.per_client.get(src[0], 0) + 1
+        self.sel.register(sock, selectors.EVENT_READ, session)  # writes stay in Python
         self._apply(session, t.start(now), now)
 
     def _transfer_socket(self, family: int, local: str) -> socket.socket:
@@ -486,7 +561,14 @@ class Worker:
         t = session.transfer
         for action in actions:
             try:
-                if isinstance(action, SendBlocks):
+                if isinstance(action, Write):
+                    assert session.upload is not None
+                    session.upload.write(action.offset, action.payload)
+                elif isinstance(action, Commit):
+                    assert session.upload is not None
+                    session.upload.commit()
+                elif isinstance(action, SendBlocks):
+                    assert session.file is not None
                     # Fewer sent than asked is back-pressure (a full send queue): the
                     # retransmission timer sends the rest, as it would after a loss.
                     self.datapath.send_window(session.sock, session.peer, session.sockaddr,
@@ -504,12 +586,19 @@ class Worker:
                 self._abort(session, P.E_UNDEFINED, "File changed during transfer",
                             "file shrank under the transfer", now)
                 return
+            except FileError as err:  # an upload that may not be put in place
+                self._abort(session, err.code, err.message, err.reason, now)
+                return
             except (BlockingIOError, InterruptedError):
                 pass  # back-pressure: the retransmission timer sends it again
             except OSError as err:
                 if err.errno in (errno.ENOBUFS, errno.EAGAIN):
                     continue
-                self._abort(session, P.E_UNDEFINED, "Send failed", f"send: {err}", now)
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    self._abort(session, P.E_DISK_FULL, "Disk full or allocation exceeded",
+                                "disk full", now)
+                    return
+                self._abort(session, P.E_UNDEFINED, "I/O error", f"{err}", now)
                 return
             except ValueError as err:  # the data path refused its arguments: our bug
                 log.exception("data path refused a send")
@@ -561,11 +650,14 @@ class Worker:
             except (KeyError, ValueError):
                 pass
         session.sock.close()
-        session.file.close()
+        if session.file is not None:
+            session.file.close()
+        if session.upload is not None:
+            session.upload.discard()  # after a commit this only closes
         t = session.transfer
         c = self.counters
         c[S.OUTCOME.get(fin.outcome, S.INDEX["failed"])] += 1
-        c[S.INDEX["bytes"]] += t.size if fin.outcome == "ok" else t.bytes_sent
+        c[S.INDEX["bytes"]] += t.bytes_sent
         c[S.INDEX["retransmits"]] += t.retransmits
         st = self.files.stats
         c[S.INDEX["cache_hits"]] = st.hits
@@ -573,8 +665,8 @@ class Worker:
         # One line per finished transfer, whatever its end.
         log.info("%s file=%s mode=%s bytes=%d blksize=%d window=%d duration=%.3fs "
                  "retransmits=%d outcome=%s%s", _peer(session.peer), session.name,
-                 session.mode, t.size if fin.outcome == "ok" else t.bytes_sent, t.blksize,
-                 t.windowsize, now - session.started, t.retransmits, fin.outcome,
+                 session.mode, t.bytes_sent, t.blksize, t.windowsize, now - session.started,
+                 t.retransmits, fin.outcome,
                  f" reason={sanitize(fin.detail, 200)}" if fin.detail else "")
 
 
