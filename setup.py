@@ -69,4 +69,7 @@ class OptionalBuildExt(build_ext):
 setup(
     cffi_modules=["_ext/build_datapath.py:ffibuilder"],
     cmdclass={"build_ext": OptionalBuildExt},
+    # Man pages land in <prefix>/share/man, where man(1) finds them for a venv or
+    # a system install alike.
+    data_files=[("share/man/man8", ["man/tftpd.8"]), ("share/man/man5", ["man/tftpd.conf.5"])],
 )

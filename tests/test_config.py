@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from tftpd.config import SETTINGS, ConfigError, from_argv, parse_address
+from tftpd.config import SETTINGS, ConfigError, build_parser, from_argv, parse_address
 
 
 def test_in_tftpd_style_command_line() -> None:
@@ -45,3 +45,67 @@ def test_later_flags_say_not_supported_yet(s: object) -> None:
     argv = [flag] if s.convert is None else [flag, "1"]  # type: ignore[attr-defined]
     with pytest.raises(ConfigError, match="not supported yet"):
         from_argv(argv)
+
+
+# -- tftpd.conf and the man pages ----------------------------------------------------------
+
+def test_config_file_then_command_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    conf = tmp_path / "tftpd.conf"
+    conf.write_text('root = "/srv/boot"\naddress = ["127.0.0.1:6969", "[::1]:6969"]\n'
+                    'create = true\numask = 0o27\nworkers = 3\nverbose = 2\nblocksize = 1468\n'
+                    'refuse = "tsize"\nlog-format = "json"\n')
+    cfg = from_argv(["-C", str(conf)])
+    assert cfg.root == "/srv/boot" and cfg.create and cfg.umask == 0o27
+    assert [str(a) for a in cfg.addresses] == ["127.0.0.1:6969", "[::1]:6969"]
+    assert cfg.workers == 3 and cfg.verbose == 2 and cfg.max_blksize == 1468
+    assert cfg.refuse == ("tsize",) and cfg.log_format == "json"
+    cfg = from_argv(["-C", str(conf), "--workers", "1", "-B", "512", "/other"])
+    assert cfg.workers == 1 and cfg.max_blksize == 512 and cfg.root == "/other"
+
+
+@pytest.mark.parametrize("text,why", [
+    ("bogus = 1", "unknown setting 'bogus'"),
+    ("workers = 0", "workers"),
+    ("create = 'yes'", "true or false"),
+    ("address = 'nowhere:69'", "address"),
+    ("root = 5", "root must be a string"),
+    ("workers = [", "tftpd.conf"),
+])
+def test_config_file_errors_name_file_and_key(tmp_path, text: str, why: str) -> None:  # type: ignore[no-untyped-def]
+    conf = tmp_path / "tftpd.conf"
+    conf.write_text(text + "\n")
+    with pytest.raises(ConfigError, match="tftpd.conf") as exc:
+        from_argv(["-C", str(conf)])
+    assert why in str(exc.value)
+
+
+def test_man_pages_match_the_settings() -> None:
+    from tftpd import manpage
+
+    for path, text in manpage.pages().items():
+        assert path.read_text() == text, f"{path.name} drifted: run python3 -m tftpd.manpage"
+
+
+def test_every_setting_reaches_flag_file_and_man_page() -> None:
+    from tftpd import manpage
+
+    parser_flags = {f for a in build_parser()._actions for f in a.option_strings}
+    page8, page5 = manpage.options_section(), manpage.settings_section()
+    for s in SETTINGS:
+        assert set(s.flags) <= parser_flags
+        assert s.flags[-1].replace("-", "\\-") in page8
+        assert f"\\fB{s.key.replace('-', chr(92) + '-')}\\fR" in page5
+
+
+def test_man_pages_render_without_warnings() -> None:
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("groff") is None:
+        pytest.skip("groff is not installed")
+    man = Path(__file__).resolve().parent.parent / "man"
+    for page in ("tftpd.8", "tftpd.conf.5"):
+        out = subprocess.run(["groff", "-man", "-ww", "-z", str(man / page)],
+                             capture_output=True, text=True, check=False)
+        assert out.returncode == 0 and out.stderr == "", out.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import logging.handlers
 import os
@@ -10,6 +11,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 
 from tftpd.config import Address, Config, ConfigError, from_argv
 
@@ -20,16 +22,31 @@ EXIT_STARTUP = 1
 DEMO_PORT = 6969
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: a finished transfer's record, or any other message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + \
+            f".{int(record.msecs):03d}Z"
+        body = getattr(record, "transfer", None)
+        if body is None:
+            body = {"level": record.levelname.lower(), "msg": record.getMessage()}
+        return json.dumps({"ts": ts, "pid": record.process, **body}, separators=(",", ":"))
+
+
 def _setup_logging(cfg: Config, syslog: bool) -> None:
     level = logging.DEBUG if cfg.verbose >= 3 else logging.INFO
     handler: logging.Handler
-    if syslog and os.path.exists("/dev/log"):
+    if cfg.log_file:
+        handler = logging.FileHandler(cfg.log_file, encoding="utf-8")  # O_APPEND: shared
+    elif syslog and os.path.exists("/dev/log"):
+        # As in.tftpd logs: the daemon facility.
         handler = logging.handlers.SysLogHandler(
             "/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
-        handler.setFormatter(logging.Formatter("tftpd[%(process)d]: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("tftpd[%(process)d]: %(message)s"))
+    handler.setFormatter(JsonFormatter() if cfg.log_format == "json"
+                         else logging.Formatter("tftpd[%(process)d]: %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
@@ -65,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from tftpd.datapath import get_datapath
 
-        datapath = get_datapath()
+        datapath = get_datapath(cfg.datapath)
     except ImportError as err:
         print(f"tftpd: {err}", file=sys.stderr)
         return EXIT_STARTUP

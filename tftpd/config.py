@@ -76,6 +76,14 @@ def _int_in(lo: int, hi: int) -> Callable[[str], int]:
     return check
 
 
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        if text not in allowed:
+            raise ConfigError(f"{text!r} is not one of {', '.join(allowed)}")
+        return text
+    return check
+
+
 def _umask(text: str) -> int:
     try:
         value = int(text, 8)
@@ -98,6 +106,11 @@ class Setting:
     later: str = ""  # the issue that implements it; set = "not supported yet"
     metavar: str | None = None
 
+    @property
+    def key(self) -> str:
+        """Its name in tftpd.conf: the long flag without the dashes."""
+        return self.flags[-1].lstrip("-")
+
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("listen", ("-l", "--listen"),
@@ -109,13 +122,14 @@ SETTINGS: tuple[Setting, ...] = (
             (), parse_address, repeat=True, metavar="ADDR[:PORT]"),
     Setting("secure", ("-s", "--secure"),
             "chroot to ROOT when started as root; names are always relative to ROOT", False),
-    Setting("user", ("-u", "--user"), "run as USER after binding (default: nobody when "
-            "started as root)", None, str, metavar="USER"),
+    Setting("user", ("-u", "--user"), "run as USER (and its groups) after binding; "
+            "without it the server stays the user it was started as, and warns if root",
+            None, str, metavar="USER"),
     Setting("create", ("-c", "--create"), "allow uploads (WRQ); new files may be created",
             False),
     Setting("permissive", ("-p", "--permissive"), "an upload may replace any regular file "
             "the server can write, not only world-writable ones", False),
-    Setting("umask", ("-U", "--umask"), "umask for uploaded files (octal, default 022)",
+    Setting("umask", ("-U", "--umask"), "umask for uploaded files (octal)",
             0o022, _umask, metavar="UMASK"),
     Setting("max_upload", ("--max-upload",), "largest upload in bytes (tsize is checked "
             "against it up front)", 1 << 30, _int_in(0, 1 << 62), metavar="BYTES"),
@@ -157,6 +171,13 @@ SETTINGS: tuple[Setting, ...] = (
             None, str, later="issue 8 (remap rules)", metavar="FILE"),
     Setting("timeout", ("-t", "--timeout"), "inetd mode: exit after SECONDS idle", None,
             str, later="issue 8 (inetd mode)", metavar="SECONDS"),
+    Setting("log_format", ("--log-format",), "one line per finished transfer as text or "
+            "json", "text", _choice("text", "json"), metavar="text|json"),
+    Setting("log_file", ("--log-file",), "append the log to FILE instead of stderr (or "
+            "syslog with -l)", None, str, metavar="FILE"),
+    Setting("datapath", ("--datapath",), "force the C or the pure-Python data path "
+            "(default: C when built; also TFTPD_DATAPATH)", None, _choice("c", "python"),
+            metavar="c|python"),
 )
 
 
@@ -189,6 +210,10 @@ class Config:
     gz_cache_mb: int = 1024
     map_file: str | None = None
     timeout: str | None = None
+    log_format: str = "text"
+    log_file: str | None = None
+    datapath: str | None = None
+    config: str | None = None
     demo: bool = False
 
 
@@ -209,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kw.update(action="append" if s.repeat else "store", metavar=s.metavar)
         p.add_argument(*s.flags, **kw)
+    p.add_argument("-C", "--config", metavar="FILE",
+                   help="read settings from FILE (TOML, see tftpd.conf(5)); the command "
+                        "line wins; re-read on SIGHUP")
     p.add_argument("-V", "--version", action="version", version=version_text())
     p.add_argument("--demo", action="store_true",
                    help="serve a demo root on 127.0.0.1:6969 and print a curl command")
@@ -228,25 +256,71 @@ def version_text() -> str:
     return f"tftpd {__version__} ({path} data path{note})"
 
 
-def from_argv(argv: list[str]) -> Config:
-    ns = build_parser().parse_args(argv)
+def _convert(s: Setting, raw: Any, where: str) -> Any:
+    """A value from the command line (strings) or tftpd.conf (TOML types)."""
+    if s.later:
+        raise ConfigError(f"{where}: {s.flags[-1]} is not supported yet (comes with {s.later})")
+    try:
+        if s.count:
+            if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+                raise ConfigError(f"{raw!r} is not a count")
+            return raw
+        if s.convert is None:
+            if not isinstance(raw, bool):
+                raise ConfigError(f"{raw!r} is not true or false")
+            return raw
+        if s.repeat:
+            items = raw if isinstance(raw, (list, tuple)) else [raw]
+            return tuple(s.convert(str(v)) for v in items)
+        if isinstance(raw, (list, dict)):
+            raise ConfigError(f"{raw!r} is not a single value")
+        if s.convert is _umask and isinstance(raw, int):
+            raw = oct(raw)[2:]  # a TOML integer 0o22 means the umask 022
+        return s.convert(str(raw))
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def read_file(path: str) -> dict[str, Any]:
+    """Settings from a tftpd.conf (TOML): keys are the long flags without dashes."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as err:
+        raise ConfigError(f"{path}: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    by_key = {s.key: s for s in SETTINGS}
     values: dict[str, Any] = {}
+    for key, raw in data.items():
+        if key == "root":
+            if not isinstance(raw, str):
+                raise ConfigError(f"{path}: root must be a string")
+            values["root"] = raw
+            continue
+        s = by_key.get(key)
+        if s is None:
+            raise ConfigError(f"{path}: unknown setting {key!r}")
+        values[s.name] = _convert(s, raw, f"{path}: {key}")
+    return values
+
+
+def from_argv(argv: list[str]) -> Config:
+    """The configuration: defaults, then tftpd.conf (-C), then the command line."""
+    ns = build_parser().parse_args(argv)
+    values: dict[str, Any] = read_file(ns.config) if ns.config else {}
     for s in SETTINGS:
         raw = getattr(ns, s.name)
-        if raw in (None, False, 0, []) and not (s.count and raw):
+        if raw is None or raw is False or raw == [] or (s.count and raw == 0):
             continue
-        if s.later:
-            raise ConfigError(f"{s.flags[-1]} is not supported yet (comes with {s.later})")
-        if s.repeat:
-            values[s.name] = tuple(s.convert(v) if s.convert else v for v in raw)
-        elif s.convert is not None and not s.count:
-            values[s.name] = s.convert(raw)
-        else:
-            values[s.name] = raw
+        values[s.name] = _convert(s, raw, s.flags[-1])
     for opt in values.get("refuse", ()):
         if opt not in ("blksize", "tsize", "timeout", "windowsize", "utimeout"):
             raise ConfigError(f"--refuse {opt!r}: not an option tftpd negotiates")
     if ns.root:
         values["root"] = ns.root
+    values["config"] = ns.config
     values["demo"] = bool(ns.demo)
     return Config(**values)

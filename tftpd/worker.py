@@ -152,6 +152,8 @@ class Session:
     mode: str
     started: float
     slot: int = -1  # the transfer's slot in C's pump, -1 on the Python path
+    asked: dict = field(default_factory=dict)  # options, sanitised, for the log
+    granted: dict = field(default_factory=dict)
     upload: Upload | None = None  # a write's file
     heap_deadline: float = field(default=float("inf"))
 
@@ -171,6 +173,7 @@ class Worker:
         self.noise_window = 0.0
         self.noise_lines = 0
         self.noise_suppressed = 0
+        self._asked: dict[str, str] = {}
         self.mtu = MtuCache()
         self.listeners = listeners
         self.root = root
@@ -313,6 +316,7 @@ class Worker:
                           _peer(src))
             return
         name = sanitize(req.filename)
+        self._asked = req.options  # for the log record of a refusal
         c[S.INDEX["requests"]] += 1
         live = self.sessions.get(src)
         if live is not None:
@@ -371,7 +375,7 @@ class Worker:
                          client_timeout=neg.timeout is not None, retries=self.cfg.retries,
                          rollover=self.cfg.rollover, state=state)
         session = Session(t, sock, f, src, encode_sockaddr(src), data, name, req.mode, now,
-                          slot)
+                          slot, _clean(req.options), dict(neg.oack))
         self.sessions[src] = session
         self.per_client[src[0]] = self.per_client.get(src[0], 0) + 1
         if self.pump is not None:
@@ -416,7 +420,8 @@ class Worker:
                           oack=neg.oack or None, timeout=rto,
                           client_timeout=neg.timeout is not None, retries=self.cfg.retries,
                           max_size=self.cfg.max_upload, rollover=self.cfg.rollover)
-        session = Session(t, sock, None, src, b"", data, name, req.mode, now, upload=upload)
+        session = Session(t, sock, None, src, b"", data, name, req.mode, now,
+                          asked=_clean(req.options), granted=dict(neg.oack), upload=upload)
         self.sessions[src] = session
         self.per_client[src[0]] = self.per_client.get(src[0], 0) + 1
         self.sel.register(sock, selectors.EVENT_READ, session)  # writes stay in Python
@@ -488,8 +493,11 @@ class Worker:
                 self.busy_logged_at = now
             return
         self.counters[S.OUTCOME.get(outcome, S.INDEX["failed"])] += 1
+        record = {"client": src[0], "port": src[1], "file": name, "mode": mode,
+                  "options": _clean(self._asked),
+                  "outcome": outcome, "error": code, "reason": reason or message}
         log.info("%s file=%s mode=%s outcome=%s error=%d reason=%s", _peer(src), name, mode,
-                 outcome, code, reason or message)
+                 outcome, code, reason or message, extra={"transfer": record})
 
     def _log_limited(self, now: float, fmt: str, *args: object) -> None:
         """Log bad input, but a flood of it only as a count per interval."""
@@ -663,11 +671,19 @@ class Worker:
         c[S.INDEX["cache_hits"]] = st.hits
         c[S.INDEX["miss_cache_hits"]] = st.miss_hits
         # One line per finished transfer, whatever its end.
+        duration = now - session.started
+        record = {"client": session.peer[0], "port": session.peer[1], "file": session.name,
+                  "mode": session.mode, "op": "WRQ" if session.upload else "RRQ",
+                  "options": session.asked, "granted": session.granted,
+                  "bytes": t.bytes_sent, "blksize": t.blksize, "windowsize": t.windowsize,
+                  "duration_s": round(duration, 6), "retransmits": t.retransmits,
+                  "outcome": fin.outcome, "reason": sanitize(fin.detail, 200)}
         log.info("%s file=%s mode=%s bytes=%d blksize=%d window=%d duration=%.3fs "
                  "retransmits=%d outcome=%s%s", _peer(session.peer), session.name,
-                 session.mode, t.bytes_sent, t.blksize, t.windowsize, now - session.started,
+                 session.mode, t.bytes_sent, t.blksize, t.windowsize, duration,
                  t.retransmits, fin.outcome,
-                 f" reason={sanitize(fin.detail, 200)}" if fin.detail else "")
+                 f" reason={sanitize(fin.detail, 200)}" if fin.detail else "",
+                 extra={"transfer": record})
 
 
 def _pktinfo_cmsg(family: int, local: str) -> tuple[int, int, bytes]:
@@ -681,6 +697,10 @@ def _pktinfo_cmsg(family: int, local: str) -> tuple[int, int, bytes]:
 def _peer(addr: tuple) -> str:
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _clean(options: dict[str, str]) -> dict[str, str]:
+    return {sanitize(k, 20): sanitize(v, 20) for k, v in options.items()}
 
 
 def _opts(options: dict[str, str]) -> str:
