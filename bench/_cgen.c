@@ -1,0 +1,515 @@
+/*
+ * The load generator's C core: the same client state machine as bench/loadgen.py's
+ * Python engine (read that first: this is a transcription), one epoll loop over every
+ * client socket, so that the generator is never what limits a storm. Built by cffi at
+ * first use (bench/cgen.py); Python prepares the steps and reads the results.
+ */
+#include <errno.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "_cgen.h"
+
+enum { S_IDLE, S_WAIT_FIRST, S_WAIT_OACK_DONE, S_DATA, S_DONE, S_FAILED };
+
+struct client {
+    int state, step, fd;
+    struct sockaddr_in tid;
+    int has_tid;
+    double started, t_req, deadline, loop_end;
+    int rrq_try, retries;
+    uint32_t blksize, window, inwin;
+    uint64_t nblk;
+    int gap_acked, wrong_tid, iteration, acked;
+};
+
+struct storm {
+    const struct tb_config *cfg;
+    const struct tb_step *steps;
+    struct tb_result *res;
+    struct tb_client_out *out;
+    double *fa;
+    struct client *c;
+    int ep;
+    struct sockaddr_in server;
+    unsigned next_port;
+};
+
+/* Client ports in turn from this range: see PORT_LO in loadgen.py. */
+#define PORT_LO 10000u
+#define PORT_HI 65000u
+
+static double mono(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void xsend(int fd, const void *buf, size_t len, const struct sockaddr_in *to)
+{
+    (void)sendto(fd, buf, len, MSG_DONTWAIT, (const struct sockaddr *)to, sizeof *to);
+}
+
+static void send_ack(struct client *c, unsigned blk)
+{
+    unsigned char a[4] = {0, 4, (unsigned char)(blk >> 8), (unsigned char)blk};
+    xsend(c->fd, a, 4, &c->tid);
+}
+
+static void send_err(struct client *c, int code, const char *msg, const struct sockaddr_in *to)
+{
+    unsigned char p[64];
+    size_t l = strlen(msg);
+    p[0] = 0;
+    p[1] = 5;
+    p[2] = 0;
+    p[3] = (unsigned char)code;
+    memcpy(p + 4, msg, l + 1);
+    xsend(c->fd, p, 5 + l, to);
+}
+
+static void close_sock(struct storm *s, struct client *c)
+{
+    if (c->fd >= 0) {
+        epoll_ctl(s->ep, EPOLL_CTL_DEL, c->fd, NULL);
+        close(c->fd);
+        c->fd = -1;
+    }
+}
+
+static void fail(struct storm *s, struct client *c, int reason)
+{
+    if (c->state == S_DONE || c->state == S_FAILED)
+        return;
+    if (c->fd >= 0 && c->has_tid)
+        send_err(c, 0, "client abort", &c->tid);
+    close_sock(s, c);
+    c->state = S_FAILED;
+    s->out[c - s->c].reason = reason;
+    s->res->requests_failed++;
+}
+
+static void send_rrq(struct storm *s, struct client *c, double now)
+{
+    const struct tb_step *st = &s->steps[c->step];
+    ssize_t r = sendto(c->fd, st->rrq, st->rrq_len, MSG_DONTWAIT,
+                       (const struct sockaddr *)&s->server, sizeof s->server);
+    if (r < 0 && errno != EAGAIN && errno != ENOBUFS) {
+        fail(s, c, TB_R_SEND);
+        return;
+    }
+    s->res->rrq_sent++;
+    if (c->rrq_try)
+        s->res->rrq_retransmits++;
+    c->deadline = now + s->cfg->rrq_timeouts[c->rrq_try];
+    c->rrq_try++;
+}
+
+static void start_step(struct storm *s, struct client *c, double now)
+{
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        fail(s, c, TB_R_SOCKET);
+        return;
+    }
+    for (int i = 0; i < 64; i++) {
+        struct sockaddr_in me = {.sin_family = AF_INET};
+        unsigned port = s->next_port;
+        s->next_port = port + 1 < PORT_HI ? port + 1 : PORT_LO;
+        me.sin_port = htons((uint16_t)port);
+        if (bind(fd, (struct sockaddr *)&me, sizeof me) == 0)
+            break;
+    }
+    c->fd = fd;
+    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)(c - s->c)};
+    epoll_ctl(s->ep, EPOLL_CTL_ADD, fd, &ev);
+    c->has_tid = 0;
+    c->wrong_tid = 0;
+    c->blksize = 512;
+    c->window = 1;
+    c->inwin = 0;
+    c->nblk = 1;
+    c->gap_acked = 0;
+    c->retries = 0;
+    c->acked = -1;
+    c->state = S_WAIT_FIRST;
+    c->rrq_try = 0;
+    c->t_req = now;
+    send_rrq(s, c, now);
+}
+
+static void step_done(struct storm *s, struct client *c, double now)
+{
+    s->res->requests_ok++;
+    c->has_tid = 0;
+    close_sock(s, c);
+    c->step++;
+    if (c->step == s->cfg->nsteps) {
+        c->iteration++;
+        if (s->cfg->repeat_max > 0 && c->iteration < s->cfg->repeat_max && now < c->loop_end) {
+            c->step = 0;
+        } else {
+            c->state = S_DONE;
+            s->res->ok++;
+            s->out[c - s->c].completion = now - c->started;
+            return;
+        }
+    }
+    start_step(s, c, now);
+}
+
+static void on_timeout(struct storm *s, struct client *c, double now)
+{
+    const struct tb_config *cfg = s->cfg;
+    if (c->state == S_WAIT_FIRST) {
+        if (c->rrq_try < cfg->n_rrq_timeouts)
+            send_rrq(s, c, now);
+        else
+            fail(s, c, c->wrong_tid ? TB_R_WRONG_TID : TB_R_RRQ_TIMEOUT);
+        return;
+    }
+    if (c->retries >= cfg->ack_retries) {
+        fail(s, c, c->wrong_tid ? TB_R_WRONG_TID : TB_R_DATA_TIMEOUT);
+        return;
+    }
+    c->retries++;
+    s->res->ack_retransmits++;
+    c->inwin = 0;
+    c->acked = (int)((c->nblk - 1) & 0xFFFF);
+    send_ack(c, (unsigned)c->acked);
+    c->deadline = now + cfg->ack_timeout;
+}
+
+static int parse_uint(const char *p, const char *end, uint64_t *v)
+{
+    if (p == end)
+        return -1;
+    uint64_t x = 0;
+    for (; p < end; p++) {
+        if (*p < '0' || *p > '9' || x > 1000000000000ULL)
+            return -1;
+        x = x * 10 + (uint64_t)(*p - '0');
+    }
+    *v = x;
+    return 0;
+}
+
+static void on_oack(struct storm *s, struct client *c, const unsigned char *b, size_t n,
+                    double now)
+{
+    const struct tb_step *st = &s->steps[c->step];
+    if (c->state != S_WAIT_FIRST) {
+        if (c->state == S_WAIT_OACK_DONE) {
+            s->res->duplicate_data++;
+            send_ack(c, 0);
+            return;
+        }
+        fail(s, c, TB_R_PROTOCOL);
+        return;
+    }
+    const char *p = (const char *)b + 2, *end = (const char *)b + n;
+    if (n > 2 && end[-1] != 0) {
+        fail(s, c, TB_R_BAD_OACK);
+        return;
+    }
+    uint32_t blksize = 512, window = 1;
+    int got_tsize = 0;
+    while (p < end) {
+        const char *k = p;
+        const char *ke = memchr(p, 0, (size_t)(end - p));
+        if (!ke || ke + 1 >= end) {
+            fail(s, c, TB_R_BAD_OACK);
+            return;
+        }
+        const char *v = ke + 1;
+        const char *ve = memchr(v, 0, (size_t)(end - v));
+        if (!ve) {
+            fail(s, c, TB_R_BAD_OACK);
+            return;
+        }
+        p = ve + 1;
+        uint64_t val;
+        if (parse_uint(v, ve, &val) < 0) {
+            fail(s, c, TB_R_BAD_OACK);
+            return;
+        }
+        size_t kl = (size_t)(ke - k);
+        if (kl == 7 && strncasecmp(k, "blksize", 7) == 0 && (st->ask & TB_ASK_BLKSIZE)) {
+            if (val > st->ask_blksize || val < 8) {
+                fail(s, c, TB_R_BAD_OACK);
+                return;
+            }
+            blksize = (uint32_t)val;
+        } else if (kl == 10 && strncasecmp(k, "windowsize", 10) == 0 &&
+                   (st->ask & TB_ASK_WINDOW)) {
+            if (val > st->ask_window || val < 1) {
+                fail(s, c, TB_R_BAD_OACK);
+                return;
+            }
+            window = (uint32_t)val;
+        } else if (kl == 5 && strncasecmp(k, "tsize", 5) == 0 && (st->ask & TB_ASK_TSIZE)) {
+            got_tsize = 1;
+            if (st->expect != TB_NOTFOUND && val != st->size) {
+                fail(s, c, TB_R_BAD_TSIZE);
+                return;
+            }
+        } else if (kl == 7 && strncasecmp(k, "timeout", 7) == 0 &&
+                   (st->ask & TB_ASK_TIMEOUT)) {
+            if (val != st->ask_timeout) {
+                fail(s, c, TB_R_BAD_OACK);
+                return;
+            }
+        } else {
+            fail(s, c, TB_R_BAD_OACK); /* an option the client did not ask for */
+            return;
+        }
+    }
+    if (st->expect == TB_NOTFOUND) {
+        fail(s, c, TB_R_FOUND);
+        return;
+    }
+    if (st->expect == TB_PROBE) {
+        if (!got_tsize) {
+            fail(s, c, TB_R_NO_TSIZE);
+            return;
+        }
+        send_err(c, 8, "probe done", &c->tid);
+        step_done(s, c, now);
+        return;
+    }
+    c->blksize = blksize;
+    c->window = window;
+    c->state = S_WAIT_OACK_DONE;
+    c->acked = 0;
+    send_ack(c, 0);
+    c->retries = 0;
+    c->deadline = now + s->cfg->ack_timeout;
+}
+
+static void on_data(struct storm *s, struct client *c, const unsigned char *b, size_t n,
+                    double now)
+{
+    const struct tb_step *st = &s->steps[c->step];
+    if (c->state == S_WAIT_FIRST) {
+        if (st->expect == TB_PROBE) {
+            fail(s, c, TB_R_NO_OACK);
+            return;
+        }
+        if (st->expect == TB_NOTFOUND) {
+            fail(s, c, TB_R_FOUND);
+            return;
+        }
+        c->state = S_DATA;
+    } else if (c->state == S_WAIT_OACK_DONE) {
+        c->state = S_DATA;
+    }
+    unsigned blk = (unsigned)(b[2] << 8 | b[3]);
+    unsigned want = (unsigned)(c->nblk & 0xFFFF);
+    if (blk != want) {
+        unsigned diff = (blk - want) & 0xFFFF;
+        if (diff < 0x8000) {
+            if (!c->gap_acked) {
+                c->gap_acked = 1;
+                c->inwin = 0;
+                c->acked = (int)((c->nblk - 1) & 0xFFFF);
+                send_ack(c, (unsigned)c->acked);
+            }
+        } else {
+            s->res->duplicate_data++;
+            if ((int)blk == c->acked)
+                send_ack(c, blk);
+        }
+        return;
+    }
+    size_t plen = n - 4;
+    uint64_t bs = c->blksize;
+    if (plen > bs) {
+        fail(s, c, TB_R_OVERSIZE);
+        return;
+    }
+    uint64_t off = (c->nblk - 1) * bs;
+    if (off + plen > st->size) {
+        fail(s, c, TB_R_LONG_FILE);
+        return;
+    }
+    if (memcmp(st->data + off, b + 4, plen) != 0) {
+        fail(s, c, TB_R_CORRUPT);
+        return;
+    }
+    s->res->bytes_ok += plen;
+    c->gap_acked = 0;
+    c->retries = 0;
+    c->deadline = now + s->cfg->ack_timeout;
+    c->nblk++;
+    if (plen < bs) {
+        if (off + plen != st->size) {
+            fail(s, c, TB_R_SHORT_FILE);
+            return;
+        }
+        send_ack(c, blk);
+        step_done(s, c, now);
+        return;
+    }
+    if (++c->inwin >= c->window) {
+        c->inwin = 0;
+        c->acked = (int)blk;
+        send_ack(c, blk);
+    }
+}
+
+static void on_packet(struct storm *s, struct client *c, const unsigned char *b, size_t n,
+                      const struct sockaddr_in *from, double now)
+{
+    if (!c->has_tid || from->sin_port != c->tid.sin_port ||
+        from->sin_addr.s_addr != c->tid.sin_addr.s_addr) {
+        if (!c->has_tid && from->sin_addr.s_addr == s->server.sin_addr.s_addr &&
+            from->sin_port != s->server.sin_port) {
+            c->tid = *from;
+            c->has_tid = 1;
+            if (s->res->first_answers < s->cfg->fa_cap)
+                s->fa[s->res->first_answers] = now - c->t_req;
+            s->res->first_answers++;
+        } else {
+            c->wrong_tid++;
+            s->res->wrong_tid_packets++;
+            send_err(c, 5, "unknown transfer ID", from);
+            return;
+        }
+    }
+    if (n < 4) {
+        fail(s, c, TB_R_SHORT_PACKET);
+        return;
+    }
+    unsigned op = (unsigned)(b[0] << 8 | b[1]);
+    if (op == 3) {
+        on_data(s, c, b, n, now);
+    } else if (op == 6) {
+        on_oack(s, c, b, n, now);
+    } else if (op == 5) {
+        unsigned code = (unsigned)(b[2] << 8 | b[3]);
+        c->has_tid = 0;
+        if (c->state == S_WAIT_FIRST && s->steps[c->step].expect == TB_NOTFOUND && code == 1)
+            step_done(s, c, now);
+        else
+            fail(s, c, TB_R_ERROR_BASE + (int)(code > 99 ? 99 : code));
+    } else {
+        fail(s, c, TB_R_PROTOCOL);
+    }
+}
+
+int tb_run(const struct tb_config *cfg, const struct tb_step *steps, struct tb_result *res,
+           struct tb_client_out *out, double *first_answers)
+{
+    struct storm s;
+    memset(&s, 0, sizeof s);
+    s.cfg = cfg;
+    s.steps = steps;
+    s.res = res;
+    s.out = out;
+    s.fa = first_answers;
+    s.server.sin_family = AF_INET;
+    s.server.sin_addr.s_addr = cfg->server_ip;
+    s.server.sin_port = cfg->server_port;
+    s.next_port = PORT_LO + ((unsigned)getpid() * 7919u) % (PORT_HI - PORT_LO);
+    s.c = calloc((size_t)cfg->nclients, sizeof *s.c);
+    if (!s.c)
+        return -1;
+    s.ep = epoll_create1(EPOLL_CLOEXEC);
+    if (s.ep < 0) {
+        free(s.c);
+        return -1;
+    }
+    int n = cfg->nclients;
+    for (int i = 0; i < n; i++) {
+        s.c[i].fd = -1;
+        out[i].reason = 0;
+        out[i].completion = -1;
+    }
+    static unsigned char buf[65536 + 4];
+    struct epoll_event evs[1024];
+    double t0 = mono();
+    double hard_end = t0 + cfg->deadline;
+    int next_start = 0;
+    int *running = malloc((size_t)n * sizeof *running);
+    int nrunning = 0;
+    double next_scan = t0;
+    for (;;) {
+        double now = mono();
+        if (now >= hard_end) {
+            res->deadline_hit = 1;
+            break;
+        }
+        while (next_start < n &&
+               (cfg->ramp <= 0 || t0 + cfg->ramp * next_start / n <= now)) {
+            struct client *c = &s.c[next_start];
+            running[nrunning++] = next_start++;
+            c->started = now;
+            c->loop_end = now + cfg->repeat_seconds;
+            c->step = 0;
+            start_step(&s, c, now);
+        }
+        if (now >= next_scan) {
+            int k = 0;
+            for (int i = 0; i < nrunning; i++) {
+                struct client *c = &s.c[running[i]];
+                if (c->state == S_DONE || c->state == S_FAILED)
+                    continue;
+                if (c->deadline <= now) {
+                    on_timeout(&s, c, now);
+                    if (c->state == S_DONE || c->state == S_FAILED)
+                        continue;
+                }
+                running[k++] = running[i];
+            }
+            nrunning = k;
+            next_scan = now + 0.01;
+            if (!nrunning && next_start >= n)
+                break;
+        }
+        double wait = next_scan - now;
+        if (next_start < n && cfg->ramp > 0) {
+            double ns = t0 + cfg->ramp * next_start / n - now;
+            if (ns < wait)
+                wait = ns;
+        }
+        int ms = wait > 0 ? (int)(wait * 1000) + 1 : 0; /* round up: never spin */
+        int ne = epoll_wait(s.ep, evs, 1024, ms);
+        if (ne <= 0)
+            continue;
+        now = mono();
+        for (int e = 0; e < ne; e++) {
+            struct client *c = &s.c[evs[e].data.u32];
+            int fd = c->fd;
+            if (fd < 0)
+                continue;
+            for (int k = 0; k < 64 && c->fd == fd; k++) {
+                struct sockaddr_in from;
+                socklen_t fl = sizeof from;
+                ssize_t r = recvfrom(fd, buf, sizeof buf, MSG_DONTWAIT,
+                                     (struct sockaddr *)&from, &fl);
+                if (r < 0)
+                    break;
+                on_packet(&s, c, buf, (size_t)r, &from, now);
+            }
+        }
+    }
+    res->wall = mono() - t0;
+    for (int i = 0; i < n; i++) {
+        struct client *c = &s.c[i];
+        if (c->state != S_DONE && c->state != S_FAILED)
+            fail(&s, c, c->state == S_IDLE ? TB_R_NOT_STARTED : TB_R_DEADLINE);
+    }
+    free(running);
+    close(s.ep);
+    free(s.c);
+    return 0;
+}

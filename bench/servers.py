@@ -1,0 +1,211 @@
+"""The TFTP servers the benchmark knows, and how each one is started fairly.
+
+Each server runs in the foreground inside a network namespace of its own, serves ROOT as
+TFTP only on 127.0.0.1:69, and has the limits a storm would hit first lifted (see
+../shared/PEERS.md). A server whose program is missing is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.build import BuildError, limit_binary
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PEERS_DIR = HERE / ".peers"
+ATFTPD = PEERS_DIR / "atftpd" / "usr" / "sbin" / "atftpd"
+MAX_TRANSFERS = 4096
+
+
+@dataclass
+class Launch:
+    """How to start one server: argv, environment additions, files to write first."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    files: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    description: str
+    # (root, port, workdir, workers) -> Launch
+    launch: Callable[[Path, int, Path, int], Launch]
+    # None when it can run here, else why not
+    missing: Callable[[], str | None]
+    version: Callable[[], str]
+
+
+def _run_text(argv: list[str]) -> str:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return (proc.stdout + proc.stderr).strip().splitlines()[0] if (
+        proc.stdout + proc.stderr).strip() else "?"
+
+
+def _dpkg_version(pkg: str) -> str:
+    try:
+        proc = subprocess.run(["dpkg-query", "-W", "-f=${Version}", pkg], capture_output=True,
+                              text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return proc.stdout.strip() or "?"
+
+
+# -- tftpd (this project) --------------------------------------------------------------
+
+def _tftpd_missing() -> str | None:
+    if importlib.util.find_spec("tftpd") is None:
+        sys.path.insert(0, str(REPO))
+    try:
+        if importlib.util.find_spec("tftpd.cli") is None:
+            return "tftpd.cli is not written yet"
+    except ImportError as exc:
+        return f"tftpd does not import: {exc}"
+    return None
+
+
+def _tftpd_launch(python_path: bool) -> Callable[[Path, int, Path, int], Launch]:
+    def launch(root: Path, port: int, work: Path, workers: int) -> Launch:
+        env = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        if python_path:
+            env["TFTPD_DATAPATH"] = "python"
+        return Launch(argv=[sys.executable, "-m", "tftpd", "-L", "-a", f"127.0.0.1:{port}",
+                            "--workers", str(workers), str(root)], env=env, cwd=str(REPO))
+    return launch
+
+
+def _tftpd_version() -> str:
+    try:
+        import tftpd
+        return f"tftpd {tftpd.__version__} (work tree)"
+    except Exception:  # noqa: BLE001
+        return "tftpd ?"
+
+
+# -- tftp-hpa ---------------------------------------------------------------------------
+
+def _hpa_missing() -> str | None:
+    if not Path("/usr/sbin/in.tftpd").exists():
+        return "in.tftpd not installed (apt-get install tftpd-hpa; bench/setup-peers.sh)"
+    return None
+
+
+def _hpa_launch(root: Path, port: int, work: Path, workers: int) -> Launch:
+    return Launch(argv=["/usr/sbin/in.tftpd", "-L", "-4", "-a", f"127.0.0.1:{port}",
+                        "-s", str(root)])
+
+
+def _inetd_missing() -> str | None:
+    if _hpa_missing():
+        return _hpa_missing()
+    if not Path("/usr/sbin/inetd").exists():
+        return "inetd not installed (apt-get install openbsd-inetd; bench/setup-peers.sh)"
+    return None
+
+
+def _inetd_launch(root: Path, port: int, work: Path, workers: int) -> Launch:
+    conf = work / "inetd.conf"
+    line = (f"127.0.0.1:{port} dgram udp4 wait root /usr/sbin/in.tftpd in.tftpd -t 0 "
+            f"-s {root}\n")
+    return Launch(argv=["/usr/sbin/inetd", "-i", "-R", "1000000", str(conf)],
+                  files={str(conf): line})
+
+
+# -- dnsmasq ----------------------------------------------------------------------------
+
+def _dnsmasq_missing() -> str | None:
+    if not shutil.which("dnsmasq"):
+        return "dnsmasq not installed (apt-get install dnsmasq-base; bench/setup-peers.sh)"
+    return None
+
+
+def _dnsmasq_launch(root: Path, port: int, work: Path, workers: int) -> Launch:
+    argv = [shutil.which("dnsmasq") or "dnsmasq", "--keep-in-foreground",
+            "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--port=0",
+            "--enable-tftp", f"--tftp-root={root}", f"--tftp-max={MAX_TRANSFERS}",
+            "--listen-address=127.0.0.1", "--bind-interfaces", "--user=nobody",
+            "--pid-file", "--log-facility=/dev/null"]
+    if port != 69:
+        raise ValueError("dnsmasq serves TFTP on port 69 only")
+    return Launch(argv=argv)
+
+
+# -- atftpd -----------------------------------------------------------------------------
+
+def _atftpd_path() -> Path | None:
+    if ATFTPD.exists():
+        return ATFTPD
+    found = shutil.which("atftpd")
+    return Path(found) if found else None
+
+
+def _atftpd_missing() -> str | None:
+    if _atftpd_path() is None:
+        return "atftpd not unpacked (bench/setup-peers.sh puts it in bench/.peers/)"
+    return None
+
+
+def _atftpd_launch(root: Path, port: int, work: Path, workers: int) -> Launch:
+    return Launch(argv=[str(_atftpd_path()), "--daemon", "--no-fork", "--port", str(port),
+                        "--bind-address", "127.0.0.1", "--maxthread", str(MAX_TRANSFERS),
+                        "--logfile", "/dev/null", "--verbose=0", str(root)])
+
+
+def _atftpd_version() -> str:
+    v = PEERS_DIR / "atftpd" / "VERSION"
+    if v.exists():
+        return f"atftpd {v.read_text().strip()} (unpacked .deb)"
+    return f"atftpd {_dpkg_version('atftpd')}"
+
+
+# -- limit ------------------------------------------------------------------------------
+
+def _limit_missing() -> str | None:
+    try:
+        limit_binary()
+    except BuildError as exc:
+        return str(exc)
+    return None
+
+
+def _limit_launch(root: Path, port: int, work: Path, workers: int) -> Launch:
+    return Launch(argv=[str(limit_binary()), "-a", f"127.0.0.1:{port}", "--workers",
+                        str(workers), str(root)])
+
+
+SERVERS: dict[str, Server] = {
+    s.name: s
+    for s in [
+        Server("tftpd", "tftpd, C data path (preforked workers)", _tftpd_launch(False),
+               _tftpd_missing, _tftpd_version),
+        Server("tftpd-python", "tftpd, TFTPD_DATAPATH=python", _tftpd_launch(True),
+               _tftpd_missing, _tftpd_version),
+        Server("hpa", "tftp-hpa in.tftpd standalone (-L)", _hpa_launch, _hpa_missing,
+               lambda: f"tftpd-hpa {_dpkg_version('tftpd-hpa')}"),
+        Server("hpa-inetd", "tftp-hpa per request under openbsd-inetd (-t 0)",
+               _inetd_launch, _inetd_missing,
+               lambda: f"tftpd-hpa {_dpkg_version('tftpd-hpa')}, openbsd-inetd "
+                       f"{_dpkg_version('openbsd-inetd')}"),
+        Server("dnsmasq", f"dnsmasq TFTP only, --tftp-max={MAX_TRANSFERS}", _dnsmasq_launch,
+               _dnsmasq_missing, lambda: _run_text(["dnsmasq", "--version"])),
+        Server("atftpd", f"atftpd --maxthread {MAX_TRANSFERS}", _atftpd_launch,
+               _atftpd_missing, _atftpd_version),
+        Server("limit", "reference C sender, files in memory (bench/limit.c)", _limit_launch,
+               _limit_missing, lambda: "bench/limit.c"),
+    ]
+}
+
+STANDARD = list(SERVERS)
