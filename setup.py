@@ -71,5 +71,6 @@ setup(
     cmdclass={"build_ext": OptionalBuildExt},
     # Man pages land in <prefix>/share/man, where man(1) finds them for a venv or
     # a system install alike.
-    data_files=[("share/man/man8", ["man/tftpd.8"]), ("share/man/man5", ["man/tftpd.conf.5"])],
+    data_files=[("share/man/man8", ["man/tftpd.8"]), ("share/man/man5", ["man/tftpd.conf.5"]),
+                ("share/tftpd/systemd", ["systemd/tftpd.service", "systemd/tftpd.socket"])],
 )

@@ -64,6 +64,9 @@ class Daemon:
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            print("daemon did not stop; its log:\n" + self.log_text()[-3000:])
+            subprocess.run(["ps", "-o", "pid,ppid,stat,wchan:20,args", "-g",
+                            str(self.proc.pid)], check=False)
             # The daemon has a session of its own: take its workers down with it.
             os.killpg(self.proc.pid, signal.SIGKILL)
             rc = self.proc.wait()

@@ -39,14 +39,6 @@ def test_bad_values_are_refused(argv: list[str]) -> None:
         from_argv(argv)
 
 
-@pytest.mark.parametrize("s", [s for s in SETTINGS if s.later], ids=lambda s: s.flags[-1])
-def test_later_flags_say_not_supported_yet(s: object) -> None:
-    flag = s.flags[-1]  # type: ignore[attr-defined]
-    argv = [flag] if s.convert is None else [flag, "1"]  # type: ignore[attr-defined]
-    with pytest.raises(ConfigError, match="not supported yet"):
-        from_argv(argv)
-
-
 # -- tftpd.conf and the man pages ----------------------------------------------------------
 
 def test_config_file_then_command_line(tmp_path) -> None:  # type: ignore[no-untyped-def]

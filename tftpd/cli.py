@@ -64,21 +64,29 @@ def _demo(cfg: Config) -> tuple[Config, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tftpd import systemd
     from tftpd.master import Master, StartupError, daemonize
 
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        cfg = from_argv(sys.argv[1:] if argv is None else argv)
+        cfg = from_argv(args)
     except ConfigError as err:
         print(f"tftpd: {err}", file=sys.stderr)
         return EXIT_USAGE
     demo_root = None
     if cfg.demo:
         cfg, demo_root = _demo(cfg)
-    if not cfg.listen and not cfg.foreground and _stdin_is_socket():
-        print("tftpd: started with a socket on stdin (inetd); inetd mode is not supported "
-              "yet (comes with issue 8): use -l or -L", file=sys.stderr)
-        return EXIT_USAGE
-    _setup_logging(cfg, syslog=cfg.listen and not cfg.foreground)
+    # Where the listen sockets come from: systemd (LISTEN_FDS), inetd (a socket on
+    # standard input, `wait` mode), or our own binds.
+    mode, inherited = "standalone", systemd.listen_fds()
+    if inherited:
+        mode = "systemd"
+    elif not cfg.listen and not cfg.foreground and _stdin_is_socket():
+        sock = systemd.inetd_socket()
+        if sock is not None:
+            mode, inherited = "inetd", [sock]
+    # in.tftpd under inetd logs to syslog; so do we, and when detached.
+    _setup_logging(cfg, syslog=(mode == "inetd") or (cfg.listen and not cfg.foreground))
     try:
         from tftpd.datapath import get_datapath
 
@@ -86,11 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as err:
         print(f"tftpd: {err}", file=sys.stderr)
         return EXIT_STARTUP
-    master = Master(cfg, datapath)
+    master = Master(cfg, datapath, argv=args, mode=mode)
     try:
         if not os.path.isdir(cfg.root):
             raise StartupError(f"root {cfg.root!r} does not exist or is not a directory")
-        master.bind()
+        master.bind(inherited)
         master.prepare()
     except (StartupError, PermissionError) as err:
         print(f"tftpd: {err}", file=sys.stderr)
@@ -105,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Demo root {demo_root} holds hello.txt and boot.img (1 MiB).\n"
               f"Fetch one with:\n\n    curl -s tftp://{addr}/hello.txt\n\n"
               "Ctrl-C stops the server.", flush=True)
-    if cfg.listen and not cfg.foreground:
+    if cfg.listen and not cfg.foreground and mode == "standalone":
         daemonize()
     try:
         return master.run()

@@ -11,6 +11,7 @@ import argparse
 import ipaddress
 import os
 import socket
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,11 @@ def parse_address(text: str) -> Address:
         raise ConfigError(f"bad address {text!r}: port must be 0..65535")
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
     return Address(family, str(ip), int(port))
+
+
+def _address_text(text: str) -> str:
+    parse_address(text)  # validated now, bound by the master
+    return text
 
 
 def _port_range(text: str) -> tuple[int, int]:
@@ -168,9 +174,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("gz_cache_mb", ("--gz-cache-max",), "bound on that directory, MiB", 1024,
             _int_in(1, 1 << 20), metavar="MIB"),
     Setting("map_file", ("-m", "--map-file"), "filename remapping rules (tftp-hpa syntax)",
-            None, str, later="issue 8 (remap rules)", metavar="FILE"),
-    Setting("timeout", ("-t", "--timeout"), "inetd mode: exit after SECONDS idle", None,
-            str, later="issue 8 (inetd mode)", metavar="SECONDS"),
+            None, str, metavar="FILE"),
+    Setting("idle_s", ("-t", "--timeout"), "when started by inetd: leave after SECONDS "
+            "without requests or transfers (inetd then takes the port back)", 900,
+            _int_in(0, 1 << 30), metavar="SECONDS"),
+    Setting("metrics", ("--metrics",), "serve Prometheus metrics over HTTP on ADDR:PORT",
+            None, _address_text, metavar="ADDR:PORT"),
     Setting("log_format", ("--log-format",), "one line per finished transfer as text or "
             "json", "text", _choice("text", "json"), metavar="text|json"),
     Setting("log_file", ("--log-file",), "append the log to FILE instead of stderr (or "
@@ -209,7 +218,8 @@ class Config:
     gz_cache: str | None = None
     gz_cache_mb: int = 1024
     map_file: str | None = None
-    timeout: str | None = None
+    idle_s: int = 900
+    metrics: str | None = None
     log_format: str = "text"
     log_file: str | None = None
     datapath: str | None = None
@@ -283,8 +293,6 @@ def _convert(s: Setting, raw: Any, where: str) -> Any:
 
 def read_file(path: str) -> dict[str, Any]:
     """Settings from a tftpd.conf (TOML): keys are the long flags without dashes."""
-    import tomllib
-
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)

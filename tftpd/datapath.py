@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import struct
 import warnings
@@ -328,8 +329,6 @@ class Pump:
         self._dp = datapath
         ffi, lib = datapath._ffi, datapath._lib
         self._ffi, self._lib = ffi, lib
-        import select
-
         self.epoll = select.epoll()
         self._cap = 1024
         self._table = ffi.new("struct tftpd_xfer *[]", self._cap)

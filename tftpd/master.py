@@ -13,29 +13,35 @@ the requests queued on it) of the worker it replaces.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
 import pwd
 import resource
-import select
+import selectors
 import signal
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
 
-from tftpd.config import Address, Config
+from tftpd.config import Address, Config, ConfigError, from_argv, parse_address
 from tftpd.datapath import DataPath
 from tftpd.files import Root
 from tftpd.gz import GzCache
-from tftpd.stats import Stats
+from tftpd.metrics import MetricsServer, render
+from tftpd.remap import RemapError, Rules
+from tftpd.stats import INDEX, Stats
+from tftpd.systemd import Notifier
 from tftpd.worker import (
     EXIT_BOOT_FAILED,
     MASTER_SIGNALS,
+    Forward,
     Listener,
     Worker,
     enable_pktinfo,
+    open_sysfs,
     wants_pktinfo,
 )
 
@@ -47,6 +53,10 @@ log = logging.getLogger("tftpd")
 LISTEN_RCVBUF = 8 << 20
 RESPAWN_WINDOW = 5.0  # s: deaths within this of a start count as a crash loop
 MAX_BACKOFF = 30.0
+STATUS_EVERY = 5.0  # s between STATUS= lines to systemd
+ACTIVE = INDEX["active"]
+LISTENING = INDEX["listening"]
+RELOAD_HANDOVER = 2.0  # s an old worker gets to stop reading before its successor starts
 
 
 class StartupError(Exception):
@@ -58,15 +68,18 @@ class Slot:
     index: int
     sockets: list[socket.socket]
     pid: int = 0
+    generation: int = 0  # bumped by each reload: its stats row
     started: float = 0.0
     quick_deaths: int = 0
     respawn_at: float = 0.0
+    forward: tuple[socket.socket, socket.socket] | None = None  # (reader, writer)
 
 
 @dataclass(slots=True)
 class Master:
     cfg: Config
     datapath: DataPath
+    argv: list[str] = field(default_factory=list)  # re-read on SIGHUP
     slots: list[Slot] = field(default_factory=list)
     bound: list[str] = field(default_factory=list)
     root: Root | None = None
@@ -74,20 +87,74 @@ class Master:
     stopping: str = ""  # "", "drain" or "now"
     stats: Stats | None = None
     gz: GzCache | None = None
+    rules: object | None = None  # remap rules, loaded here (before any chroot)
+    mode: str = "standalone"  # or "inetd", "systemd"
+    shared: bool = False  # a listen socket read by every worker (not reuseport)
+    retired: dict[int, Slot] = field(default_factory=dict)  # old generations draining
+    restarts: int = 0
+    notifier: Notifier = field(default_factory=Notifier)
+    metrics: MetricsServer | None = None
+    _sel: selectors.BaseSelector | None = None
     _wake_r: int = -1
+    _last_requests: int = -1
+    _idle_since: float = 0.0
 
     # -- startup ---------------------------------------------------------------------
 
-    def bind(self) -> None:
-        addresses = self.cfg.addresses or (Address(socket.AF_INET, "0.0.0.0", 69),)
+    def bind(self, inherited: list[socket.socket] | None = None) -> None:
+        """Bind every address, or take the sockets inetd or systemd handed us."""
         self.slots = [Slot(i, []) for i in range(self.cfg.workers)]
         self.stats = Stats(self.cfg.workers)
-        for addr in addresses:
-            port = _claim_port(addr)
+        if inherited:
+            for sock in inherited:
+                self._adopt(sock)
+        else:
+            addresses = self.cfg.addresses or (Address(socket.AF_INET, "0.0.0.0", 69),)
+            for addr in addresses:
+                port = _claim_port(addr)
+                for slot in self.slots:
+                    slot.sockets.append(_listen_socket(addr, port))
+                self.bound.append(str(Address(addr.family, addr.host, port)))
+        if self.shared and len(self.slots) > 1:
+            # A socket every worker reads: each request goes on to the worker its
+            # client hashes to, so a repeated RRQ still meets its live transfer.
             for slot in self.slots:
-                sock = _listen_socket(addr, port)
+                r, w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+                for s in (r, w):
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+                w.setblocking(False)
+                slot.forward = (r, w)
+        if self.cfg.metrics:
+            self.metrics = MetricsServer(_metrics_socket(self.cfg.metrics))
+
+    def _adopt(self, sock: socket.socket) -> None:
+        if sock.type != socket.SOCK_DGRAM:
+            raise StartupError(f"inherited socket {sock.fileno()} is not a datagram socket")
+        family, host, port = sock.family, *sock.getsockname()[:2]
+        where = Address(family, host, port)
+        _size_rcvbuf(sock)
+        enable_pktinfo(sock)
+        siblings = [sock]
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+            # systemd's ReusePort=yes: one socket per worker, as when we bind.
+            v6only = family == socket.AF_INET6 and bool(
+                sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+            try:
+                siblings += [_listen_socket(where, port, v6only) for _ in self.slots[1:]]
+            except StartupError as err:
+                log.warning("%s: cannot add reuseport sockets (%s); sharing one", where, err)
+                for extra in siblings[1:]:
+                    extra.close()
+                siblings = [sock]
+        if len(siblings) == len(self.slots):
+            for slot, s in zip(self.slots, siblings, strict=True):
+                slot.sockets.append(s)
+        else:
+            self.shared = True
+            for slot in self.slots:
                 slot.sockets.append(sock)
-            self.bound.append(str(Address(addr.family, addr.host, port)))
+        self.bound.append(str(where))
 
     def prepare(self) -> None:
         """After binding, before forking: limits, chroot, privileges."""
@@ -95,6 +162,7 @@ class Master:
         root = os.path.abspath(self.cfg.root)
         if not os.path.isdir(root):
             raise StartupError(f"root {root!r} is not a directory")
+        self.rules = self._load_rules(self.cfg)
         chrooted = False
         if self.cfg.gz:
             # Opened before chroot (the cache is never inside the served root) and
@@ -110,6 +178,7 @@ class Master:
                     os.chown(self.gz.dir_fd, pw.pw_uid, pw.pw_gid)
                 except (KeyError, OSError):
                     pass
+        open_sysfs()
         if self.cfg.secure and os.geteuid() == 0:
             os.chroot(root)
             os.chdir("/")
@@ -119,6 +188,15 @@ class Master:
         elif os.geteuid() == 0:
             log.warning("running as root; use -u USER to drop privileges after binding")
         self.root = Root(root, chrooted=chrooted)
+
+    @staticmethod
+    def _load_rules(cfg: Config) -> object | None:
+        if not cfg.map_file:
+            return None
+        try:
+            return Rules.load(cfg.map_file)
+        except (OSError, RemapError) as err:
+            raise StartupError(f"--map-file: {err}") from None
 
     # -- supervision -----------------------------------------------------------------
 
@@ -132,15 +210,21 @@ class Master:
     def run(self) -> int:
         if self._wake_r < 0:
             self.install_signals()
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        if self.metrics:
+            self._sel.register(self.metrics.sock, selectors.EVENT_READ, self.metrics)
         for slot in self.slots:
             self.spawn_worker(slot)
+        self.notifier.ready(self._status())
         deadline = float("inf")
+        next_status = time.monotonic() + STATUS_EVERY
         while True:
             self._handle_signals()
             self.reap_workers()
             now = time.monotonic()
             if self.stopping:
-                alive = [s for s in self.slots if s.pid]
+                alive = [s for s in self.slots if s.pid] + list(self.retired.values())
                 if not alive:
                     if self.stats:
                         log.info("stopped; totals: %s", self.stats.summary())
@@ -153,23 +237,63 @@ class Master:
                     deadline = now + 5
             else:
                 self.manage_workers(now)
-            self._sleep(1.0)
+                self._check_idle(now)
+                if now >= next_status:
+                    next_status = now + STATUS_EVERY
+                    self.notifier.status(self._status())
+            self._wait(1.0)
 
     def _queue_signal(self, signum: int, frame: object) -> None:
         self.signals.append(signum)  # the loop does the work
 
-    def _sleep(self, timeout: float) -> None:
+    def _wait(self, timeout: float) -> None:
         pending = [s.respawn_at - time.monotonic() for s in self.slots
                    if not s.pid and s.respawn_at and not self.stopping]
         if pending:
             timeout = max(0.0, min([timeout, *pending]))
-        try:
-            r, _, _ = select.select([self._wake_r], [], [], timeout)
-            if r:
-                while os.read(self._wake_r, 512):
+        assert self._sel is not None
+        for key, _ in self._sel.select(timeout):
+            if key.data is None:
+                try:
+                    while os.read(self._wake_r, 512):
+                        pass
+                except (BlockingIOError, InterruptedError):
                     pass
-        except (BlockingIOError, InterruptedError):
-            pass
+            elif key.data is self.metrics:
+                conn = self.metrics.accept() if self.metrics else None
+                if conn is not None:
+                    self._sel.register(conn, selectors.EVENT_READ, conn)
+            elif self.metrics is not None:
+                conn = key.fileobj
+                assert isinstance(conn, socket.socket)
+                self._sel.unregister(conn)
+                if not self.metrics.on_readable(conn, self._metrics_text()):
+                    self._sel.register(conn, selectors.EVENT_READ, conn)
+
+    def _metrics_text(self) -> str:
+        assert self.stats is not None
+        return render(self.stats.totals(), self.restarts, len(self.slots))
+
+    def _status(self) -> str:
+        if self.stats is None:
+            return ""
+        t = self.stats.totals()
+        return (f"{t['active']} transfers running; {t['requests']} requests, {t['ok']} ok, "
+                f"{t['probe']} probes, {t['notfound']} misses, {t['failed']} failed")
+
+    def _check_idle(self, now: float) -> None:
+        """inetd mode: leave once idle for -t seconds; inetd watches the port again."""
+        if self.mode != "inetd" or self.stats is None:
+            return
+        t = self.stats.totals()
+        if t["requests"] != self._last_requests or t["active"]:
+            self._last_requests = t["requests"]
+            self._idle_since = now
+            return
+        if now - self._idle_since >= self.cfg.idle_s:
+            log.info("idle for %ds; exiting so that inetd takes the port back",
+                     self.cfg.idle_s)
+            self.handle_term()
 
     def _handle_signals(self) -> None:
         while self.signals:
@@ -185,6 +309,7 @@ class Master:
             return
         log.info("SIGTERM: no new requests; running transfers get %ds to finish",
                  self.cfg.drain_s)
+        self.notifier.stopping()
         self.stopping = "drain"
         self._close_listen_sockets()
         self._signal_workers(signal.SIGTERM)
@@ -194,6 +319,7 @@ class Master:
 
     def handle_quit(self) -> None:
         log.info("stopping now")
+        self.notifier.stopping()
         self.stopping = "now"
         self._close_listen_sockets()
         self._signal_workers(signal.SIGQUIT)
@@ -203,7 +329,70 @@ class Master:
             log.info("totals: %s", self.stats.summary())
 
     def handle_hup(self) -> None:
-        log.info("SIGHUP: reload is not supported yet (issue 8); ignored")
+        """Reload: new settings and map file for new workers; the old ones stop taking
+        requests at once and finish their transfers. A bad configuration is reported
+        and the old one kept."""
+        if self.stopping:
+            return
+        self.notifier.reloading()
+        try:
+            new = from_argv(self.argv) if self.argv else self.cfg
+            rules = self._load_rules(new)
+        except (ConfigError, StartupError) as err:
+            log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", err)
+            self.notifier.ready(self._status())
+            return
+        kept = []
+        for name in ("addresses", "workers", "secure", "user", "listen", "foreground",
+                     "metrics", "gz_cache"):
+            if getattr(new, name) != getattr(self.cfg, name):
+                kept.append(name)
+        if self.root is not None and self.root.chrooted and new.root != self.cfg.root:
+            kept.append("root")
+        if kept:
+            log.warning("SIGHUP: %s cannot change without a restart; kept as running",
+                        ", ".join(kept))
+            new = dataclasses.replace(new, **{k: getattr(self.cfg, k) for k in kept})
+        if new.gz and self.gz is None:
+            log.warning("SIGHUP: --gz cannot be turned on without a restart")
+            new = dataclasses.replace(new, gz=False)
+        self.cfg = new
+        self.rules = rules
+        if self.root is not None and not self.root.chrooted:
+            self.root = Root(os.path.abspath(new.root))
+        for slot in self.slots:
+            old = slot.pid
+            if old:
+                # First the old worker stops reading (its copy of the socket closes;
+                # requests queue in the master's), then the new one starts: from the
+                # moment the reload is logged, no request meets the old settings.
+                self.retired[old] = slot
+                try:
+                    os.kill(old, signal.SIGTERM)  # stop taking requests, finish, exit
+                except ProcessLookupError:
+                    pass
+                self._await_stopped_listening(slot, old)
+            slot.generation += 1
+            self.spawn_worker(slot)
+        log.info("SIGHUP: reloaded; %d new workers, old ones finish their transfers",
+                 len(self.slots))
+        self.notifier.ready(self._status())
+
+    def _await_stopped_listening(self, slot: Slot, pid: int) -> None:
+        assert self.stats is not None
+        row = self.stats.row(slot.index, slot.generation)
+        deadline = time.monotonic() + RELOAD_HANDOVER
+        while row[LISTENING] and time.monotonic() < deadline:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    self.retired.pop(pid, None)
+                    self._zero_active(slot, slot.generation)
+                    return
+            except ChildProcessError:
+                return
+            time.sleep(0.002)  # a bounded handover, in ms; the master has nothing else
+        if row[LISTENING]:
+            log.warning("worker pid %d did not stop listening in %.0fs", pid, RELOAD_HANDOVER)
 
     def _close_listen_sockets(self) -> None:
         for slot in self.slots:
@@ -212,12 +401,11 @@ class Master:
             slot.sockets = []
 
     def _signal_workers(self, sig: int) -> None:
-        for slot in self.slots:
-            if slot.pid:
-                try:
-                    os.kill(slot.pid, sig)
-                except ProcessLookupError:
-                    pass
+        for pid in [s.pid for s in self.slots if s.pid] + list(self.retired):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
 
     def reap_workers(self) -> None:
         while True:
@@ -227,10 +415,15 @@ class Master:
                 return
             if pid == 0:
                 return
+            old = self.retired.pop(pid, None)
+            if old is not None:
+                self._zero_active(old, old.generation - 1)
+                continue
             slot = next((s for s in self.slots if s.pid == pid), None)
             if slot is None:
                 continue
             slot.pid = 0
+            self._zero_active(slot, slot.generation)
             if os.WIFSIGNALED(status):
                 how = f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
             else:
@@ -242,6 +435,7 @@ class Master:
                 self.stopping = "now"
                 self._signal_workers(signal.SIGQUIT)
                 continue
+            self.restarts += 1
             now = time.monotonic()
             slot.quick_deaths = slot.quick_deaths + 1 if now - slot.started < RESPAWN_WINDOW \
                 else 0
@@ -252,6 +446,13 @@ class Master:
             slot.respawn_at = now + delay
             log.warning("worker %d (pid %d) %s; replacing%s", slot.index, pid, how,
                         f" in {delay:.1f}s" if delay else "")
+
+    def _zero_active(self, slot: Slot, generation: int) -> None:
+        # A worker that died mid-transfer cannot lower its own gauges.
+        if self.stats is not None:
+            row = self.stats.row(slot.index, generation)
+            row[ACTIVE] = 0
+            row[LISTENING] = 0
 
     def manage_workers(self, now: float) -> None:
         for slot in self.slots:
@@ -283,18 +484,30 @@ class Master:
     def _worker_main(self, slot: Slot) -> int:
         signal.set_wakeup_fd(-1)
         os.close(self._wake_r)
+        if self._sel is not None:
+            self._sel.close()
+        if self.metrics is not None:
+            for conn in list(self.metrics.conns):
+                conn.close()
+            self.metrics.sock.close()
+        mine = {id(s) for s in slot.sockets}
         for other in self.slots:
-            if other is not slot:
-                for sock in other.sockets:
+            for sock in other.sockets:
+                if id(sock) not in mine:
                     sock.close()
-        listeners = []
-        for sock in slot.sockets:
-            pk = wants_pktinfo(sock)
-            listeners.append(Listener(sock, pk, sock.getsockname()[0]))
-        assert self.root is not None
+            if other is not slot and other.forward is not None:
+                other.forward[0].close()  # their reader is theirs
+        listeners = [Listener(sock, wants_pktinfo(sock), sock.getsockname()[0],
+                              shared=self.shared) for sock in slot.sockets]
+        forward = None
+        if slot.forward is not None:
+            forward = Forward(slot.index, slot.forward[0],
+                              [s.forward[1] for s in self.slots if s.forward is not None])
+        assert self.root is not None and self.stats is not None
         try:
             worker = Worker(self.cfg, listeners, self.root, self.datapath,
-                            self.stats.row(slot.index) if self.stats else None, self.gz)
+                            self.stats.row(slot.index, slot.generation), self.gz,
+                            forward=forward, rules=self.rules)
         except Exception:
             log.exception("worker %d failed to start", slot.index)
             return EXIT_BOOT_FAILED
@@ -309,6 +522,19 @@ class Master:
             finally:
                 prof.dump_stats(os.path.join(profile_dir, f"worker-{os.getpid()}.prof"))
         return worker.run()
+
+
+def _metrics_socket(text: str) -> socket.socket:
+    addr = parse_address(text)
+    sock = socket.socket(addr.family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((addr.host, addr.port))
+        sock.listen(16)
+    except OSError as err:
+        sock.close()
+        raise StartupError(f"--metrics {text}: {err.strerror}") from None
+    return sock
 
 
 def _claim_port(addr: Address) -> int:
@@ -343,12 +569,12 @@ def _bind_error(addr: Address, port: int, err: OSError) -> StartupError:
     return StartupError(f"{where}: {err.strerror}")
 
 
-def _listen_socket(addr: Address, port: int) -> socket.socket:
+def _listen_socket(addr: Address, port: int, v6only: bool = True) -> socket.socket:
     sock = socket.socket(addr.family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if addr.family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
         _size_rcvbuf(sock)
         sock.bind((addr.host, port))
         enable_pktinfo(sock)  # every listener: destination address and interface

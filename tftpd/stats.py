@@ -1,41 +1,65 @@
 """Counters per worker in shared memory, summed by the master.
 
-The master maps one anonymous shared page range before forking; each worker slot
-owns a row of 64-bit counters and is the only writer of it. A replacement worker
-takes over its slot's row, so totals survive worker restarts.
+The master maps one anonymous shared range before forking. Each worker process owns
+a row of 64-bit counters and is the only writer of it: a replacement for a dead
+worker continues its row, and after a reload the new generation of a slot writes a
+row of its own while the old one drains, so no two processes ever add to the same
+cell. Totals are sums over all rows, and survive worker restarts and reloads.
 """
 
 from __future__ import annotations
 
+import bisect
 import mmap
 
-FIELDS = ("requests", "ok", "probe", "aborted", "failed", "notfound", "denied",
-          "refused_busy", "merged", "malformed", "bytes", "retransmits", "cache_hits",
-          "miss_cache_hits")
+# Histogram bounds, seconds (Prometheus "le" buckets; +Inf is the count).
+BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+HISTOGRAMS = ("duration", "first_answer")
+
+COUNTERS = ("requests", "ok", "probe", "aborted", "failed", "notfound", "denied",
+            "refused_busy", "merged", "malformed", "bytes", "retransmits", "cache_hits",
+            "miss_cache_hits", "forwarded")
+GAUGES = ("active", "listening")
+FIELDS = COUNTERS + GAUGES + tuple(
+    f"{h}_{suffix}" for h in HISTOGRAMS
+    for suffix in [*(f"b{i}" for i in range(len(BUCKETS))), "count", "sum_us"])
 INDEX = {name: i for i, name in enumerate(FIELDS)}
 # Outcome of a finished transfer or refusal -> its counter.
 OUTCOME = {name: INDEX[name] for name in ("ok", "probe", "aborted", "failed", "notfound",
                                          "denied")}
+GENERATIONS = 4  # rows per worker slot: generations alive at once across reloads
+
+
+def observe(row: memoryview, histogram: str, seconds: float) -> None:
+    """Count one observation into a row's histogram."""
+    i = bisect.bisect_left(BUCKETS, seconds)
+    if i < len(BUCKETS):
+        row[INDEX[f"{histogram}_b{i}"]] += 1
+    row[INDEX[f"{histogram}_count"]] += 1
+    row[INDEX[f"{histogram}_sum_us"]] += max(0, int(seconds * 1e6))
 
 
 class Stats:
     def __init__(self, slots: int) -> None:
-        self.slots = slots
-        self._mm = mmap.mmap(-1, max(1, slots * len(FIELDS) * 8))  # MAP_SHARED|ANONYMOUS
+        self.rows = slots * GENERATIONS
+        self._mm = mmap.mmap(-1, max(1, self.rows * len(FIELDS) * 8))  # MAP_SHARED|ANON
         self._all = memoryview(self._mm).cast("Q")
 
-    def row(self, slot: int) -> memoryview:
-        """The writable counters of one worker slot, indexed by INDEX."""
+    def row(self, slot: int, generation: int = 0) -> memoryview:
+        """The writable counters of one worker process, indexed by INDEX."""
         n = len(FIELDS)
-        return self._all[slot * n:(slot + 1) * n]
+        r = slot * GENERATIONS + generation % GENERATIONS
+        return self._all[r * n:(r + 1) * n]
 
     def totals(self) -> dict[str, int]:
         n = len(FIELDS)
         out = dict.fromkeys(FIELDS, 0)
-        for slot in range(self.slots):
+        for r in range(self.rows):
+            base = r * n
             for i, name in enumerate(FIELDS):
-                out[name] += self._all[slot * n + i]
+                out[name] += self._all[base + i]
         return out
 
     def summary(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.totals().items())
+        t = self.totals()
+        return " ".join(f"{k}={t[k]}" for k in COUNTERS + GAUGES)

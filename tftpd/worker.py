@@ -7,6 +7,8 @@ short wait), then the transfer sockets, then the timers.
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import errno
 import heapq
 import itertools
@@ -17,7 +19,9 @@ import signal
 import socket
 import struct
 import time
+import zlib
 from dataclasses import dataclass, field
+from typing import Any
 
 from tftpd import packet as P
 from tftpd import stats as S
@@ -51,7 +55,9 @@ _PKTINFO4 = struct.Struct("=i4s4s")
 _IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 _IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 _IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
-_ANC_SIZE = socket.CMSG_SPACE(32)
+_SO_TIMESTAMPNS = 35  # == SCM_TIMESTAMPNS (Linux asm-generic/socket.h)
+_TIMESPEC = struct.Struct("=qq")
+_ANC_SIZE = socket.CMSG_SPACE(32) + socket.CMSG_SPACE(_TIMESPEC.size)
 
 
 MASTER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
@@ -61,11 +67,9 @@ MASTER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
 def _die_with_parent() -> None:
     """A worker whose master is killed (SIGKILL, OOM) drains and exits too, instead of
     serving on as an orphan nobody supervises."""
-    import ctypes
-
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
+        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except AttributeError:
         return
     if os.getppid() == 1:  # the master died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
@@ -75,6 +79,22 @@ def wants_pktinfo(sock: socket.socket) -> bool:
     """A wildcard-bound socket must learn each request's destination address."""
     host = sock.getsockname()[0]
     return host in ("0.0.0.0", "::")
+
+
+# Everything a worker may load later is loaded now, at import: after chroot (-s)
+# neither modules nor shared libraries can be found. dlopen(NULL) needs no file.
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_SYS_NET: list[int] = []  # a descriptor of /sys/class/net, opened before any chroot
+
+
+def open_sysfs() -> None:
+    """Keep /sys/class/net reachable after chroot (the master calls this first)."""
+    if not _SYS_NET:
+        try:
+            _SYS_NET.append(os.open("/sys/class/net", os.O_RDONLY | os.O_DIRECTORY
+                                    | os.O_CLOEXEC))
+        except OSError:
+            pass
 
 
 class MtuCache:
@@ -94,8 +114,15 @@ class MtuCache:
         mtu: int | None = None
         try:
             name = socket.if_indextoname(ifindex)
-            with open(f"/sys/class/net/{name}/mtu", "rb") as f:
-                mtu = int(f.read())
+            if _SYS_NET:
+                fd = os.open(f"{name}/mtu", os.O_RDONLY | os.O_CLOEXEC, dir_fd=_SYS_NET[0])
+                try:
+                    mtu = int(os.read(fd, 32))
+                finally:
+                    os.close(fd)
+            else:
+                with open(f"/sys/class/net/{name}/mtu", "rb") as f:
+                    mtu = int(f.read())
         except (OSError, ValueError):
             mtu = None
         self._known[ifindex] = (now + self.REFRESH, mtu)
@@ -111,24 +138,33 @@ def blksize_for_mtu(mtu: int | None, family: int) -> int | None:
 
 
 def enable_pktinfo(sock: socket.socket) -> None:
+    """Each request's destination, interface and kernel arrival time."""
     if sock.family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVPKTINFO, 1)
     else:
         sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
+    # The arrival time measures how long a request waited in the socket buffer: the
+    # first-answer time a PXE ROM sees, not only our own part of it.
+    sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
 
 
-def _from_ancillary(family: int, anc: list) -> tuple[str | None, int]:
-    """The request's destination address and arrival interface (IP_PKTINFO)."""
+def _from_ancillary(family: int, anc: list) -> tuple[str | None, int, float]:
+    """The request's destination address, arrival interface and arrival time."""
+    dst, ifindex, arrival = None, 0, 0.0
     for level, kind, data in anc:
         if family == socket.AF_INET and level == socket.IPPROTO_IP and kind == _IP_PKTINFO \
                 and len(data) >= _PKTINFO4.size:
             ifindex, _, addr = _PKTINFO4.unpack_from(data)
-            return socket.inet_ntop(socket.AF_INET, addr), ifindex
-        if family == socket.AF_INET6 and level == socket.IPPROTO_IPV6 \
+            dst = socket.inet_ntop(socket.AF_INET, addr)
+        elif family == socket.AF_INET6 and level == socket.IPPROTO_IPV6 \
                 and kind == _IPV6_PKTINFO and len(data) >= 20:
-            return socket.inet_ntop(socket.AF_INET6, data[:16]), \
-                struct.unpack_from("=I", data, 16)[0]
-    return None, 0
+            dst = socket.inet_ntop(socket.AF_INET6, data[:16])
+            ifindex = struct.unpack_from("=I", data, 16)[0]
+        elif level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS \
+                and len(data) >= _TIMESPEC.size:
+            sec, nsec = _TIMESPEC.unpack_from(data)
+            arrival = sec + nsec / 1e9
+    return dst, ifindex, arrival
 
 
 @dataclass(slots=True)
@@ -136,6 +172,55 @@ class Listener:
     sock: socket.socket
     pktinfo: bool
     host: str  # the bound address (wildcard or not)
+    shared: bool = False  # every worker reads it: requests go on to their owner
+    index: int = 0  # position among the worker's listeners (same in every worker)
+
+
+_FWD = struct.Struct("!BBHId")  # listener, family, port, ifindex, arrival (realtime)
+
+
+class Forward:
+    """Hands requests read from a shared listen socket to the worker that owns them.
+
+    Without SO_REUSEPORT (inetd, systemd without ReusePort=yes) every worker reads
+    the same socket, and a client's repeated RRQ could reach a worker other than the
+    one serving it. The owner is a hash of the client's address and port, so every
+    copy of a request meets in one worker, where a live transfer merges it.
+    """
+
+    def __init__(self, index: int, reader: socket.socket, writers: list[socket.socket]) -> None:
+        self.index = index
+        self.reader = reader
+        self.reader.setblocking(False)
+        self.writers = writers
+
+    def owner(self, src: tuple) -> int:
+        key = f"{src[0]}|{src[1]}".encode()
+        return zlib.crc32(key) % len(self.writers)
+
+    def send(self, owner: int, lst: Listener, data: bytes, src: tuple, local: str,
+             ifindex: int, arrival: float) -> bool:
+        fam = lst.sock.family
+        head = _FWD.pack(lst.index, fam, src[1], ifindex, arrival)
+        msg = head + socket.inet_pton(fam, src[0]) + socket.inet_pton(fam, local) + data
+        try:
+            self.writers[owner].send(msg)
+            return True
+        except OSError:
+            return False  # the owner's queue is full (or it is being replaced)
+
+    def receive(self) -> tuple[int, bytes, tuple, str, int, float] | None:
+        try:
+            msg = self.reader.recv(P.MAX_DATAGRAM + 64)
+        except (BlockingIOError, InterruptedError):
+            return None
+        li, fam, port, ifindex, arrival = _FWD.unpack_from(msg)
+        n = 16 if fam == socket.AF_INET6 else 4
+        off = _FWD.size
+        src_ip = socket.inet_ntop(fam, msg[off:off + n])
+        local = socket.inet_ntop(fam, msg[off + n:off + 2 * n])
+        src = (src_ip, port, 0, 0) if fam == socket.AF_INET6 else (src_ip, port)
+        return li, msg[off + 2 * n:], src, local, ifindex, arrival
 
 
 @dataclass(slots=True, eq=False)
@@ -161,7 +246,8 @@ class Session:
 class Worker:
     def __init__(self, cfg: Config, listeners: list[Listener], root: Root,
                  datapath: DataPath, counters: memoryview | None = None,
-                 gz: GzCache | None = None) -> None:
+                 gz: GzCache | None = None, forward: Forward | None = None,
+                 rules: object | None = None) -> None:
         self.cfg = cfg
         self.counters = counters if counters is not None else \
             memoryview(bytearray(8 * len(S.FIELDS))).cast("Q")
@@ -174,7 +260,11 @@ class Worker:
         self.noise_lines = 0
         self.noise_suppressed = 0
         self._asked: dict[str, str] = {}
+        self._hits_reported = 0
+        self._misses_reported = 0
         self.mtu = MtuCache()
+        self.forward = forward
+        self.rules: Any = rules  # tftpd.remap.Rules
         self.listeners = listeners
         self.root = root
         self.files = FileCache(root, gz=gz)
@@ -216,9 +306,13 @@ class Worker:
             self.pump = self.datapath.pump()
         if self.pump is not None:
             self.sel.register(self.pump.fileno(), selectors.EVENT_READ, self.pump)
-        for lst in self.listeners:
+        for i, lst in enumerate(self.listeners):
+            lst.index = i
             lst.sock.setblocking(False)
             self.sel.register(lst.sock, selectors.EVENT_READ, lst)
+        if self.forward is not None:
+            self.sel.register(self.forward.reader, selectors.EVENT_READ, self.forward)
+        self.counters[S.INDEX["listening"]] = 1
 
     def _on_term(self, signum: int, frame: object) -> None:
         # Only flags here: the loop does the work (no logging in a handler).
@@ -238,6 +332,8 @@ class Worker:
             if self.draining and not drain_started:
                 drain_started = True
                 self._stop_listening()
+                if self.sessions:
+                    log.info("draining: %d transfer(s) to finish", len(self.sessions))
                 self.drain_deadline = time.monotonic() + self.cfg.drain_s
             if drain_started and (not self.sessions or time.monotonic() >= self.drain_deadline):
                 for s in list(self.sessions.values()):
@@ -253,6 +349,8 @@ class Worker:
             for key, _ in events:
                 if isinstance(key.data, Listener):
                     self._read_requests(key.data)
+                elif isinstance(key.data, Forward):
+                    self._read_forwarded()
                 elif isinstance(key.data, Session):
                     transfers.append(key.data)
                 elif key.data is not None:
@@ -279,6 +377,10 @@ class Worker:
             self.sel.unregister(lst.sock)
             lst.sock.close()
         self.listeners = []
+        # Forwarded requests stop too: the owner of a hash may be a new worker now.
+        if self.forward is not None:
+            self.sel.unregister(self.forward.reader)
+        self.counters[S.INDEX["listening"]] = 0  # the master waits for this on reload
 
     # -- requests --------------------------------------------------------------------
 
@@ -288,20 +390,46 @@ class Worker:
                 # IP_PKTINFO on every listener: the destination address (for a wildcard
                 # bind) and the arrival interface, whose MTU caps the blksize.
                 data, anc, _flags, src = lst.sock.recvmsg(P.MAX_DATAGRAM, _ANC_SIZE)
-                dst, ifindex = _from_ancillary(lst.sock.family, anc)
+                dst, ifindex, arrival = _from_ancillary(lst.sock.family, anc)
                 local = dst if lst.pktinfo and dst else lst.host
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
                 log.warning("listen socket: %s", err)
                 return
-            try:
-                self._on_request(data, src, local, lst, ifindex)
-            except Exception:  # one bad request must never take the worker down
-                log.exception("request from %s failed", sanitize(str(src[:2])))
+            fwd = self.forward
+            if lst.shared and fwd is not None:
+                owner = fwd.owner(src)
+                if owner != fwd.index:
+                    if fwd.send(owner, lst, data, src, local, ifindex, arrival):
+                        self.counters[S.INDEX["forwarded"]] += 1
+                        continue
+                    # The owner cannot take it: serving it here beats dropping it.
+            self._serve_request(data, src, local, lst, ifindex, arrival)
+
+    def _read_forwarded(self) -> None:
+        assert self.forward is not None
+        for _ in range(LISTEN_BATCH):
+            got = self.forward.receive()
+            if got is None:
+                return
+            li, data, src, local, ifindex, arrival = got
+            if li < len(self.listeners):
+                self._serve_request(data, src, local, self.listeners[li], ifindex, arrival)
+
+    def _serve_request(self, data: bytes, src: tuple, local: str, lst: Listener,
+                       ifindex: int, arrival: float) -> None:
+        answered = False
+        try:
+            answered = self._on_request(data, src, local, lst, ifindex)
+        except Exception:  # one bad request must never take the worker down
+            log.exception("request from %s failed", sanitize(str(src[:2])))
+        if answered and arrival:
+            # Whatever the answer was (OACK, DATA, ERROR, or a merge), it has gone.
+            S.observe(self.counters, "first_answer", max(0.0, time.time() - arrival))
 
     def _on_request(self, data: bytes, src: tuple, local: str, lst: Listener,
-                    ifindex: int = 0) -> None:
+                    ifindex: int = 0) -> bool:  # noqa: C901 - the order of checks is the rule
         now = time.monotonic()
         c = self.counters
         try:
@@ -309,15 +437,24 @@ class Worker:
         except P.PacketError as err:
             c[S.INDEX["malformed"]] += 1
             self._log_limited(now, "dropped malformed packet from %s: %s", _peer(src), err)
-            return
+            return False
         if not isinstance(req, P.Request):
             if self.cfg.verbose >= 3:
                 log.debug("ignored %s on the listen port from %s", type(req).__name__,
                           _peer(src))
-            return
+            return False
+        c[S.INDEX["requests"]] += 1
+        if self.rules is not None:
+            # Remapping comes first; confinement to the root judges its result.
+            mapped = self.rules.apply(os.fsdecode(req.filename), src[0], req.is_write)
+            if mapped is None:
+                self._asked = req.options
+                self._refuse(lst, src, local, P.E_ACCESS, "Access violation", "denied",
+                             sanitize(req.filename), req.mode, now, "refused by a map rule")
+                return True
+            req = dataclasses.replace(req, filename=os.fsencode(mapped))
         name = sanitize(req.filename)
         self._asked = req.options  # for the log record of a refusal
-        c[S.INDEX["requests"]] += 1
         live = self.sessions.get(src)
         if live is not None:
             if live.request == data:
@@ -326,7 +463,7 @@ class Worker:
                 c[S.INDEX["merged"]] += 1
                 if self.cfg.verbose >= 1:
                     log.info("merged repeated request from %s for %s", _peer(src), name)
-                return
+                return False
             # Same address and port, a different request: the client moved on.
             self._finish(live, Finish("aborted", "superseded by a new request"), now)
         if self.cfg.verbose >= 1:
@@ -335,26 +472,26 @@ class Worker:
         if req.is_write and not self.cfg.create:
             self._refuse(lst, src, local, P.E_ACCESS, "Uploads are disabled",
                          "denied", name, req.mode, now)
-            return
+            return True
         if req.mode not in ("octet", "netascii"):
             self._refuse(lst, src, local, P.E_ILLEGAL_OP, f"Mode not supported: {req.mode}"
                          if req.mode == "mail" else "Unknown mode", "denied", name,
                          sanitize(req.mode), now)
-            return
+            return True
         if self._full(src, now):
             self._refuse(lst, src, local, P.E_UNDEFINED, "Server busy, try again later",
                          "busy", name, req.mode, now)
-            return
+            return True
         if req.is_write:
             self._on_write(req, data, src, local, lst, ifindex, name, now)
-            return
+            return True
         try:
             f = self.files.open(req.filename, req.mode)
         except FileError as err:
             outcome = "notfound" if err.code == P.E_NOT_FOUND else "denied"
             self._refuse(lst, src, local, err.code, err.message, outcome, name, req.mode, now,
                          err.reason)
-            return
+            return True
         try:
             mtu_blk = blksize_for_mtu(self.mtu.get(ifindex, now), lst.sock.family) \
                 if ifindex else None
@@ -364,7 +501,7 @@ class Worker:
             f.close()
             self._refuse(lst, src, local, P.E_UNDEFINED, "Server busy", "failed", name,
                          req.mode, now, f"no transfer socket: {err}")
-            return
+            return True
         except Exception:
             f.close()
             raise
@@ -378,12 +515,14 @@ class Worker:
                           slot, _clean(req.options), dict(neg.oack))
         self.sessions[src] = session
         self.per_client[src[0]] = self.per_client.get(src[0], 0) + 1
+        self.counters[S.INDEX["active"]] = len(self.sessions)
         if self.pump is not None:
             self.by_slot[slot] = session
             self.pump.watch(slot, sock, src, f.fd)
         else:
             self.sel.register(sock, selectors.EVENT_READ, session)
         self._apply(session, t.start(now), now)
+        return True
 
     def _on_write(self, req: P.Request, data: bytes, src: tuple, local: str, lst: Listener,
                   ifindex: int, name: str, now: float) -> None:
@@ -424,6 +563,7 @@ class Worker:
                           asked=_clean(req.options), granted=dict(neg.oack), upload=upload)
         self.sessions[src] = session
         self.per_client[src[0]] = self.per_client.get(src[0], 0) + 1
+        self.counters[S.INDEX["active"]] = len(self.sessions)
         self.sel.register(sock, selectors.EVENT_READ, session)  # writes stay in Python
         self._apply(session, t.start(now), now)
 
@@ -667,9 +807,13 @@ class Worker:
         c[S.OUTCOME.get(fin.outcome, S.INDEX["failed"])] += 1
         c[S.INDEX["bytes"]] += t.bytes_sent
         c[S.INDEX["retransmits"]] += t.retransmits
+        c[S.INDEX["active"]] = len(self.sessions)
+        S.observe(c, "duration", now - session.started)
         st = self.files.stats
-        c[S.INDEX["cache_hits"]] = st.hits
-        c[S.INDEX["miss_cache_hits"]] = st.miss_hits
+        # Deltas: after a reload another process may continue this row's totals.
+        c[S.INDEX["cache_hits"]] += st.hits - self._hits_reported
+        c[S.INDEX["miss_cache_hits"]] += st.miss_hits - self._misses_reported
+        self._hits_reported, self._misses_reported = st.hits, st.miss_hits
         # One line per finished transfer, whatever its end.
         duration = now - session.started
         record = {"client": session.peer[0], "port": session.peer[1], "file": session.name,
