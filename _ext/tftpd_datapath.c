@@ -13,6 +13,8 @@
 #define _FILE_OFFSET_BITS 64 /* files past 4 GiB on 32-bit hosts too */
 
 #include <errno.h>
+#include <netinet/in.h>
+#include <netinet/udp.h>
 #include <limits.h>
 #include <stdint.h>
 #include <string.h>
@@ -26,6 +28,14 @@
 #define TFTPD_OPCODE_DATA 3
 #define TFTPD_MIN_BLKSIZE 8     /* RFC 2348 */
 #define TFTPD_MAX_BLKSIZE 65464 /* RFC 2348 */
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103 /* linux/udp.h, Linux >= 4.18 */
+#endif
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
+/* A segmented send is one UDP datagram to the stack: at most 64 KiB in all. */
+#define TFTPD_GSO_MAX_BYTES 65000
 
 unsigned int tftpd_wire_block(unsigned long long k, unsigned int rollover)
 {
@@ -55,11 +65,107 @@ static int tftpd_read_full(int fd, char *buf, size_t len, unsigned long long off
     return 0;
 }
 
+/* Send n >= 2 consecutive blocks starting at k0 (file offset off) as ONE
+ * sendmsg() with UDP_SEGMENT: the kernel cuts the buffer into datagrams of
+ * 4 + blksize bytes (the last may be shorter), so one syscall and one trip
+ * through the stack carry the whole batch.  The scratch buffer holds
+ * header + payload for each block, back to back.  Returns n, 0 on
+ * back-pressure, -errno, -ESHRANK, or -TFTPD_ENOGSO when the kernel or the
+ * route refuses segmentation (the caller then stops asking). */
+static int tftpd_send_gso(int sock, const char *addr, unsigned int addrlen, int fd,
+                          unsigned long long filesize, unsigned int blksize,
+                          unsigned long long k0, unsigned int n, unsigned int rollover,
+                          char *scratch)
+{
+    struct iovec rd[TFTPD_MAX_BATCH];
+    struct iovec iov;
+    struct msghdr msg;
+    union {
+        char buf[CMSG_SPACE(sizeof(uint16_t))];
+        struct cmsghdr align;
+    } ctl;
+    struct cmsghdr *cm;
+    unsigned long long off = (k0 - 1) * blksize, end, want;
+    size_t seg = (size_t)blksize + 4, total = 0, got = 0;
+    uint16_t gso_size = (uint16_t)seg;
+    unsigned int i;
+
+    end = off + (unsigned long long)n * blksize;
+    if (end > filesize)
+        end = filesize;
+    want = end - off;
+    for (i = 0; i < n; i++) {
+        unsigned long long boff = off + (unsigned long long)i * blksize;
+        unsigned long long left = filesize - boff;
+        size_t len = left < blksize ? (size_t)left : blksize;
+        unsigned int wire = tftpd_wire_block(k0 + i, rollover);
+        unsigned char *h = (unsigned char *)scratch + i * seg;
+
+        h[0] = 0;
+        h[1] = TFTPD_OPCODE_DATA;
+        h[2] = (unsigned char)(wire >> 8);
+        h[3] = (unsigned char)(wire & 0xff);
+        rd[i].iov_base = h + 4;
+        rd[i].iov_len = len;
+        total = i * seg + 4 + len;
+    }
+    /* One preadv() for the batch; a short read means the file shrank. */
+    while (got < want) {
+        ssize_t r;
+        unsigned int first_iov = 0;
+        size_t skip = got;
+
+        while (first_iov < n && skip >= rd[first_iov].iov_len) {
+            skip -= rd[first_iov].iov_len;
+            first_iov++;
+        }
+        rd[first_iov].iov_base = (char *)rd[first_iov].iov_base + skip;
+        rd[first_iov].iov_len -= skip;
+        r = preadv(fd, rd + first_iov, (int)(n - first_iov), (off_t)(off + got));
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (r == 0)
+            return -TFTPD_ESHRANK;
+        got += (size_t)r;
+    }
+
+    iov.iov_base = scratch;
+    iov.iov_len = total;
+    memset(&msg, 0, sizeof(msg));
+    msg.msg_name = (void *)(uintptr_t)addr;
+    msg.msg_namelen = addrlen;
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = ctl.buf;
+    msg.msg_controllen = sizeof(ctl.buf);
+    cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_UDP;
+    cm->cmsg_type = UDP_SEGMENT;
+    cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+    memcpy(CMSG_DATA(cm), &gso_size, sizeof(gso_size));
+    for (;;) {
+        ssize_t r = sendmsg(sock, &msg, 0);
+        if (r >= 0)
+            return (int)n;
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS)
+            return 0;
+        if (errno == EIO || errno == EINVAL || errno == ENOPROTOOPT || errno == EOPNOTSUPP
+            || errno == EMSGSIZE)
+            return -TFTPD_ENOGSO;
+        return -errno;
+    }
+}
+
 int tftpd_send_window(int sock, const char *addr, unsigned int addrlen,
                       int fd, unsigned long long filesize, unsigned int blksize,
                       unsigned long long first, unsigned int count,
                       unsigned int rollover,
-                      char *scratch, size_t scratch_len)
+                      char *scratch, size_t scratch_len, unsigned int *gso)
 {
     struct mmsghdr msgs[TFTPD_MAX_BATCH];
     struct iovec iov[TFTPD_MAX_BATCH][2];
@@ -92,6 +198,32 @@ int tftpd_send_window(int sock, const char *addr, unsigned int addrlen,
         unsigned int n = count - sent, done = 0, i;
         int rc;
 
+        if (gso != NULL && *gso) {
+            /* As many blocks as one segmented send may carry. */
+            unsigned int g = count - sent;
+            size_t fit = scratch_len / ((size_t)blksize + 4);
+            size_t room = TFTPD_GSO_MAX_BYTES / ((size_t)blksize + 4);
+
+            if (g > TFTPD_MAX_BATCH)
+                g = TFTPD_MAX_BATCH;
+            if (g > fit)
+                g = (unsigned int)fit;
+            if (g > room)
+                g = (unsigned int)room;
+            if (g >= 2) {
+                rc = tftpd_send_gso(sock, addr, addrlen, fd, filesize, blksize, k0, g,
+                                    rollover, scratch);
+                if (rc > 0) {
+                    sent += (unsigned int)rc;
+                    continue;
+                }
+                if (rc == 0)
+                    return (int)sent; /* back-pressure */
+                if (rc != -TFTPD_ENOGSO)
+                    return rc;
+                *gso = 0; /* not on this path: plain datagrams from now on */
+            }
+        }
         if (n > batch)
             n = (unsigned int)batch;
         end = off + (unsigned long long)n * blksize;
@@ -203,7 +335,7 @@ static void tftpd_sample_rtt(struct tftpd_xfer *x, double now)
 /* Send the window that starts at block `first`; 0, or -errno / -ESHRANK.
  * Back-pressure is not an error: the retransmission timer covers it. */
 static int tftpd_next_window(struct tftpd_xfer *x, unsigned long long first, double now,
-                             char *scratch, size_t scratch_len)
+                             char *scratch, size_t scratch_len, unsigned int *gso)
 {
     unsigned long long count = x->nblocks - first + 1;
     int rc;
@@ -215,14 +347,14 @@ static int tftpd_next_window(struct tftpd_xfer *x, unsigned long long first, dou
     x->armed_at = now;
     x->resent = 0;
     rc = tftpd_send_window(x->sock, x->addr, x->addrlen, x->fd, x->filesize, x->blksize,
-                           first, (unsigned int)count, x->rollover, scratch, scratch_len);
+                           first, (unsigned int)count, x->rollover, scratch, scratch_len, gso);
     return rc < 0 ? rc : 0;
 }
 
 /* Handle an ACK from the peer of a fast transfer: 1 when it finished it,
  * 0 when handled, -errno / -ESHRANK when the next send failed. */
 static int tftpd_on_ack(struct tftpd_xfer *x, unsigned int n, double now,
-                        char *scratch, size_t scratch_len)
+                        char *scratch, size_t scratch_len, unsigned int *gso)
 {
     unsigned long long k = tftpd_absolute(x, n);
     int complete;
@@ -241,7 +373,7 @@ static int tftpd_on_ack(struct tftpd_xfer *x, unsigned int n, double now,
     }
     if (!complete)
         x->retransmits += x->sent_upto - k; /* RFC 7440: restart after k */
-    return tftpd_next_window(x, k + 1, now, scratch, scratch_len);
+    return tftpd_next_window(x, k + 1, now, scratch, scratch_len, gso);
 }
 
 static int tftpd_same_peer(const struct tftpd_xfer *x, const struct sockaddr_storage *src,
@@ -254,7 +386,7 @@ int tftpd_pump(int epfd, struct tftpd_xfer **table, unsigned int table_len,
                double now, unsigned int max_ready,
                struct tftpd_event *events, unsigned int max_events,
                char *pktbuf, size_t pktbuf_len,
-               char *scratch, size_t scratch_len)
+               char *scratch, size_t scratch_len, unsigned int *gso)
 {
     struct epoll_event ready[TFTPD_PUMP_READY_MAX];
     unsigned int nev = 0, used = 0;
@@ -310,7 +442,7 @@ int tftpd_pump(int epfd, struct tftpd_xfer **table, unsigned int table_len,
             if (x->fast && len >= 4 && p[0] == 0 && p[1] == TFTPD_OPCODE_ACK
                 && tftpd_same_peer(x, &src, srclen)) {
                 rc = tftpd_on_ack(x, ((unsigned int)p[2] << 8) | p[3], now,
-                                  scratch, scratch_len);
+                                  scratch, scratch_len, gso);
                 if (rc == 0)
                     continue;
                 events[nev].slot = slot;

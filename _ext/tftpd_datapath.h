@@ -30,6 +30,9 @@
  * (Linux errno values stay below 4096). */
 #define TFTPD_ESHRANK 4096
 
+/* Returned negated (internally) when the kernel refuses UDP segmentation. */
+#define TFTPD_ENOGSO 4097
+
 /*
  * Send DATA blocks first .. first+count-1 of the file open on `fd` to the
  * sockaddr `addr` (addrlen bytes) through the (unconnected) UDP socket `sock`.
@@ -43,6 +46,11 @@
  * block); blocks go out in batches of min(scratch_len / blksize,
  * TFTPD_MAX_BATCH), each batch read completely before any of it is sent.
  *
+ * With *gso set, a batch of two or more blocks goes out as one segmented
+ * sendmsg() (UDP_SEGMENT, Linux >= 4.18): the same datagrams on the wire for
+ * one syscall.  If the kernel refuses segmentation, *gso is cleared and the
+ * batch goes out by sendmmsg(); gso may be NULL.
+ *
  * Returns the number of datagrams sent, 0..count.  Fewer than count means
  * back-pressure: sendmmsg() failed with EAGAIN/EWOULDBLOCK/ENOBUFS (0 if it
  * did so on the first datagram).  Returns -errno on any other error,
@@ -53,7 +61,7 @@ int tftpd_send_window(int sock, const char *addr, unsigned int addrlen,
                       int fd, unsigned long long filesize, unsigned int blksize,
                       unsigned long long first, unsigned int count,
                       unsigned int rollover,
-                      char *scratch, size_t scratch_len);
+                      char *scratch, size_t scratch_len, unsigned int *gso);
 
 /* The 16-bit block number block k carries on the wire. */
 unsigned int tftpd_wire_block(unsigned long long k, unsigned int rollover);
@@ -137,7 +145,7 @@ int tftpd_pump(int epfd, struct tftpd_xfer **table, unsigned int table_len,
                double now, unsigned int max_ready,
                struct tftpd_event *events, unsigned int max_events,
                char *pktbuf, size_t pktbuf_len,
-               char *scratch, size_t scratch_len);
+               char *scratch, size_t scratch_len, unsigned int *gso);
 
 /* Add (op 1, EPOLL_CTL_ADD) or remove (op 2, EPOLL_CTL_DEL) socket `fd` in
  * the pump's epoll set, its events carrying `slot`.  0 or -errno. */

@@ -613,3 +613,36 @@ def test_property_c_equals_python(shared: tuple[Receiver, socket.socket, int],
         dp = get_datapath(name)
         assert send(dp, s, r, fd, first, count, blksize, filesize, rollover) == count
         assert r.take(count) == want, name
+
+
+@pytest.mark.parametrize("blksize,count,filesize", [(512, 16, 512 * 16), (1456, 40, 50_000),
+                                                    (8192, 9, 70_000), (65464, 2, 100_000)])
+def test_segmented_and_plain_sends_put_the_same_datagrams_on_the_wire(
+        datapath: DataPath, tmp_path: Path, blksize: int, count: int, filesize: int) -> None:
+    """UDP segmentation (one sendmsg for a window) is an optimisation only."""
+    data = os.urandom(filesize)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    seen = []
+    for gso in (True, False):
+        dp = get_datapath(datapath.name)
+        dp.gso = gso
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rx.bind(("127.0.0.1", 0))
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        rx.settimeout(2)
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            n = min(count, filesize // blksize + 1)
+            assert dp.send_window(tx, rx.getsockname(), encode_sockaddr(rx.getsockname()), fd,
+                                  1, n, blksize, filesize) == n
+            seen.append([rx.recv(70000) for _ in range(n)])
+            assert dp.gso == gso  # loopback takes segmentation: it was really used
+        finally:
+            os.close(fd)
+            rx.close()
+            tx.close()
+    assert seen[0] == seen[1]
+    assert [d[4:] for d in seen[0]] == [data[i * blksize:(i + 1) * blksize]
+                                        for i in range(len(seen[0]))]

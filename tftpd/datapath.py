@@ -61,6 +61,10 @@ MIN_BLKSIZE = 8  # RFC 2348
 MAX_BLKSIZE = 65464  # RFC 2348
 
 _OPCODE_DATA = 3
+_SOL_UDP, _UDP_SEGMENT = 17, 103  # linux/udp.h
+_GSO_MAX_BYTES = 65000  # TFTPD_GSO_MAX_BYTES
+_NO_GSO = frozenset({errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP,
+                     errno.EMSGSIZE})
 _BACK_PRESSURE = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
 _ENV = "TFTPD_DATAPATH"
 
@@ -143,6 +147,9 @@ class DataPath:
 
     def __init__(self) -> None:
         self._scratch_len = 0
+        # UDP segmentation for windows: on unless TFTPD_GSO=0, off for good once the
+        # kernel refuses it (the same datagrams go out by sendmmsg then).
+        self.gso = os.environ.get("TFTPD_GSO", "1") != "0"
 
     def send_window(
         self,
@@ -169,7 +176,7 @@ class DataPath:
         errors and ``ValueError`` on bad arguments.
         """
         _check(sockaddr, file_fd, first, count, blksize, filesize, rollover)
-        need = min(count, BATCH) * blksize
+        need = min(count, BATCH) * (blksize + 4)  # room for a segmented batch too
         if need > self._scratch_len:
             self._grow(need)
         return self._send(sock, addr, sockaddr, file_fd, first, count, blksize, filesize,
@@ -232,9 +239,19 @@ class _PythonDataPath(DataPath):
               first: int, count: int, blksize: int, filesize: int, rollover: int) -> int:
         buf = self._buf
         batch = min(self._scratch_len // blksize, BATCH)
+        seg = blksize + 4
         sent = 0
         while sent < count:
             k0 = first + sent
+            g = min(count - sent, BATCH, self._scratch_len // seg, _GSO_MAX_BYTES // seg)
+            if self.gso and g >= 2:
+                r = self._send_gso(sock, addr, file_fd, k0, g, blksize, filesize, rollover)
+                if r is not None:
+                    if r == 0:
+                        return sent  # back-pressure
+                    sent += r
+                    continue
+                self.gso = False  # refused: plain datagrams from now on, as C does
             n = min(batch, count - sent)
             off = (k0 - 1) * blksize
             length = min(off + n * blksize, filesize) - off
@@ -254,6 +271,44 @@ class _PythonDataPath(DataPath):
                     raise
             sent += n
         return sent
+
+
+    def _send_gso(self, sock: socket.socket, addr: tuple[Any, ...], file_fd: int, k0: int,
+                  n: int, blksize: int, filesize: int, rollover: int) -> int | None:
+        """C's tftpd_send_gso: n blocks, header and payload back to back, one
+        sendmsg with UDP_SEGMENT. n, 0 on back-pressure, None if refused."""
+        buf, seg = self._buf, blksize + 4
+        off = (k0 - 1) * blksize
+        total = 0
+        views = []
+        for i in range(n):
+            length = max(0, min(blksize, filesize - off - i * blksize))
+            wire = wire_block(k0 + i, rollover)
+            buf[i * seg:i * seg + 4] = bytes((0, _OPCODE_DATA, wire >> 8, wire & 0xFF))
+            views.append(buf[i * seg + 4:i * seg + 4 + length])
+            total = i * seg + 4 + length
+        want = sum(len(v) for v in views)
+        done = 0
+        while done < want:  # one preadv for the batch, as in C
+            skip, first_view = done, 0
+            while skip >= len(views[first_view]):
+                skip -= len(views[first_view])
+                first_view += 1
+            got = os.preadv(file_fd, [views[first_view][skip:], *views[first_view + 1:]],
+                            off + done)
+            if got == 0:
+                raise FileShrank(filesize)
+            done += got
+        try:
+            sock.sendmsg([buf[:total]], [(_SOL_UDP, _UDP_SEGMENT, struct.pack("=H", seg))],
+                         0, addr)
+        except OSError as exc:
+            if exc.errno in _BACK_PRESSURE:
+                return 0
+            if exc.errno in _NO_GSO:
+                return None
+            raise
+        return n
 
 
 def _read_full(fd: int, buf: memoryview, length: int, off: int, filesize: int) -> None:
@@ -277,6 +332,7 @@ class _CDataPath(DataPath):
         self._ffi = _ext.ffi
         self._lib = _ext.lib
         self._buf: Any = self._ffi.NULL
+        self._gso = self._ffi.new("unsigned int *", 1 if self.gso else 0)
 
     def _grow(self, size: int) -> None:
         self._buf = self._ffi.new("char[]", size)
@@ -287,10 +343,12 @@ class _CDataPath(DataPath):
 
     def _send(self, sock: socket.socket, addr: tuple[Any, ...], sockaddr: bytes, file_fd: int,
               first: int, count: int, blksize: int, filesize: int, rollover: int) -> int:
+        self._gso[0] = 1 if self.gso else 0
         rc: int = self._lib.tftpd_send_window(
             sock.fileno(), sockaddr, len(sockaddr), file_fd, filesize, blksize, first, count,
-            rollover, self._buf, self._scratch_len,
+            rollover, self._buf, self._scratch_len, self._gso,
         )
+        self.gso = bool(self._gso[0])
         if rc >= 0:
             return rc
         if rc == -self._lib.TFTPD_ESHRANK:
@@ -393,7 +451,7 @@ class Pump:
         dp = self._dp
         n = self._lib.tftpd_pump(self.epoll.fileno(), self._table, self._cap, now, max_ready,
                                  self._events, self.MAX_EVENTS, self._pktbuf, self.PKTBUF,
-                                 dp._buf, dp._scratch_len)
+                                 dp._buf, dp._scratch_len, dp._gso)
         if n < 0:
             raise OSError(-n, os.strerror(-n))
         out = []
