@@ -344,19 +344,6 @@ def test_version(datapath: str) -> None:
     assert f"({datapath} data path" in proc.stdout, proc.stdout
 
 
-def test_unsupported_flag(root: Path) -> None:
-    from tftpd.config import SETTINGS
-
-    later = [st for st in SETTINGS if st.later]
-    if not later:
-        pytest.skip("every flag is supported now")
-    flag = later[0]
-    args = [flag.flags[0]] if flag.convert is None else [flag.flags[0], "1"]
-    rc, err = run_until_exit(daemon_cmd("-L", "-a", "127.0.0.1:0", *args, str(root)))
-    assert rc is not None and rc != 0, err
-    assert "not supported yet" in err, err
-
-
 def test_unknown_flag(root: Path) -> None:
     rc, err = run_until_exit(daemon_cmd("-L", "--no-such-flag", str(root)))
     assert rc is not None and rc != 0, err

@@ -1,9 +1,7 @@
 """Every setting declared once; the command line is generated from this list.
 
 Flags follow in.tftpd (tftp-hpa) so that someone replacing it can keep typing what
-they type. A setting whose feature is not built yet is declared with `later` set to
-the issue that brings it: using it fails with a clear "not supported yet" message.
-"""
+they type. """
 
 from __future__ import annotations
 
@@ -109,7 +107,6 @@ class Setting:
     convert: Callable[[str], Any] | None = None  # None: a switch
     repeat: bool = False
     count: bool = False
-    later: str = ""  # the issue that implements it; set = "not supported yet"
     metavar: str | None = None
 
     @property
@@ -235,8 +232,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tftpd", description="A preforked TFTP server for network-boot storms.")
     for s in SETTINGS:
-        kw: dict[str, Any] = {"dest": s.name, "help": s.help + (
-            f" [not supported yet: {s.later}]" if s.later else "")}
+        kw: dict[str, Any] = {"dest": s.name, "help": s.help}
         if s.count:
             kw.update(action="count", default=0)
         elif s.convert is None:
@@ -268,8 +264,6 @@ def version_text() -> str:
 
 def _convert(s: Setting, raw: Any, where: str) -> Any:
     """A value from the command line (strings) or tftpd.conf (TOML types)."""
-    if s.later:
-        raise ConfigError(f"{where}: {s.flags[-1]} is not supported yet (comes with {s.later})")
     try:
         if s.count:
             if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:

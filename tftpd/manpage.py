@@ -34,9 +34,7 @@ def options_section() -> str:
     for s in SETTINGS:
         flags = ", ".join(f"\\fB{_roff(f)}\\fR" + (f" \\fI{_roff(s.metavar)}\\fR"
                                                      if s.metavar else "") for f in s.flags)
-        later = f" Not supported yet ({s.later}); refused." if s.later else ""
-        out += [".TP", flags, _roff(s.help[0].upper() + s.help[1:]) + "." + _default(s)
-                + _roff(later)]
+        out += [".TP", flags, _roff(s.help[0].upper() + s.help[1:]) + "." + _default(s)]
     return "\n".join(out)
 
 
@@ -55,10 +53,9 @@ def settings_section() -> str:
     out = [".TP", "\\fBroot\\fR = \\fIstring\\fR",
            "The directory served, as the \\fIROOT\\fR argument of \\fBtftpd\\fR(8)."]
     for s in SETTINGS:
-        later = f" Not supported yet ({s.later}); refused." if s.later else ""
         out += [".TP", f"\\fB{_roff(s.key)}\\fR = \\fI{_toml_type(s)}\\fR",
                 _roff(s.help[0].upper() + s.help[1:]) + f" (\\fB{_roff(s.flags[-1])}\\fR)."
-                + _default(s) + _roff(later)]
+                + _default(s)]
     return "\n".join(out)
 
 
