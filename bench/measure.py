@@ -205,3 +205,20 @@ def host_cpu() -> dict[str, float]:
     user, nice, system, idle, iowait, irq, softirq, steal = f[:8]
     return {"busy": (user + nice + system + irq + softirq) / _TICK,
             "idle": (idle + iowait) / _TICK, "steal": steal / _TICK}
+
+
+def cleanup_stale_groups(prefix: str = "tftpbench-") -> list[str]:
+    """Remove empty cgroups named `tftpbench-<pid>-…` whose making process is gone."""
+    removed = []
+    roots = [r for r in (_v2_root(), _v1_cpuacct()) if r is not None]
+    for root in roots:
+        for p in root.glob(prefix + "*"):
+            parts = p.name.split("-")
+            if len(parts) < 3 or not parts[1].isdigit() or os.path.exists(f"/proc/{parts[1]}"):
+                continue
+            try:
+                p.rmdir()
+                removed.append(str(p))
+            except OSError:
+                pass
+    return removed

@@ -121,7 +121,7 @@ def plots(records: list[dict], out: Path) -> list[Path]:
     for (wl, n, loss), recs in sorted(groups.items()):
         if n < 2:
             continue
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(9, 4.5))
         for r in recs:
             xs = sorted(r.get("completion_s") or [])
             if not xs:
@@ -134,7 +134,7 @@ def plots(records: list[dict], out: Path) -> list[Path]:
         ax.set_ylim(0, 1.02)
         ax.set_title(f"{wl}: {n} clients" + (f", {loss}% loss" if loss else ""))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         path = out / (f"cdf-{wl}-{n}" + ("" if not loss else f"-loss{loss}") + ".png")
         fig.tight_layout()
         fig.savefig(path, dpi=110)
@@ -150,7 +150,7 @@ def plots(records: list[dict], out: Path) -> list[Path]:
     for (wl, loss), series in sorted(by_wl.items()):
         if all(len(v) < 2 for v in series.values()):
             continue
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(9, 4.5))
         for name in names:
             pts = sorted(series.get(name, []))
             if not pts:
@@ -161,11 +161,12 @@ def plots(records: list[dict], out: Path) -> list[Path]:
                 if nfail:
                     ax.annotate(f"{nfail} failed", (x, y), fontsize=7, xytext=(3, 3),
                                 textcoords="offset points")
+        ax.margins(y=0.12)
         ax.set_xlabel("clients")
         ax.set_ylabel("slowest client's completion (s)")
         ax.set_title(f"{wl}: slowest completion vs clients" + (f", {loss}% loss" if loss else ""))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         path = out / (f"slowest-{wl}" + ("" if not loss else f"-loss{loss}") + ".png")
         fig.tight_layout()
         fig.savefig(path, dpi=110)
