@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import time
 from collections.abc import Callable
@@ -53,11 +54,20 @@ class OpenFile:
         self.fd = -1
 
 
+_SAFE = bytes(b for b in range(0x20, 0x7F) if b != 0x5C)  # printable, no backslash
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+
+
 def sanitize(raw: bytes | str, limit: int = 120) -> str:
     """A client string made safe for one log line: printable ASCII, escapes, bounded."""
     if isinstance(raw, str):
         raw = raw.encode("latin-1", "replace")
-    out = "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw[:limit])
+    cut = raw[:limit]
+    if not cut.translate(None, _SAFE):  # the usual case: nothing to escape
+        out = cut.decode("ascii")
+    else:
+        out = "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}"
+                      for b in cut)
     return out + ("..." if len(raw) > limit else "")
 
 
@@ -72,7 +82,7 @@ def normalize(filename: bytes, root: str) -> str:
     name = filename.rstrip(b"\xff")
     if len(name) > MAX_NAME:
         raise FileError(P.E_ACCESS, "Access violation", "filename too long")
-    if any(b < 0x20 or b == 0x7F for b in name):
+    if _CONTROL.search(name):
         raise FileError(P.E_ACCESS, "Access violation", "control byte in filename")
     text = os.fsdecode(name.replace(b"\\", b"/"))
     parts = [p for p in text.split("/") if p not in ("", ".")]

@@ -23,6 +23,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from tftpd import logs
 from tftpd import packet as P
 from tftpd import stats as S
 from tftpd.config import Config
@@ -265,6 +266,7 @@ class Worker:
         self.mtu = MtuCache()
         self.forward = forward
         self.rules: Any = rules  # tftpd.remap.Rules
+        self.json_log = cfg.log_format == "json"
         self.listeners = listeners
         self.root = root
         self.files = FileCache(root, gz=gz)
@@ -313,6 +315,7 @@ class Worker:
         if self.forward is not None:
             self.sel.register(self.forward.reader, selectors.EVENT_READ, self.forward)
         self.counters[S.INDEX["listening"]] = 1
+        logs.start_batching()
 
     def _on_term(self, signum: int, frame: object) -> None:
         # Only flags here: the loop does the work (no logging in a handler).
@@ -346,9 +349,10 @@ class Worker:
             # Listen sockets first, then transfers: new requests beat running ones.
             transfers = []
             pump_ready = False
+            backlog = False
             for key, _ in events:
                 if isinstance(key.data, Listener):
-                    self._read_requests(key.data)
+                    backlog |= self._read_requests(key.data)
                 elif isinstance(key.data, Forward):
                     self._read_forwarded()
                 elif isinstance(key.data, Session):
@@ -360,8 +364,13 @@ class Worker:
             for session in transfers:
                 self._read_transfer(session)
             if pump_ready:
-                self._run_pump()
+                # While requests are still queued (the first second of a storm), the
+                # transfers get one turn (up to 256 of them) per batch of requests read:
+                # no RRQ waits behind a thousand ACKs, and a flood of requests cannot
+                # starve the transfers it starts either.
+                self._run_pump(max_runs=1 if backlog else 8)
             self._run_timers(time.monotonic())
+            logs.flush_logs()  # this turn's records, in one write
 
     def _drain_wakeup(self) -> None:
         try:
@@ -384,7 +393,8 @@ class Worker:
 
     # -- requests --------------------------------------------------------------------
 
-    def _read_requests(self, lst: Listener) -> None:
+    def _read_requests(self, lst: Listener) -> bool:
+        """Serve up to LISTEN_BATCH requests; True when more are waiting."""
         for _ in range(LISTEN_BATCH):
             try:
                 # IP_PKTINFO on every listener: the destination address (for a wildcard
@@ -393,10 +403,10 @@ class Worker:
                 dst, ifindex, arrival = _from_ancillary(lst.sock.family, anc)
                 local = dst if lst.pktinfo and dst else lst.host
             except (BlockingIOError, InterruptedError):
-                return
+                return False
             except OSError as err:
                 log.warning("listen socket: %s", err)
-                return
+                return False
             fwd = self.forward
             if lst.shared and fwd is not None:
                 owner = fwd.owner(src)
@@ -406,6 +416,7 @@ class Worker:
                         continue
                     # The owner cannot take it: serving it here beats dropping it.
             self._serve_request(data, src, local, lst, ifindex, arrival)
+        return True
 
     def _read_forwarded(self) -> None:
         assert self.forward is not None
@@ -633,11 +644,14 @@ class Worker:
                 self.busy_logged_at = now
             return
         self.counters[S.OUTCOME.get(outcome, S.INDEX["failed"])] += 1
-        record = {"client": src[0], "port": src[1], "file": name, "mode": mode,
-                  "options": _clean(self._asked),
-                  "outcome": outcome, "error": code, "reason": reason or message}
+        extra = None
+        if self.json_log:
+            extra = {"transfer": {"client": src[0], "port": src[1], "file": name,
+                                  "mode": mode, "options": _clean(self._asked),
+                                  "outcome": outcome, "error": code,
+                                  "reason": reason or message}}
         log.info("%s file=%s mode=%s outcome=%s error=%d reason=%s", _peer(src), name, mode,
-                 outcome, code, reason or message, extra={"transfer": record})
+                 outcome, code, reason or message, extra=extra)
 
     def _log_limited(self, now: float, fmt: str, *args: object) -> None:
         """Log bad input, but a flood of it only as a count per interval."""
@@ -678,10 +692,10 @@ class Worker:
                 log.debug("recv %d bytes from %s for %s", len(data), _peer(src), session.name)
             self._apply(session, session.transfer.on_datagram(data, src, now), now)
 
-    def _run_pump(self) -> None:
+    def _run_pump(self, max_runs: int = 8) -> None:
         """Let C answer the ready transfers' ACKs; act on what it hands back."""
         assert self.pump is not None
-        for _ in range(8):  # bounded: listen sockets get their turn again soon
+        for _ in range(max_runs):  # bounded: listen sockets get their turn again soon
             now = time.monotonic()
             events = self.pump.run(now)
             for slot, kind, err, data, src in events:
@@ -764,6 +778,20 @@ class Worker:
             pass
         self._finish(session, session.transfer.fail(detail), now)
 
+    def _compact_timers(self) -> None:
+        """Drop the heap entries of finished transfers.
+
+        Entries are left behind lazily (a probe ends long before its first timeout);
+        at thousands of probes a second they would hold every finished session for a
+        second or more. Rebuilding keeps the heap in proportion to live transfers.
+        """
+        live = []
+        for deadline, seq, s in self.timers:
+            if self.sessions.get(s.peer) is s and deadline == s.heap_deadline:
+                live.append((deadline, seq, s))
+        heapq.heapify(live)
+        self.timers = live
+
     def _run_timers(self, now: float) -> None:
         while self.timers and self.timers[0][0] <= now:
             _, _, session = heapq.heappop(self.timers)
@@ -783,6 +811,8 @@ class Worker:
     def _finish(self, session: Session, fin: Finish, now: float) -> None:
         if self.sessions.get(session.peer) is session:
             del self.sessions[session.peer]
+            if len(self.timers) > 2 * len(self.sessions) + 256:
+                self._compact_timers()
             host = session.peer[0]
             left = self.per_client.get(host, 1) - 1
             if left > 0:
@@ -816,18 +846,21 @@ class Worker:
         self._hits_reported, self._misses_reported = st.hits, st.miss_hits
         # One line per finished transfer, whatever its end.
         duration = now - session.started
-        record = {"client": session.peer[0], "port": session.peer[1], "file": session.name,
-                  "mode": session.mode, "op": "WRQ" if session.upload else "RRQ",
-                  "options": session.asked, "granted": session.granted,
-                  "bytes": t.bytes_sent, "blksize": t.blksize, "windowsize": t.windowsize,
-                  "duration_s": round(duration, 6), "retransmits": t.retransmits,
-                  "outcome": fin.outcome, "reason": sanitize(fin.detail, 200)}
+        extra = None
+        if self.json_log:
+            extra = {"transfer": {
+                "client": session.peer[0], "port": session.peer[1], "file": session.name,
+                "mode": session.mode, "op": "WRQ" if session.upload else "RRQ",
+                "options": session.asked, "granted": session.granted,
+                "bytes": t.bytes_sent, "blksize": t.blksize, "windowsize": t.windowsize,
+                "duration_s": round(duration, 6), "retransmits": t.retransmits,
+                "outcome": fin.outcome, "reason": sanitize(fin.detail, 200)}}
         log.info("%s file=%s mode=%s bytes=%d blksize=%d window=%d duration=%.3fs "
                  "retransmits=%d outcome=%s%s", _peer(session.peer), session.name,
                  session.mode, t.bytes_sent, t.blksize, t.windowsize, duration,
                  t.retransmits, fin.outcome,
                  f" reason={sanitize(fin.detail, 200)}" if fin.detail else "",
-                 extra={"transfer": record})
+                 extra=extra)
 
 
 def _pktinfo_cmsg(family: int, local: str) -> tuple[int, int, bytes]:
