@@ -352,12 +352,13 @@ static int tftpd_next_window(struct tftpd_xfer *x, unsigned long long first, dou
 }
 
 /* Handle an ACK from the peer of a fast transfer: 1 when it finished it,
- * 0 when handled, -errno / -ESHRANK when the next send failed. */
+ * 2 when it sent the next window, 0 when it ignored the ACK, -errno /
+ * -ESHRANK when the next send failed. */
 static int tftpd_on_ack(struct tftpd_xfer *x, unsigned int n, double now,
                         char *scratch, size_t scratch_len, unsigned int *gso)
 {
     unsigned long long k = tftpd_absolute(x, n);
-    int complete;
+    int complete, rc;
 
     if (k == 0 || k == x->last_acked)
         return 0; /* duplicate or stale: never resend on it (Sorcerer's Apprentice) */
@@ -373,7 +374,8 @@ static int tftpd_on_ack(struct tftpd_xfer *x, unsigned int n, double now,
     }
     if (!complete)
         x->retransmits += x->sent_upto - k; /* RFC 7440: restart after k */
-    return tftpd_next_window(x, k + 1, now, scratch, scratch_len, gso);
+    rc = tftpd_next_window(x, k + 1, now, scratch, scratch_len, gso);
+    return rc < 0 ? rc : 2;
 }
 
 static int tftpd_same_peer(const struct tftpd_xfer *x, const struct sockaddr_storage *src,
@@ -444,7 +446,9 @@ int tftpd_pump(int epfd, struct tftpd_xfer **table, unsigned int table_len,
                 rc = tftpd_on_ack(x, ((unsigned int)p[2] << 8) | p[3], now,
                                   scratch, scratch_len, gso);
                 if (rc == 0)
-                    continue;
+                    continue; /* a stale ACK: read on */
+                if (rc == 2)
+                    break; /* the next ACK needs a round trip: no recv to EAGAIN */
                 events[nev].slot = slot;
                 events[nev].kind = rc == 1 ? TFTPD_EV_DONE : TFTPD_EV_ERROR;
                 events[nev].err = rc == 1 ? 0 : -rc;
