@@ -46,7 +46,8 @@ def test_blksize_capped_by_interface_mtu(netns: str, tmp_path: Path) -> None:
     (root / "f").write_bytes(data)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     server = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-m", "tftpd",
-                               "-L", "-a", "127.0.0.1:6969", "--workers", "1", str(root)],
+                               "-L", "-a", "127.0.0.1:6969", "--workers", "1", "-u", "root",
+                               str(root)],
                               stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     try:
         assert server.stderr is not None

@@ -76,7 +76,7 @@ def test_inetd_wait_mode_forks_once_then_leaves_when_idle(root: Path, tmp_path: 
             r = client.get("127.0.0.1", port, "f", retries=10)
             assert r.data == (root / "f").read_bytes()
         masters = {ln.split("]")[0] for ln in read_text(log).splitlines()
-                   if "running as root" in ln}
+                   if "workers, inetd)" in ln}
         assert len(masters) == 1, read_text(log)  # one start for five requests
         wait_until(lambda: "idle for 1s" in read_text(log), what="the idle exit")
         wait_until(lambda: "stopped; totals" in read_text(log), what="the exit")
@@ -122,7 +122,8 @@ def test_systemd_socket_activation_and_notify(root: Path, tmp_path: Path, wrappe
     log = tmp_path / "log"
     proc = subprocess.Popen([activate, "-d", "-l", f"127.0.0.1:{port}", "-E",
                              f"NOTIFY_SOCKET={path}", str(wrapper), "--log-file", str(log),
-                             str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "-u", "root", str(root)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         r = client.get("127.0.0.1", port, "f", options={"blksize": "1468"}, retries=10)
         assert r.data == (root / "f").read_bytes()
@@ -355,15 +356,20 @@ def test_json_records(root: Path, tmp_path: Path) -> None:
         d.stop()
 
 
-def test_secure_mode_chroots_the_workers(daemon_factory: Callable[..., Daemon],
-                                         root: Path) -> None:
+def test_secure_mode_chroots_and_drops_root_by_default(
+        daemon_factory: Callable[..., Daemon], root: Path) -> None:
+    import pwd
+
     (root / "f").write_bytes(b"inside")
-    d = daemon_factory("-s")
+    d = daemon_factory("-s")  # started as root, no -u: serves as nobody, like in.tftpd
     assert client.get("127.0.0.1", d.port, "f").data == b"inside"
     pids = wait_until(lambda: d.worker_pids())
     assert isinstance(pids, list)
-    for pid in pids:
+    nobody = pwd.getpwnam("nobody").pw_uid
+    for pid in [d.proc.pid, *pids]:
         assert os.readlink(f"/proc/{pid}/root") == str(root.resolve())
+        uids = next(ln for ln in open(f"/proc/{pid}/status") if ln.startswith("Uid:"))
+        assert uids.split()[1:] == [str(nobody)] * 4  # real, effective, saved, fs
 
 
 @pytest.fixture

@@ -86,6 +86,24 @@ def test_timeout_resends_with_backoff_then_gives_up() -> None:
     assert t.retransmits == 3
 
 
+def test_unanswered_transfers_give_up_early() -> None:
+    # A spoofed RRQ: the "client" never answers; three resends, not the full retries.
+    t = ReadTransfer(PEER, 5000, timeout=1.0, retries=8, oack={"tsize": "5000"})
+    t.start(0.0)
+    sent = [a for now in (1.0, 3.0, 7.0, 15.0) for a in t.on_timer(now)]
+    assert sent[:3] == [Send(P.encode_oack({"tsize": "5000"}))] * 3
+    assert sent[3] == Finish("failed", "timeout: client stopped answering")
+    # Once the client has answered, it gets the whole patience.
+    t = ReadTransfer(PEER, 5000, timeout=1.0, retries=8)
+    t.start(0.0)
+    t.on_datagram(ack(1), PEER, 0.1)
+    now = 0.1
+    for _ in range(8):
+        now = t.deadline or now
+        assert t.on_timer(now) == [SendBlocks(2, 1)]
+    assert t.on_timer(t.deadline or now)[0].outcome == "failed"
+
+
 def test_progress_ends_the_backoff() -> None:
     t = ReadTransfer(PEER, 5000, timeout=1.0)
     t.start(0.0)
@@ -218,7 +236,10 @@ def test_lossy_channel_delivers_everything_in_order(size: int, blksize: int, win
     lossy = iter(losses)
 
     def lost() -> bool:
-        return next(lossy, False)  # the drawn losses, then a clean network
+        # The drawn losses, then a clean network; none before the client has answered
+        # (an unanswered transfer gives up after three tries, by design: see above).
+        answered = t.last_acked > 0 or (oack and t.state != OACK_SENT)
+        return next(lossy, False) if answered else False
 
     now = 0.0
     pending = t.start(now)

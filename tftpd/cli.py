@@ -7,6 +7,7 @@ import json
 import logging
 import logging.handlers
 import os
+import pwd
 import shutil
 import socket
 import sys
@@ -66,8 +67,10 @@ def _demo(cfg: Config) -> tuple[Config, str]:
     with open(os.path.join(root, "boot.img"), "wb") as f:
         f.write(os.urandom(1 << 20))
     addresses = cfg.addresses or (Address(socket.AF_INET, "127.0.0.1", DEMO_PORT),)
+    # The demo root is private to whoever started it: the server stays that user.
+    user = cfg.user or pwd.getpwuid(os.geteuid()).pw_name
     return dataclasses.replace(cfg, root=root, addresses=addresses, foreground=True,
-                               workers=min(cfg.workers, 2)), root
+                               workers=min(cfg.workers, 2), user=user), root
 
 
 def main(argv: list[str] | None = None) -> int:

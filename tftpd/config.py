@@ -126,7 +126,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("secure", ("-s", "--secure"),
             "chroot to ROOT when started as root; names are always relative to ROOT", False),
     Setting("user", ("-u", "--user"), "run as USER (and its groups) after binding; "
-            "without it the server stays the user it was started as, and warns if root",
+            "started as root, the default is nobody (as in.tftpd); -u root stays root",
             None, str, metavar="USER"),
     Setting("create", ("-c", "--create"), "allow uploads (WRQ); new files may be created",
             False),
@@ -152,8 +152,9 @@ SETTINGS: tuple[Setting, ...] = (
             None, _int_in(1, 256), metavar="N"),
     Setting("max_windowsize", ("--windowsize",), "largest windowsize granted (RFC 7440)",
             64, _int_in(1, WINDOW_MAX), metavar="MAX"),
-    Setting("retries", ("--retries",), "timeouts in a row before a transfer is given up",
-            5, _int_in(1, 50), metavar="N"),
+    Setting("retries", ("--retries",), "timeouts in a row before a transfer is given up "
+            "(at most 3 while the client has acknowledged nothing)", 8, _int_in(1, 50),
+            metavar="N"),
     Setting("rollover", ("--rollover",), "block number after 65535: 0 or 1", 0,
             _int_in(0, 1), metavar="0|1"),
     Setting("drain_s", ("--drain-timeout",), "on SIGTERM, seconds running transfers get "
@@ -206,7 +207,7 @@ class Config:
     verbose: int = 0
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_windowsize: int = 64
-    retries: int = 5
+    retries: int = 8
     rollover: int = 0
     drain_s: int = 30
     max_transfers: int = 10000

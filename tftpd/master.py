@@ -53,6 +53,7 @@ log = logging.getLogger("tftpd")
 LISTEN_RCVBUF = 8 << 20
 RESPAWN_WINDOW = 5.0  # s: deaths within this of a start count as a crash loop
 MAX_BACKOFF = 30.0
+DEFAULT_USER = "nobody"  # in.tftpd's default
 STATUS_EVERY = 5.0  # s between STATUS= lines to systemd
 ACTIVE = INDEX["active"]
 LISTENING = INDEX["listening"]
@@ -164,6 +165,11 @@ class Master:
             raise StartupError(f"root {root!r} is not a directory")
         self.rules = self._load_rules(self.cfg)
         chrooted = False
+        # As in.tftpd: started as root, serve as nobody unless told otherwise, so that
+        # nobody runs a network daemon as root by accident. `-u root` stays root.
+        user = self.cfg.user
+        if user is None and os.geteuid() == 0:
+            user = DEFAULT_USER
         if self.cfg.gz:
             # Opened before chroot (the cache is never inside the served root) and
             # handed to the new user, so workers can write to it.
@@ -172,21 +178,23 @@ class Master:
                 self.gz = GzCache.open_dir(path, max_bytes=self.cfg.gz_cache_mb << 20)
             except OSError as err:
                 raise StartupError(f"--gz-cache {path}: {err.strerror}") from None
-            if self.cfg.user:
+            if user and user != "root":
                 try:
-                    pw = pwd.getpwnam(self.cfg.user)
+                    pw = pwd.getpwnam(user)
                     os.chown(self.gz.dir_fd, pw.pw_uid, pw.pw_gid)
                 except (KeyError, OSError):
                     pass
         open_sysfs()
+        # Who we become is looked up now: inside the chroot there is no /etc/passwd.
+        identity = _lookup_user(user) if user and user != "root" else None
         if self.cfg.secure and os.geteuid() == 0:
             os.chroot(root)
             os.chdir("/")
             root, chrooted = "/", True
-        if self.cfg.user:
-            _drop_privileges(self.cfg.user)
-        elif os.geteuid() == 0:
-            log.warning("running as root; use -u USER to drop privileges after binding")
+        if user == "root":
+            log.warning("staying root (-u root): a flaw in a worker would be root's")
+        elif identity is not None:
+            _drop_privileges(user or "", *identity)
         self.root = Root(root, chrooted=chrooted)
 
     @staticmethod
@@ -214,6 +222,8 @@ class Master:
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         if self.metrics:
             self._sel.register(self.metrics.sock, selectors.EVENT_READ, self.metrics)
+        log.info("serving %s on %s (%d workers, %s)", self.cfg.root, ", ".join(self.bound),
+                 len(self.slots), self.mode)
         for slot in self.slots:
             self.spawn_worker(slot)
         self.notifier.ready(self._status())
@@ -603,15 +613,23 @@ def _raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _drop_privileges(user: str) -> None:
+def _lookup_user(user: str) -> tuple[int, int, list[int]]:
+    """(uid, gid, groups) of USER, read before any chroot."""
     try:
         pw = pwd.getpwnam(user)
     except KeyError:
-        raise StartupError(f"-u {user}: no such user") from None
+        hint = " (the default when started as root; give -u USER)" \
+            if user == DEFAULT_USER else ""
+        raise StartupError(f"-u {user}: no such user{hint}") from None
+    return pw.pw_uid, pw.pw_gid, os.getgrouplist(user, pw.pw_gid)
+
+
+def _drop_privileges(user: str, uid: int, gid: int, groups: list[int]) -> None:
     try:
-        os.initgroups(user, pw.pw_gid)
-        os.setgid(pw.pw_gid)
-        os.setuid(pw.pw_uid)
+        if os.geteuid() == 0:
+            os.setgroups(groups)
+        os.setgid(gid)
+        os.setuid(uid)
     except PermissionError:
         raise StartupError(f"-u {user}: not permitted (start as root to switch users)") \
             from None

@@ -18,7 +18,10 @@ from tftpd import packet as P
 # The Sorcerer's Apprentice bug (RFC 1123 4.2.3.1): only a timer retransmits.
 RTO_FLOOR = 0.2  # s; loopback RTTs are microseconds, but a storm's queueing is not
 RTO_CEILING = 10.0  # s
-DEFAULT_RETRIES = 5
+DEFAULT_RETRIES = 8
+# A transfer the client has never acknowledged gives up sooner: a spoofed RRQ must not
+# turn the server into an amplifier that keeps sending to someone who never asked.
+UNANSWERED_RETRIES = 3
 
 
 def wire_block(k: int, rollover: int = 0) -> int:
@@ -177,7 +180,11 @@ class ReadTransfer:
         if deadline is None or now < deadline:
             return []
         s = self.s
-        if s.retries >= self.retries_max:
+        limit = self.retries_max
+        answered = s.last_acked > 0 or (self.oack is not None and self.state != OACK_SENT)
+        if not answered:
+            limit = min(limit, UNANSWERED_RETRIES)
+        if s.retries >= limit:
             return [self._finish("failed", "timeout: client stopped answering")]
         s.retries += 1
         s.resent = 1
