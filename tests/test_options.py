@@ -53,6 +53,14 @@ def test_windowsize_clamped_by_policy() -> None:
     assert negotiate({"windowsize": "0"}, POLICY).oack == {}
 
 
+def test_window_fits_a_receive_buffer() -> None:
+    # WinPE asks for 65464-byte blocks in windows: two of them make one 128 KiB burst.
+    n = negotiate({"blksize": "65464", "windowsize": "16"}, POLICY)
+    assert n.oack == {"blksize": "65464", "windowsize": "2"}
+    assert negotiate({"blksize": "8192", "windowsize": "16"}, POLICY).windowsize == 16
+    assert negotiate({"blksize": "1456", "windowsize": "64"}, POLICY).windowsize == 64
+
+
 def test_unknown_and_refused_options() -> None:
     n = negotiate({"multicast": "", "utimeout": "1000", "blksize": "1024"},
                   Policy(refused=frozenset({"blksize"})))
@@ -72,6 +80,7 @@ _values = st.one_of(st.integers(-5, 70000).map(str), st.text(max_size=6))
 _requests = st.dictionaries(_names, _values, max_size=6)
 _policies = st.builds(Policy, max_blksize=st.integers(BLKSIZE_MIN, BLKSIZE_MAX),
                       max_windowsize=st.integers(1, 65535),
+                      max_window_bytes=st.integers(512, 1 << 24),
                       refused=st.frozensets(_names, max_size=2))
 
 
@@ -92,5 +101,6 @@ def test_accepted_is_a_subset_within_bounds(req: dict[str, str], policy: Policy,
     if "tsize" in n.oack:
         assert n.oack["tsize"] == str(size)
     assert 1 <= n.windowsize <= policy.max_windowsize
+    assert n.windowsize == 1 or n.windowsize * n.blksize <= policy.max_window_bytes
     # Deterministic: the same question always gets the same answer.
     assert negotiate(req, policy, size=size, mtu_blksize=mtu) == n

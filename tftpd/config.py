@@ -152,6 +152,9 @@ SETTINGS: tuple[Setting, ...] = (
             None, _int_in(1, 256), metavar="N"),
     Setting("max_windowsize", ("--windowsize",), "largest windowsize granted (RFC 7440)",
             64, _int_in(1, WINDOW_MAX), metavar="MAX"),
+    Setting("max_window_bytes", ("--window-bytes",), "largest window in bytes (windowsize "
+            "times blksize): one window is one burst the client's socket buffer must hold",
+            128 * 1024, _int_in(512, 1 << 30), metavar="BYTES"),
     Setting("retries", ("--retries",), "timeouts in a row before a transfer is given up "
             "(at most 3 while the client has acknowledged nothing)", 8, _int_in(1, 50),
             metavar="N"),
@@ -207,6 +210,7 @@ class Config:
     verbose: int = 0
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_windowsize: int = 64
+    max_window_bytes: int = 128 * 1024
     retries: int = 8
     rollover: int = 0
     drain_s: int = 30

@@ -272,6 +272,7 @@ class Worker:
         self.files = FileCache(root, gz=gz)
         self.datapath = datapath
         self.policy = Policy(max_blksize=cfg.max_blksize, max_windowsize=cfg.max_windowsize,
+                             max_window_bytes=cfg.max_window_bytes,
                              refused=frozenset(cfg.refuse), max_upload=cfg.max_upload)
         self.sel = selectors.DefaultSelector()
         self.sessions: dict[tuple, Session] = {}  # by peer address
