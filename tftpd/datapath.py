@@ -27,6 +27,7 @@ under a mapping raises SIGBUS and kills the worker) is used.
 
 from __future__ import annotations
 
+import abc
 import errno
 import os
 import select
@@ -135,7 +136,7 @@ def encode_sockaddr(addr: tuple[Any, ...]) -> bytes:
                               scope_id)
 
 
-class DataPath:
+class DataPath(abc.ABC):
     """Sends windows of DATA blocks; see the module docstring for the contract.
 
     ``name`` is ``"c"`` or ``"python"``.  An instance owns a scratch buffer,
@@ -182,16 +183,18 @@ class DataPath:
         return self._send(sock, addr, sockaddr, file_fd, first, count, blksize, filesize,
                           rollover)
 
+    @abc.abstractmethod
     def _grow(self, size: int) -> None:
-        raise NotImplementedError
+        """Make the scratch buffer at least `size` bytes."""
 
     def pump(self) -> Pump | None:
         """C's lock-step for many transfers, or None on the Python path."""
         return None
 
+    @abc.abstractmethod
     def _send(self, sock: socket.socket, addr: tuple[Any, ...], sockaddr: bytes, file_fd: int,
               first: int, count: int, blksize: int, filesize: int, rollover: int) -> int:
-        raise NotImplementedError
+        """Send the blocks; the arguments are checked already."""
 
     def __repr__(self) -> str:
         return f"<DataPath {self.name}>"
