@@ -168,3 +168,33 @@ def test_cache_bounds_open_descriptors(tree: Path) -> None:
     assert len(cache._open) <= 4 + 1
     assert read_all(held.fd, 1) == b"x"  # a descriptor in use is never evicted
     held.close()
+
+
+def test_batched_log_lines_are_written_whole_in_small_writes() -> None:
+    """Workers write their records once per loop turn, in whole-line writes below
+    PIPE_BUF, so lines of different workers never interleave on a pipe."""
+    import io
+    import logging
+
+    from tftpd.logs import ATOMIC_WRITE, BatchingHandler
+
+    class Recorder(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.writes: list[str] = []
+
+        def write(self, s: str) -> int:
+            self.writes.append(s)
+            return len(s)
+
+    out = Recorder()
+    h = BatchingHandler(out)
+    h.setFormatter(logging.Formatter("%(message)s"))
+    h.batching = True
+    lines = [f"record {i} " + "x" * (i % 300) for i in range(200)]
+    for text in lines:
+        h.emit(logging.LogRecord("tftpd", logging.INFO, "", 0, text, None, None))
+    assert out.writes == []  # nothing until the loop turn ends
+    h.flush()
+    assert all(w.endswith("\n") and len(w) <= ATOMIC_WRITE for w in out.writes)
+    assert "".join(out.writes) == "".join(t + "\n" for t in lines)

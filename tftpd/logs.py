@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 
 log = logging.getLogger("tftpd")
+ATOMIC_WRITE = 4000  # characters; a pipe write below PIPE_BUF (4096) is atomic
 
 
 class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A stream handler that, once a worker asks for it, writes its lines once per
-    loop turn instead of once per record: one write(2) for a burst of finished probes.
-    Each line is written whole, so lines of different workers never interleave."""
+    loop turn instead of once per record: a few write(2)s for a burst of finished
+    probes. Each write holds whole lines and stays under PIPE_BUF, so that on a pipe
+    (journald, a supervisor) as in an O_APPEND file the lines of different workers
+    never interleave mid-line."""
 
     batching = False
 
@@ -35,13 +38,25 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.flush()
 
     def flush(self) -> None:
-        if self.pending:
-            data, self.pending = "".join(self.pending), []
-            try:
-                self.stream.write(data)
-            except OSError:
-                pass
+        pending, self.pending = self.pending, []
+        chunk: list[str] = []
+        size = 0
+        try:
+            for line in pending:
+                if chunk and size + len(line) > ATOMIC_WRITE:
+                    self._write("".join(chunk))
+                    chunk, size = [], 0
+                chunk.append(line)
+                size += len(line)
+            if chunk:
+                self._write("".join(chunk))
+        except OSError:
+            pass
         super().flush()
+
+    def _write(self, data: str) -> None:
+        self.stream.write(data)
+        self.stream.flush()  # one write(2) per chunk, never a split line
 
 
 def flush_logs() -> None:
