@@ -79,10 +79,6 @@ def start_daemon(root: Path, *args: str, env: dict[str, str] | None = None,
                  host: str = "127.0.0.1") -> Daemon:
     """Start `python -m tftpd -L` on an ephemeral port; return once it listens."""
     addr = f"[{host}]:0" if ":" in host else f"{host}:0"
-    if os.geteuid() == 0 and "-u" not in args and "-s" not in args:
-        # Started as root the daemon serves as nobody, who cannot reach pytest's
-        # private temporary directories; tests of the default pass -s or -u.
-        args = ("-u", "root", *args)
     cmd = [sys.executable, "-m", "tftpd", "-L", "-a", addr, *args, str(root)]
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")

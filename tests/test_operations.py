@@ -384,3 +384,16 @@ def daemon_factory(root: Path) -> Iterator[Callable[..., Daemon]]:
     yield make
     for d in started:
         d.stop()
+
+
+def test_default_user_falls_back_to_root_when_nobody_cannot_read(tmp_path: Path) -> None:
+    private = tmp_path / "private"  # pytest's own directories are 0700: nobody is locked out
+    private.mkdir(mode=0o700)
+    (private / "f").write_bytes(b"secret boot file")
+    os.chmod(tmp_path, 0o700)
+    d = start_daemon(private, "--workers", "1", "-v")  # no -u: the default applies
+    try:
+        assert client.get("127.0.0.1", d.port, "f").data == b"secret boot file"
+        d.wait_for_log(r"nobody cannot read .* stays root")
+    finally:
+        d.stop()

@@ -126,7 +126,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("secure", ("-s", "--secure"),
             "chroot to ROOT when started as root; names are always relative to ROOT", False),
     Setting("user", ("-u", "--user"), "run as USER (and its groups) after binding; "
-            "started as root, the default is nobody (as in.tftpd); -u root stays root",
+            "started as root, the default is nobody (as in.tftpd), unless nobody cannot read "
+            "ROOT (then root, with a warning); -u root stays root",
             None, str, metavar="USER"),
     Setting("create", ("-c", "--create"), "allow uploads (WRQ); new files may be created",
             False),

@@ -170,6 +170,13 @@ class Master:
         user = self.cfg.user
         if user is None and os.geteuid() == 0:
             user = DEFAULT_USER
+            if not _can_read_as(DEFAULT_USER, root, self.cfg.secure):
+                # The default must not turn a working setup into "Access violation"
+                # for every file: say why, and what to give instead.
+                log.warning("%s cannot read %s, so the server stays root; give -u USER "
+                            "(a user who can read it) or make it readable", DEFAULT_USER,
+                            root)
+                user = "root"
         if self.cfg.gz:
             # Opened before chroot (the cache is never inside the served root) and
             # handed to the new user, so workers can write to it.
@@ -611,6 +618,32 @@ def _raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _can_read_as(user: str, root: str, chrooted: bool) -> bool:
+    """Whether USER could list ROOT (through its parents unless chrooted into it)."""
+    try:
+        uid, gid, groups = _lookup_user(user)
+    except StartupError:
+        return True  # _drop_privileges will say that the user is missing
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            if chrooted:
+                os.chroot(root)
+                root = "/"
+            os.setgroups(groups)
+            os.setgid(gid)
+            os.setuid(uid)
+            os.close(os.open(root, os.O_RDONLY | os.O_DIRECTORY))
+            code = 0
+        except OSError:
+            code = 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
 def _lookup_user(user: str) -> tuple[int, int, list[int]]:
