@@ -7,17 +7,13 @@ bench.loadgen.run_storm_python.
 
 from __future__ import annotations
 
-import fcntl
-import glob
-import importlib.util
 import resource
 import socket
-import sys
 from collections import Counter
 from pathlib import Path
 from types import ModuleType
 
-from bench.build import BUILD_DIR, BuildError
+from bench.build import BUILD_DIR, build_cffi, load_cffi
 from bench.content import expected
 from bench.loadgen import StormResult, _raise_nofile, apply_overrides, encode_rrq
 from bench.workload import Workload
@@ -43,47 +39,17 @@ def _cdef() -> str:
     return (HERE / "_cgen.h").read_text()
 
 
-def _find_built() -> Path | None:
-    hits = sorted(glob.glob(str(OUT_DIR / f"{MODNAME}*.so")))
-    return Path(hits[0]) if hits else None
-
-
 def build(force: bool = False) -> Path:
     """Compile the C core if needed; return the path of the extension module."""
-    try:
-        import cffi
-    except ImportError as exc:  # pragma: no cover - cffi is a project dependency
-        raise BuildError("cffi is not installed") from exc
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    with open(OUT_DIR / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        so = _find_built()
-        newest = max(s.stat().st_mtime for s in SOURCES)
-        if so is not None and not force and so.stat().st_mtime >= newest:
-            return so
-        ffi = cffi.FFI()
-        ffi.cdef(_cdef())
-        ffi.set_source(MODNAME, '#include <stdint.h>\n#include "_cgen.h"\n',
-                       sources=[str(HERE / "_cgen.c")], include_dirs=[str(HERE)],
-                       extra_compile_args=["-O2", "-Wall"])
-        try:
-            path = ffi.compile(tmpdir=str(OUT_DIR), verbose=False)
-        except Exception as exc:  # noqa: BLE001 - distutils/setuptools raise many kinds
-            raise BuildError(f"building the C load generator failed: {exc}") from exc
-        return Path(path)
+    return build_cffi(MODNAME, _cdef(), '#include <stdint.h>\n#include "_cgen.h"\n',
+                      [HERE / "_cgen.c"], SOURCES, OUT_DIR, "the C load generator",
+                      force=force)
 
 
 def load_module() -> ModuleType:
     global _mod
     if _mod is None:
-        so = build()
-        spec = importlib.util.spec_from_file_location(MODNAME, so)
-        if spec is None or spec.loader is None:
-            raise BuildError(f"cannot load {so}")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        sys.modules[MODNAME] = mod
-        _mod = mod
+        _mod = load_cffi(MODNAME, build())
     return _mod
 
 

@@ -41,7 +41,7 @@ def run(path: str, blocks: int, blksize: int, window: int, mode: str) -> float:
     slot, state = pump.new_state() if pump else (-1, None)
     t = ReadTransfer(peer, size, blksize=blksize, windowsize=window, timeout=1.0, state=state)
     if pump:
-        pump.watch(slot, server, peer, fd)
+        pump.watch(slot, server, encode_sockaddr(peer), fd)
     sockaddr = encode_sockaddr(peer)
     cpu = 0.0
     try:

@@ -49,7 +49,7 @@ class Rig:
         kw = dict(blksize=blksize, windowsize=window, timeout=1.0, rollover=rollover)
         self.c = T.ReadTransfer(self.peer, size, state=state, **kw)  # type: ignore[arg-type]
         self.py = T.ReadTransfer(self.peer, size, **kw)  # type: ignore[arg-type]
-        self.pump.watch(self.slot, self.server, self.peer, self.fd)
+        self.pump.watch(self.slot, self.server, encode_sockaddr(self.peer), self.fd)
         self.data = path.read_bytes()[:size]  # the transfer serves `size` bytes
 
     def close(self) -> None:

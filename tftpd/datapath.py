@@ -36,6 +36,8 @@ import struct
 import warnings
 from typing import Any
 
+from tftpd.transfer import wire_block  # one definition: the state machine's
+
 __all__ = [
     "BATCH",
     "DataPath",
@@ -80,17 +82,6 @@ class FileShrank(OSError):
     def __init__(self, filesize: int) -> None:
         super().__init__(errno.EIO, f"file shrank below the {filesize} bytes being sent")
         self.filesize = filesize
-
-
-def wire_block(k: int, rollover: int) -> int:
-    """The 16-bit block number that block ``k`` (1, 2, 3, ...) carries on the wire.
-
-    Past 65535 the counter restarts at ``rollover`` (0, the common behaviour, or
-    1 for clients that expect it), on every lap.
-    """
-    if k < 65536:
-        return k
-    return rollover + (k - 65536) % (65536 - rollover)
 
 
 _SOCKADDR_IN = struct.Struct("=H2s4s8x")  # family (host order), port, address
@@ -426,9 +417,10 @@ class Pump:
         self._ffi.memmove(self._table, old, cap * self._ffi.sizeof("struct tftpd_xfer *"))
         self._free.extend(range(self._cap - 1, cap - 1, -1))
 
-    def watch(self, slot: int, sock: socket.socket, peer: tuple[Any, ...], file_fd: int) -> None:
+    def watch(self, slot: int, sock: socket.socket, sockaddr: bytes, file_fd: int) -> None:
+        """Register a transfer: its socket, its peer (from encode_sockaddr), its file."""
         x = self._states[slot]
-        raw = encode_sockaddr(peer)
+        raw = sockaddr
         x.sock = sock.fileno()
         x.fd = file_fd
         x.addrlen = len(raw)

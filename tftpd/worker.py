@@ -238,7 +238,7 @@ class Session:
     mode: str
     started: float
     slot: int = -1  # the transfer's slot in C's pump, -1 on the Python path
-    asked: dict = field(default_factory=dict)  # options, sanitised, for the log
+    asked: dict = field(default_factory=dict)  # the client's options, for the JSON log
     granted: dict = field(default_factory=dict)
     upload: Upload | None = None  # a write's file
     heap_deadline: float = field(default=float("inf"))
@@ -524,13 +524,13 @@ class Worker:
                          client_timeout=neg.timeout is not None, retries=self.cfg.retries,
                          rollover=self.cfg.rollover, state=state)
         session = Session(t, sock, f, src, encode_sockaddr(src), data, name, req.mode, now,
-                          slot, _clean(req.options), dict(neg.oack))
+                          slot, req.options, dict(neg.oack))
         self.sessions[src] = session
         self.per_client[src[0]] = self.per_client.get(src[0], 0) + 1
         self.counters[S.INDEX["active"]] = len(self.sessions)
         if self.pump is not None:
             self.by_slot[slot] = session
-            self.pump.watch(slot, sock, src, f.fd)
+            self.pump.watch(slot, sock, session.sockaddr, f.fd)
         else:
             self.sel.register(sock, selectors.EVENT_READ, session)
         self._apply(session, t.start(now), now)
@@ -572,7 +572,7 @@ class Worker:
                           client_timeout=neg.timeout is not None, retries=self.cfg.retries,
                           max_size=self.cfg.max_upload, rollover=self.cfg.rollover)
         session = Session(t, sock, None, src, b"", data, name, req.mode, now,
-                          asked=_clean(req.options), granted=dict(neg.oack), upload=upload)
+                          asked=req.options, granted=dict(neg.oack), upload=upload)
         self.sessions[src] = session
         self.per_client[src[0]] = self.per_client.get(src[0], 0) + 1
         self.counters[S.INDEX["active"]] = len(self.sessions)
@@ -852,7 +852,7 @@ class Worker:
             extra = {"transfer": {
                 "client": session.peer[0], "port": session.peer[1], "file": session.name,
                 "mode": session.mode, "op": "WRQ" if session.upload else "RRQ",
-                "options": session.asked, "granted": session.granted,
+                "options": _clean(session.asked), "granted": session.granted,
                 "bytes": t.bytes_sent, "blksize": t.blksize, "windowsize": t.windowsize,
                 "duration_s": round(duration, 6), "retransmits": t.retransmits,
                 "outcome": fin.outcome, "reason": sanitize(fin.detail, 200)}}
