@@ -25,6 +25,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from types import ModuleType
 
 from tftpd.config import Address, Config, ConfigError, from_argv, parse_address
 from tftpd.datapath import DataPath
@@ -44,6 +45,12 @@ from tftpd.worker import (
     open_sysfs,
     wants_pktinfo,
 )
+
+# Developers: TFTPD_PROFILE=DIR writes one cProfile file per worker. Imported here, as
+# root: a worker that has dropped privileges or chrooted may not reach the stdlib.
+_cprofile: ModuleType | None = None
+if os.environ.get("TFTPD_PROFILE"):
+    import cProfile as _cprofile
 
 log = logging.getLogger("tftpd")
 
@@ -529,11 +536,9 @@ class Master:
             log.exception("worker %d failed to start", slot.index)
             return EXIT_BOOT_FAILED
         profile_dir = os.environ.get("TFTPD_PROFILE")
-        if profile_dir:
+        if profile_dir and _cprofile is not None:
             # Developers: one cProfile file per worker, written when it exits.
-            import cProfile
-
-            prof = cProfile.Profile()
+            prof = _cprofile.Profile()
             try:
                 return prof.runcall(worker.run)
             finally:
