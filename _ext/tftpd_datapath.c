@@ -485,3 +485,229 @@ int tftpd_epoll_set(int epfd, int op, int fd, unsigned int slot)
         return -errno;
     return 0;
 }
+
+/* ---- requests with a known answer --------------------------------------- */
+
+#include <sys/stat.h>
+#include <time.h>
+
+#ifndef SCM_TIMESTAMPNS
+#define SCM_TIMESTAMPNS 35 /* SO_TIMESTAMPNS, asm-generic/socket.h */
+#endif
+/* Room for IPV6_PKTINFO (or IP_PKTINFO) and a struct timespec, aligned. */
+#define TFTPD_REQ_CMSG 128
+
+unsigned long long tftpd_hash(const char *buf, unsigned int len)
+{
+    unsigned long long h = 14695981039346656037ULL;
+    unsigned int i;
+
+    for (i = 0; i < len; i++) {
+        h ^= (unsigned char)buf[i];
+        h *= 1099511628211ULL;
+    }
+    return h ? h : 1;
+}
+
+static double tftpd_realtime(void)
+{
+    struct timespec ts;
+
+    if (clock_gettime(CLOCK_REALTIME, &ts) < 0)
+        return 0.0;
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* The directory still is as it was when the name was missing. */
+static int tftpd_dir_holds(const struct tftpd_refusal *r)
+{
+    struct stat st;
+
+    if (r->dir == NULL)
+        return 0;
+    if (stat(r->dir, &st) < 0)
+        return !r->dir_known;
+    return r->dir_known && (unsigned long long)st.st_dev == r->dev
+        && (unsigned long long)st.st_ino == r->ino
+        && (unsigned long long)st.st_size == r->size
+        && (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec == r->mtime_ns;
+}
+
+static const struct tftpd_refusal *tftpd_lookup(const struct tftpd_refusal *table,
+                                                unsigned int table_len, const char *req,
+                                                unsigned int len, double now)
+{
+    unsigned long long h;
+    unsigned int i, n;
+
+    if (table == NULL || table_len == 0 || (table_len & (table_len - 1)) != 0)
+        return NULL;
+    h = tftpd_hash(req, len);
+    for (n = 0, i = (unsigned int)h & (table_len - 1); n < table_len;
+         n++, i = (i + 1) & (table_len - 1)) {
+        const struct tftpd_refusal *r = &table[i];
+        if (r->hash == 0)
+            return NULL;
+        if (r->hash == h && r->reqlen == len && memcmp(r->req, req, len) == 0)
+            return r->expires > now && tftpd_dir_holds(r) ? r : NULL;
+    }
+    return NULL;
+}
+
+/* What the listen socket said about a request: interface, destination, time. */
+static void tftpd_ancillary(struct msghdr *mh, struct tftpd_request *q)
+{
+    struct cmsghdr *c;
+
+    for (c = CMSG_FIRSTHDR(mh); c != NULL; c = CMSG_NXTHDR(mh, c)) {
+        if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO
+            && c->cmsg_len >= CMSG_LEN(sizeof(struct in_pktinfo))) {
+            struct in_pktinfo pi;
+            memcpy(&pi, CMSG_DATA(c), sizeof(pi));
+            q->ifindex = pi.ipi_ifindex;
+            memcpy(q->dst, &pi.ipi_addr, 4);
+            q->dstlen = 4;
+        } else if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO
+                   && c->cmsg_len >= CMSG_LEN(sizeof(struct in6_pktinfo))) {
+            struct in6_pktinfo pi;
+            memcpy(&pi, CMSG_DATA(c), sizeof(pi));
+            q->ifindex = (int)pi.ipi6_ifindex;
+            memcpy(q->dst, &pi.ipi6_addr, 16);
+            q->dstlen = 16;
+        } else if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_TIMESTAMPNS
+                   && c->cmsg_len >= CMSG_LEN(sizeof(struct timespec))) {
+            struct timespec ts;
+            memcpy(&ts, CMSG_DATA(c), sizeof(ts));
+            q->arrival = (double)ts.tv_sec + ts.tv_nsec / 1e9;
+        }
+    }
+}
+
+/* The IP_PKTINFO / IPV6_PKTINFO that makes a reply leave from `q->dst`. */
+static socklen_t tftpd_reply_cmsg(const struct tftpd_request *q, char *buf)
+{
+    struct cmsghdr *c = (struct cmsghdr *)buf;
+
+    if (q->dstlen == 4) {
+        struct in_pktinfo pi;
+        memset(&pi, 0, sizeof(pi));
+        memcpy(&pi.ipi_spec_dst, q->dst, 4);
+        c->cmsg_level = IPPROTO_IP;
+        c->cmsg_type = IP_PKTINFO;
+        c->cmsg_len = CMSG_LEN(sizeof(pi));
+        memcpy(CMSG_DATA(c), &pi, sizeof(pi));
+        return CMSG_SPACE(sizeof(pi));
+    }
+    if (q->dstlen == 16) {
+        struct in6_pktinfo pi;
+        memset(&pi, 0, sizeof(pi));
+        memcpy(&pi.ipi6_addr, q->dst, 16);
+        c->cmsg_level = IPPROTO_IPV6;
+        c->cmsg_type = IPV6_PKTINFO;
+        c->cmsg_len = CMSG_LEN(sizeof(pi));
+        memcpy(CMSG_DATA(c), &pi, sizeof(pi));
+        return CMSG_SPACE(sizeof(pi));
+    }
+    return 0;
+}
+
+int tftpd_requests(int lsock, int errsock, int pktinfo,
+                   const struct tftpd_refusal *table, unsigned int table_len,
+                   double now, unsigned int max,
+                   struct tftpd_request *out, char *pktbuf, size_t pktbuf_len)
+{
+    struct mmsghdr in[TFTPD_REQ_BATCH], reply[TFTPD_REQ_BATCH];
+    struct iovec iov[TFTPD_REQ_BATCH], riov[TFTPD_REQ_BATCH];
+    struct sockaddr_storage src[TFTPD_REQ_BATCH];
+    union { char buf[TFTPD_REQ_CMSG]; struct cmsghdr align; } cin[TFTPD_REQ_BATCH],
+        cout[TFTPD_REQ_BATCH];
+    unsigned int replied[TFTPD_REQ_BATCH]; /* index in out of each reply */
+    unsigned int i, nreply = 0, done = 0;
+    int n;
+
+    if (out == NULL || pktbuf == NULL)
+        return -EINVAL;
+    if (max > TFTPD_REQ_BATCH)
+        max = TFTPD_REQ_BATCH;
+    if (max == 0)
+        return 0;
+    if (pktbuf_len < (size_t)max * TFTPD_REQ_MAX)
+        return -EINVAL;
+    memset(in, 0, sizeof(in[0]) * max);
+    for (i = 0; i < max; i++) {
+        iov[i].iov_base = pktbuf + (size_t)i * TFTPD_REQ_MAX;
+        iov[i].iov_len = TFTPD_REQ_MAX;
+        in[i].msg_hdr.msg_name = &src[i];
+        in[i].msg_hdr.msg_namelen = sizeof(src[i]);
+        in[i].msg_hdr.msg_iov = &iov[i];
+        in[i].msg_hdr.msg_iovlen = 1;
+        in[i].msg_hdr.msg_control = cin[i].buf;
+        in[i].msg_hdr.msg_controllen = sizeof(cin[i].buf);
+    }
+    do {
+        n = recvmmsg(lsock, in, max, MSG_DONTWAIT, NULL);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -errno;
+
+    for (i = 0; i < (unsigned int)n; i++) {
+        struct tftpd_request *q = &out[i];
+        const struct tftpd_refusal *r;
+        unsigned int len = in[i].msg_len;
+
+        memset(q, 0, sizeof(*q));
+        q->off = i * TFTPD_REQ_MAX;
+        q->len = len;
+        q->truncated = (in[i].msg_hdr.msg_flags & MSG_TRUNC) != 0;
+        q->srclen = in[i].msg_hdr.msg_namelen <= sizeof(q->src) ? in[i].msg_hdr.msg_namelen : 0;
+        memcpy(q->src, &src[i], q->srclen);
+        tftpd_ancillary(&in[i].msg_hdr, q);
+        r = q->truncated || q->srclen == 0 ? NULL
+            : tftpd_lookup(table, table_len, pktbuf + q->off, len, now);
+        if (r == NULL) {
+            q->kind = TFTPD_REQ_PASS;
+            continue;
+        }
+        q->kind = TFTPD_REQ_ANSWERED;
+        q->id = r->id;
+        memset(&reply[nreply], 0, sizeof(reply[nreply]));
+        riov[nreply].iov_base = (void *)(uintptr_t)r->reply;
+        riov[nreply].iov_len = r->replylen;
+        reply[nreply].msg_hdr.msg_name = q->src;
+        reply[nreply].msg_hdr.msg_namelen = q->srclen;
+        reply[nreply].msg_hdr.msg_iov = &riov[nreply];
+        reply[nreply].msg_hdr.msg_iovlen = 1;
+        if (pktinfo) {
+            socklen_t clen = tftpd_reply_cmsg(q, cout[nreply].buf);
+            if (clen > 0) {
+                reply[nreply].msg_hdr.msg_control = cout[nreply].buf;
+                reply[nreply].msg_hdr.msg_controllen = clen;
+            }
+        }
+        replied[nreply++] = i;
+    }
+
+    /* The answers, in one call; one that fails is skipped, the rest go on. */
+    while (done < nreply) {
+        int s = sendmmsg(errsock, reply + done, nreply - done, 0);
+        if (s < 0) {
+            if (errno == EINTR)
+                continue;
+            out[replied[done]].err = errno;
+            done++;
+            continue;
+        }
+        if (s == 0)
+            break;
+        done += (unsigned int)s;
+    }
+    if (nreply > 0) {
+        double t = tftpd_realtime();
+        for (i = 0; i < nreply; i++) {
+            out[replied[i]].answered = t;
+            if (i >= done && out[replied[i]].err == 0)
+                out[replied[i]].err = EAGAIN;
+        }
+    }
+    return n;
+}

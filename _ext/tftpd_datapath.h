@@ -7,8 +7,9 @@
  * compiler saw.  Keep everything else here plain C declarations that cffi can
  * parse: no macros in declarations, no includes, no inline code.
  *
- * The C side is stateless: Python decides which blocks go where and when, C
- * does the syscalls.  Nothing here allocates, keeps state or calls back.
+ * The C side is stateless: Python decides which blocks go where and when,
+ * and which requests have a known answer; C does the syscalls.  Nothing here
+ * allocates, keeps state of its own or calls back.
  */
 #ifndef TFTPD_DATAPATH_H
 #define TFTPD_DATAPATH_H
@@ -17,7 +18,7 @@
 
 /* Bump on any change of a signature or of a meaning below; tftpd/datapath.py
  * refuses a compiled module whose version differs from the one it expects. */
-#define TFTPD_DATAPATH_VERSION 2
+#define TFTPD_DATAPATH_VERSION 3
 
 /* Most datagrams handed to one sendmmsg() call, and the most blocks read in
  * one go: a window is read and sent in batches of at most this many blocks
@@ -152,5 +153,84 @@ int tftpd_pump(int epfd, struct tftpd_xfer **table, unsigned int table_len,
 #define TFTPD_EPOLL_ADD 1
 #define TFTPD_EPOLL_DEL 2
 int tftpd_epoll_set(int epfd, int op, int fd, unsigned int slot);
+
+/*
+ * Requests whose answer is already known.  In a boot storm most requests are
+ * guesses at names that do not exist (pxelinux.cfg/01-<mac>, loader.conf.local,
+ * the .gz the loader tries first).  Python answers the first one, and, while
+ * its negative cache holds the name, enters the request and its ERROR reply in
+ * a table; C then answers every copy of that request it reads, with no Python
+ * work but a log line.
+ *
+ * The table is open addressing with linear probing over table_len entries
+ * (a power of two), indexed by tftpd_hash() of the request datagram; an
+ * entry whose hash is 0 is free and ends a probe.  Python fills and rebuilds
+ * it (entries are never removed one by one) and keeps the bytes it points to
+ * alive.  An entry answers only a byte-identical request, only until
+ * `expires`, and only while the directory `dir` still has the identity it had
+ * when the name was missing (stat() of it fails again if dir_known is 0).
+ */
+struct tftpd_refusal {
+    unsigned long long hash;       /* tftpd_hash(req, reqlen); 0: free */
+    const char *req;               /* the request datagram */
+    unsigned int reqlen;
+    const char *reply;             /* the ERROR datagram sent back */
+    unsigned int replylen;
+    unsigned int id;               /* Python's handle, for the log line */
+    double expires;                /* CLOCK_MONOTONIC seconds */
+    const char *dir;               /* NUL-terminated path */
+    int dir_known;                 /* 1: dev/ino/size/mtime_ns below; 0: missing */
+    unsigned long long dev;
+    unsigned long long ino;
+    unsigned long long size;
+    long long mtime_ns;
+};
+
+/* FNV-1a, 64 bits, never 0 (0 marks a free entry). */
+unsigned long long tftpd_hash(const char *buf, unsigned int len);
+
+#define TFTPD_REQ_ANSWERED 1 /* a known refusal went out: id, err (send errno or 0) */
+#define TFTPD_REQ_PASS 2     /* Python must serve it: the datagram is pktbuf[off..off+len) */
+
+struct tftpd_request {
+    int kind;
+    unsigned int id;
+    int err;
+    int truncated;                 /* PASS: longer than TFTPD_REQ_MAX bytes, cut */
+    unsigned int off;
+    unsigned int len;
+    unsigned int srclen;           /* the client: a struct sockaddr_in or _in6 */
+    char src[28];
+    int ifindex;                   /* arrival interface (IP_PKTINFO); 0: unknown */
+    unsigned int dstlen;           /* 4 or 16: the address it was sent to; 0: unknown */
+    unsigned char dst[16];
+    double arrival;                /* CLOCK_REALTIME seconds (SO_TIMESTAMPNS); 0: unknown */
+    double answered;               /* ANSWERED: CLOCK_REALTIME when the reply went out */
+};
+
+/* The largest request read (one UDP payload), and requests per call. */
+#define TFTPD_REQ_MAX 65536
+#define TFTPD_REQ_BATCH 32
+
+/*
+ * Read up to `max` (at most TFTPD_REQ_BATCH) requests from the non-blocking
+ * listen socket `lsock` with one recvmmsg(), each into its own
+ * TFTPD_REQ_MAX bytes of pktbuf (pktbuf_len >= max * TFTPD_REQ_MAX).  A
+ * request found in `table` (table_len 0: none is) is answered from `errsock`
+ * with the entry's reply, from the address it was sent to when `pktinfo` is
+ * set (IP_PKTINFO / IPV6_PKTINFO, as the listen socket reported it); all the
+ * answers of a call go out in one sendmmsg().  Every other datagram is
+ * reported as PASS, in arrival order.  The listen socket must have
+ * IP_PKTINFO (or IPV6_RECVPKTINFO) and SO_TIMESTAMPNS on for ifindex, dst
+ * and arrival to be known.
+ *
+ * Returns the number of requests written to out (0 when none was waiting),
+ * or -errno when recvmmsg() failed (but EAGAIN and EINTR).  A failed answer
+ * is not an error of the call: that request's err says why.
+ */
+int tftpd_requests(int lsock, int errsock, int pktinfo,
+                   const struct tftpd_refusal *table, unsigned int table_len,
+                   double now, unsigned int max,
+                   struct tftpd_request *out, char *pktbuf, size_t pktbuf_len);
 
 #endif /* TFTPD_DATAPATH_H */

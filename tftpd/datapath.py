@@ -33,7 +33,9 @@ import os
 import select
 import socket
 import struct
+import time
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 from tftpd.transfer import wire_block  # one definition: the state machine's
@@ -54,7 +56,7 @@ __all__ = [
 
 # The version of _ext/tftpd_datapath.h this module speaks; the compiled module
 # reports its own (TFTPD_DATAPATH_VERSION) and a mismatch means a stale build.
-EXT_VERSION = 2
+EXT_VERSION = 3
 
 # Blocks read and sent per batch; equal to TFTPD_MAX_BATCH in the C code
 # (checked at import) so both implementations stop at the same place.
@@ -70,6 +72,23 @@ _NO_GSO = frozenset({errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUP
                      errno.EMSGSIZE})
 _BACK_PRESSURE = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
 _ENV = "TFTPD_DATAPATH"
+
+
+# struct in_pktinfo {int ifindex; in_addr spec_dst; in_addr addr} (Linux ip(7))
+_PKTINFO4 = struct.Struct("=i4s4s")
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+SO_TIMESTAMPNS = 35  # == SCM_TIMESTAMPNS (Linux asm-generic/socket.h)
+_TIMESPEC = struct.Struct("=qq")
+_ANC_SIZE = socket.CMSG_SPACE(32) + socket.CMSG_SPACE(_TIMESPEC.size)
+
+REQ_ANSWERED, REQ_PASS = 1, 2
+REQ_MAX = 65536  # TFTPD_REQ_MAX: one UDP payload
+REQ_BATCH = 32  # TFTPD_REQ_BATCH
+# (kind, refusal, err, datagram, source, destination, ifindex, arrival, answered)
+Request = tuple[int, "Refusal | None", int, bytes, tuple[Any, ...], "str | None", int, float,
+                float]
 
 
 class FileShrank(OSError):
@@ -181,6 +200,22 @@ class DataPath(abc.ABC):
     def pump(self) -> Pump | None:
         """C's lock-step for many transfers, or None on the Python path."""
         return None
+
+    @abc.abstractmethod
+    def requests(self, lsock: socket.socket, errsock: socket.socket | None, pktinfo: bool,
+                 refusals: Refusals | None, now: float,
+                 limit: int = REQ_BATCH) -> list[Request]:
+        """Read up to `limit` requests waiting on the listen socket (none: []).
+
+        A request `refusals` knows is answered from `errsock` at once (from the
+        address it was sent to, with `pktinfo`) and reported as REQ_ANSWERED with
+        its Refusal; every other one is REQ_PASS, for the worker to serve.  Each is
+        (kind, refusal, err, datagram, source, destination, ifindex, arrival,
+        answered): err is the failed answer's errno or 0; destination, ifindex and
+        arrival (realtime) come from the socket's ancillary data (None/0 if not
+        given); answered is the realtime the answer went out.  OSError when the
+        listen socket fails.
+        """
 
     @abc.abstractmethod
     def _send(self, sock: socket.socket, addr: tuple[Any, ...], sockaddr: bytes, file_fd: int,
@@ -305,6 +340,37 @@ class _PythonDataPath(DataPath):
         return n
 
 
+    def requests(self, lsock: socket.socket, errsock: socket.socket | None, pktinfo: bool,
+                 refusals: Refusals | None, now: float,
+                 limit: int = REQ_BATCH) -> list[Request]:
+        out: list[Request] = []
+        family = lsock.family
+        for _ in range(min(limit, REQ_BATCH)):
+            try:
+                data, anc, flags, src = lsock.recvmsg(REQ_MAX, _ANC_SIZE)
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                break
+            dst, ifindex, arrival = from_ancillary(family, anc)
+            r = None
+            if refusals is not None and errsock is not None and not flags & socket.MSG_TRUNC:
+                r = refusals.lookup(data, now)
+            if r is None:
+                out.append((REQ_PASS, None, 0, data, src, dst, ifindex, arrival, 0.0))
+                continue
+            err = 0
+            try:
+                if pktinfo and dst:
+                    errsock.sendmsg([r.reply], [pktinfo_cmsg(family, dst)], 0, src)
+                else:
+                    errsock.sendto(r.reply, src)
+            except OSError as exc:
+                err = exc.errno or errno.EIO
+            out.append((REQ_ANSWERED, r, err, b"", src, dst, ifindex, arrival, time.time()))
+        return out
+
+
 def _read_full(fd: int, buf: memoryview, length: int, off: int, filesize: int) -> None:
     done = 0
     while done < length:
@@ -327,6 +393,7 @@ class _CDataPath(DataPath):
         self._lib = _ext.lib
         self._buf: Any = self._ffi.NULL
         self._gso = self._ffi.new("unsigned int *", 1 if self.gso else 0)
+        self._reqbuf: Any = None
 
     def _grow(self, size: int) -> None:
         self._buf = self._ffi.new("char[]", size)
@@ -350,6 +417,41 @@ class _CDataPath(DataPath):
         raise OSError(-rc, os.strerror(-rc))
 
 
+    def requests(self, lsock: socket.socket, errsock: socket.socket | None, pktinfo: bool,
+                 refusals: Refusals | None, now: float,
+                 limit: int = REQ_BATCH) -> list[Request]:
+        ffi, lib = self._ffi, self._lib
+        if self._reqbuf is None:
+            # 2 MiB of address space, never cleared: only the pages requests
+            # land on are ever touched.
+            self._reqbuf = self._ffi.new_allocator(should_clear_after_alloc=False)(
+                "char[]", REQ_BATCH * REQ_MAX)
+            self._reqs = ffi.new("struct tftpd_request[]", REQ_BATCH)
+            self._reqview = ffi.buffer(self._reqbuf)
+        table, size = ffi.NULL, 0
+        if refusals is not None and errsock is not None and len(refusals):
+            table, size = refusals.table, refusals.capacity
+        n = lib.tftpd_requests(lsock.fileno(), errsock.fileno() if errsock is not None else -1,
+                               1 if pktinfo else 0, table, size, now, min(limit, REQ_BATCH),
+                               self._reqs, self._reqbuf, REQ_BATCH * REQ_MAX)
+        if n < 0:
+            raise OSError(-n, os.strerror(-n))
+        out: list[Request] = []
+        family = lsock.family
+        for i in range(n):
+            q = self._reqs[i]
+            src = decode_sockaddr(bytes(ffi.buffer(q.src, q.srclen)))
+            dst = socket.inet_ntop(family, bytes(q.dst[0:q.dstlen])) if q.dstlen else None
+            if q.kind == REQ_ANSWERED:
+                assert refusals is not None
+                out.append((REQ_ANSWERED, refusals.get(q.id), q.err, b"", src, dst, q.ifindex,
+                            q.arrival, q.answered))
+            else:
+                data = self._reqview[q.off:q.off + q.len]
+                out.append((REQ_PASS, None, 0, data, src, dst, q.ifindex, q.arrival, 0.0))
+        return out
+
+
 def decode_sockaddr(raw: bytes) -> tuple[Any, ...]:
     """The socket-module address of a raw struct sockaddr_in / sockaddr_in6."""
     family = struct.unpack_from("=H", raw)[0]
@@ -359,6 +461,148 @@ def decode_sockaddr(raw: bytes) -> tuple[Any, ...]:
         scope, = struct.unpack_from("=I", raw, 24)
         return (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, flowinfo, scope)
     return (socket.inet_ntop(socket.AF_INET, raw[4:8]), port)
+
+
+# -- requests: the listen socket, and the refusals C may answer alone ----------------
+
+def from_ancillary(family: int, anc: list) -> tuple[str | None, int, float]:
+    """The request's destination address, arrival interface and arrival time."""
+    dst, ifindex, arrival = None, 0, 0.0
+    for level, kind, data in anc:
+        if family == socket.AF_INET and level == socket.IPPROTO_IP and kind == IP_PKTINFO \
+                and len(data) >= _PKTINFO4.size:
+            ifindex, _, addr = _PKTINFO4.unpack_from(data)
+            dst = socket.inet_ntop(socket.AF_INET, addr)
+        elif family == socket.AF_INET6 and level == socket.IPPROTO_IPV6 \
+                and kind == IPV6_PKTINFO and len(data) >= 20:
+            dst = socket.inet_ntop(socket.AF_INET6, data[:16])
+            ifindex = struct.unpack_from("=I", data, 16)[0]
+        elif level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS \
+                and len(data) >= _TIMESPEC.size:
+            sec, nsec = _TIMESPEC.unpack_from(data)
+            arrival = sec + nsec / 1e9
+    return dst, ifindex, arrival
+
+
+def pktinfo_cmsg(family: int, local: str) -> tuple[int, int, bytes]:
+    """The ancillary data that makes a reply leave from `local`."""
+    if family == socket.AF_INET6:
+        return (socket.IPPROTO_IPV6, IPV6_PKTINFO,
+                socket.inet_pton(socket.AF_INET6, local) + struct.pack("=I", 0))
+    return (socket.IPPROTO_IP, IP_PKTINFO,
+            _PKTINFO4.pack(0, socket.inet_pton(socket.AF_INET, local), bytes(4)))
+
+
+def dir_identity(path: str) -> tuple[int, int, int, int] | None:
+    """(dev, ino, size, mtime_ns) of a directory, None when it is missing: what
+    says a name that was missing there still is (see tftpd.files.identity)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(slots=True, eq=False)
+class Refusal:
+    """A request whose answer is a known ERROR, while `dir` keeps its identity."""
+
+    id: int
+    request: bytes
+    reply: bytes
+    expires: float  # time.monotonic()
+    dir: str
+    ident: tuple[int, int, int, int] | None
+    note: Any = None  # the caller's, for its log line
+    index: int = -1  # the entry in C's table
+
+
+class Refusals:
+    """The requests the data path answers without Python (tftpd_refusal in the header).
+
+    Filled by the worker from its negative cache: one entry per distinct request
+    datagram that named a missing file, for as long as the cache holds that miss.
+    With the C data path the entries also live in a C table that `tftpd_requests`
+    reads; the Python twin looks them up here, with the same rules.
+    """
+
+    def __init__(self, datapath: DataPath, capacity: int = 4096) -> None:
+        if capacity & (capacity - 1) or capacity < 2:
+            raise ValueError("capacity must be a power of two")
+        self.capacity = capacity
+        self._by_request: dict[bytes, Refusal] = {}
+        self._by_id: dict[int, Refusal] = {}
+        self._ids = 0
+        self._c = isinstance(datapath, _CDataPath)
+        if self._c:
+            assert isinstance(datapath, _CDataPath)
+            self._ffi, self._lib = datapath._ffi, datapath._lib
+            self._keep: dict[int, tuple[Any, Any, Any]] = {}
+            self.table = self._ffi.new("struct tftpd_refusal[]", capacity)
+
+    def __len__(self) -> int:
+        return len(self._by_request)
+
+    def get(self, ident: int) -> Refusal | None:
+        return self._by_id.get(ident)
+
+    def put(self, request: bytes, reply: bytes, expires: float, dir: str,
+            ident: tuple[int, int, int, int] | None, note: Any = None) -> Refusal:
+        old = self._by_request.get(request)
+        if old is not None:  # the same request missed again: refresh it in place
+            self._by_id.pop(old.id, None)
+        elif len(self._by_request) + 1 > self.capacity // 2:
+            self._rebuild(time.monotonic())
+        self._ids += 1
+        r = Refusal(self._ids, request, reply, expires, dir, ident, note,
+                    old.index if old is not None else -1)
+        self._by_request[request] = r
+        self._by_id[r.id] = r
+        if self._c:
+            self._enter(r)
+        return r
+
+    def lookup(self, request: bytes, now: float) -> Refusal | None:
+        """The twin of C's lookup: byte-identical, unexpired, the directory unchanged."""
+        r = self._by_request.get(request)
+        if r is None or r.expires <= now or dir_identity(r.dir) != r.ident:
+            return None
+        return r
+
+    def _rebuild(self, now: float) -> None:
+        """Keep the unexpired entries (the newest half at most); the table half empty."""
+        live = [r for r in self._by_request.values() if r.expires > now]
+        live = live[-(self.capacity // 4):]
+        self._by_request = {r.request: r for r in live}
+        self._by_id = {r.id: r for r in live}
+        if self._c:
+            self._ffi.memmove(self.table, bytes(self._ffi.sizeof(self.table)),
+                              self._ffi.sizeof(self.table))
+            self._keep.clear()
+            for r in live:
+                r.index = -1
+                self._enter(r)
+
+    def _enter(self, r: Refusal) -> None:
+        ffi = self._ffi
+        h = self._lib.tftpd_hash(r.request, len(r.request))
+        i = r.index
+        if i < 0:
+            mask = self.capacity - 1
+            i = h & mask
+            while self.table[i].hash != 0:
+                i = (i + 1) & mask
+            r.index = i
+        req = ffi.new("char[]", r.request)
+        reply = ffi.new("char[]", r.reply)
+        path = ffi.new("char[]", os.fsencode(r.dir))
+        self._keep[i] = (req, reply, path)
+        e = self.table[i]
+        e.req, e.reqlen, e.reply, e.replylen = req, len(r.request), reply, len(r.reply)
+        e.id, e.expires, e.dir = r.id, r.expires, path
+        e.dir_known = 1 if r.ident is not None else 0
+        e.dev, e.ino, e.size, e.mtime_ns = r.ident if r.ident is not None else (0, 0, 0, 0)
+        e.hash = h  # last: the entry is whole before it can match
 
 
 EV_PACKET, EV_DONE, EV_ERROR = 1, 2, 3
@@ -486,6 +730,8 @@ def _load_ext() -> tuple[Any, str | None]:
             f"the C data path batches {_datapath.lib.TFTPD_MAX_BATCH} blocks, "
             f"the Python twin {BATCH}: rebuild it"
         )
+    if (_datapath.lib.TFTPD_REQ_MAX, _datapath.lib.TFTPD_REQ_BATCH) != (REQ_MAX, REQ_BATCH):
+        return None, "the C data path reads requests in other batches than the twin: rebuild it"
     return _datapath, None
 
 

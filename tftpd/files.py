@@ -219,14 +219,19 @@ class FileCache:
         self._open: dict[tuple[str, str], _Shared] = {}
         self._misses: dict[str, _Miss] = {}
         self.stats = CacheStats()
+        # The last open() that failed on a missing name, while the negative cache
+        # holds it: (expires, the directory, its identity or None), else None.
+        self.last_miss: tuple[float, str, tuple | None] | None = None
 
     def open(self, filename: bytes, mode: str = "octet") -> OpenFile:
+        self.last_miss = None
         rel = normalize(filename, self.root.real)
         path = os.path.join(self.root.real, rel)
         miss = self._misses.get(rel)
         if miss is not None:
             if miss.expires > self.clock() and miss.parent == self._parent(path):
                 self.stats.miss_hits += 1
+                self.last_miss = (miss.expires, os.path.dirname(path), miss.parent)
                 raise FileError(P.E_NOT_FOUND, "File not found", "No such file (cached)")
             del self._misses[rel]
         try:
@@ -335,7 +340,8 @@ class FileCache:
     def _remember_miss(self, rel: str, path: str) -> None:
         if len(self._misses) >= self.max_misses:
             del self._misses[next(iter(self._misses))]  # the oldest
-        self._misses[rel] = _Miss(self.clock() + self.miss_ttl, self._parent(path))
+        miss = self._misses[rel] = _Miss(self.clock() + self.miss_ttl, self._parent(path))
+        self.last_miss = (miss.expires, os.path.dirname(path), miss.parent)
 
 
 # -- uploads ---------------------------------------------------------------------------

@@ -27,7 +27,22 @@ from tftpd import logs
 from tftpd import packet as P
 from tftpd import stats as S
 from tftpd.config import Config
-from tftpd.datapath import EV_DONE, EV_PACKET, DataPath, FileShrank, Pump, encode_sockaddr
+from tftpd.datapath import (
+    EV_DONE,
+    EV_PACKET,
+    IP_PKTINFO,
+    IPV6_RECVPKTINFO,
+    REQ_ANSWERED,
+    REQ_BATCH,
+    SO_TIMESTAMPNS,
+    DataPath,
+    FileShrank,
+    Pump,
+    Refusal,
+    Refusals,
+    encode_sockaddr,
+    pktinfo_cmsg,
+)
 from tftpd.files import FileCache, FileError, OpenFile, Root, Upload, open_upload, sanitize
 from tftpd.gz import GzCache
 from tftpd.options import OptionRefused, Policy, negotiate
@@ -51,14 +66,6 @@ EXIT_BOOT_FAILED = 3  # the master does not respawn a worker that exits with thi
 BUSY_LOG_INTERVAL = 10.0  # s between "server full" reports
 NOISE_INTERVAL, NOISE_LINES = 10.0, 100  # bad-input log lines per interval, at most
 
-# struct in_pktinfo {int ifindex; in_addr spec_dst; in_addr addr} (Linux ip(7))
-_PKTINFO4 = struct.Struct("=i4s4s")
-_IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
-_IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
-_IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
-_SO_TIMESTAMPNS = 35  # == SCM_TIMESTAMPNS (Linux asm-generic/socket.h)
-_TIMESPEC = struct.Struct("=qq")
-_ANC_SIZE = socket.CMSG_SPACE(32) + socket.CMSG_SPACE(_TIMESPEC.size)
 
 
 MASTER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
@@ -141,31 +148,12 @@ def blksize_for_mtu(mtu: int | None, family: int) -> int | None:
 def enable_pktinfo(sock: socket.socket) -> None:
     """Each request's destination, interface and kernel arrival time."""
     if sock.family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVPKTINFO, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
     else:
-        sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
+        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
     # The arrival time measures how long a request waited in the socket buffer: the
     # first-answer time a PXE ROM sees, not only our own part of it.
-    sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
-
-
-def _from_ancillary(family: int, anc: list) -> tuple[str | None, int, float]:
-    """The request's destination address, arrival interface and arrival time."""
-    dst, ifindex, arrival = None, 0, 0.0
-    for level, kind, data in anc:
-        if family == socket.AF_INET and level == socket.IPPROTO_IP and kind == _IP_PKTINFO \
-                and len(data) >= _PKTINFO4.size:
-            ifindex, _, addr = _PKTINFO4.unpack_from(data)
-            dst = socket.inet_ntop(socket.AF_INET, addr)
-        elif family == socket.AF_INET6 and level == socket.IPPROTO_IPV6 \
-                and kind == _IPV6_PKTINFO and len(data) >= 20:
-            dst = socket.inet_ntop(socket.AF_INET6, data[:16])
-            ifindex = struct.unpack_from("=I", data, 16)[0]
-        elif level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS \
-                and len(data) >= _TIMESPEC.size:
-            sec, nsec = _TIMESPEC.unpack_from(data)
-            arrival = sec + nsec / 1e9
-    return dst, ifindex, arrival
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
 
 
 @dataclass(slots=True)
@@ -285,6 +273,12 @@ class Worker:
         self._wake_r = -1
         self.pump: Pump | None = None
         self.by_slot: dict[int, Session] = {}
+        # Known misses, answered by the data path. Only where the answer depends on
+        # the request's bytes alone: no map rules (they see the client's address), no
+        # per-client limit, no per-request log line (-v).
+        self.refusals: Refusals | None = None
+        if rules is None and not cfg.max_per_client and cfg.verbose < 1:
+            self.refusals = Refusals(datapath)
 
     # -- setup in the child (nothing process-wide happens before fork) --------------
 
@@ -396,28 +390,64 @@ class Worker:
 
     def _read_requests(self, lst: Listener) -> bool:
         """Serve up to LISTEN_BATCH requests; True when more are waiting."""
-        for _ in range(LISTEN_BATCH):
+        fwd = self.forward if lst.shared else None
+        got = 0
+        while got < LISTEN_BATCH:
+            # Known misses are answered by the data path itself (C: without Python),
+            # unless this worker is full: then every request hears "busy".
+            refusals = self.refusals if fwd is None \
+                and len(self.sessions) < self.max_sessions else None
             try:
                 # IP_PKTINFO on every listener: the destination address (for a wildcard
                 # bind) and the arrival interface, whose MTU caps the blksize.
-                data, anc, _flags, src = lst.sock.recvmsg(P.MAX_DATAGRAM, _ANC_SIZE)
-                dst, ifindex, arrival = _from_ancillary(lst.sock.family, anc)
-                local = dst if lst.pktinfo and dst else lst.host
-            except (BlockingIOError, InterruptedError):
-                return False
+                batch = self.datapath.requests(lst.sock, self._error_socket(lst), lst.pktinfo,
+                                               refusals, time.monotonic(),
+                                               min(REQ_BATCH, LISTEN_BATCH - got))
             except OSError as err:
                 log.warning("listen socket: %s", err)
                 return False
-            fwd = self.forward
-            if lst.shared and fwd is not None:
-                owner = fwd.owner(src)
-                if owner != fwd.index:
-                    if fwd.send(owner, lst, data, src, local, ifindex, arrival):
-                        self.counters[S.INDEX["forwarded"]] += 1
-                        continue
-                    # The owner cannot take it: serving it here beats dropping it.
-            self._serve_request(data, src, local, lst, ifindex, arrival)
+            for kind, refusal, err, data, src, dst, ifindex, arrival, answered in batch:
+                if kind == REQ_ANSWERED:
+                    assert refusal is not None
+                    self._answered(refusal, err, src, arrival, answered)
+                    continue
+                local = dst if lst.pktinfo and dst else lst.host
+                if fwd is not None:
+                    owner = fwd.owner(src)
+                    if owner != fwd.index:
+                        if fwd.send(owner, lst, data, src, local, ifindex, arrival):
+                            self.counters[S.INDEX["forwarded"]] += 1
+                            continue
+                        # The owner cannot take it: serving it here beats dropping it.
+                self._serve_request(data, src, local, lst, ifindex, arrival)
+            got += len(batch)
+            if len(batch) < REQ_BATCH:
+                return False
         return True
+
+    def _answered(self, refusal: Refusal, err: int, src: tuple, arrival: float,
+                  answered: float) -> None:
+        """A known miss the data path answered: the books and the log line."""
+        c = self.counters
+        c[S.INDEX["requests"]] += 1
+        c[S.INDEX["notfound"]] += 1
+        c[S.INDEX["miss_cache_hits"]] += 1
+        now = time.monotonic()
+        live = self.sessions.get(src)
+        if live is not None:  # the client moved on (as _on_request has it)
+            self._finish(live, Finish("aborted", "superseded by a new request"), now)
+        if err:
+            log.warning("error reply to %s: %s", _peer(src), os.strerror(err))
+        elif arrival:
+            S.observe(c, "first_answer", max(0.0, answered - arrival))
+        name, mode, code, reason, options = refusal.note
+        extra = None
+        if self.json_log:
+            extra = {"transfer": {"client": src[0], "port": src[1], "file": name,
+                                  "mode": mode, "options": _clean(options),
+                                  "outcome": "notfound", "error": code, "reason": reason}}
+        log.info("%s file=%s mode=%s outcome=%s error=%d reason=%s", _peer(src), name, mode,
+                 "notfound", code, reason, extra=extra)
 
     def _read_forwarded(self) -> None:
         assert self.forward is not None
@@ -503,6 +533,14 @@ class Worker:
             outcome = "notfound" if err.code == P.E_NOT_FOUND else "denied"
             self._refuse(lst, src, local, err.code, err.message, outcome, name, req.mode, now,
                          err.reason)
+            miss = self.files.last_miss
+            if miss is not None and self.refusals is not None and not lst.shared:
+                # While the negative cache holds the name, this very request is
+                # answered without Python (the answer depends on nothing else).
+                expires, directory, ident = miss
+                self.refusals.put(data, P.encode_error(err.code, err.message), expires,
+                                  directory, ident, (name, req.mode, err.code,
+                                                     "No such file (cached)", req.options))
             return True
         try:
             mtu_blk = blksize_for_mtu(self.mtu.get(ifindex, now), lst.sock.family) \
@@ -628,7 +666,7 @@ class Worker:
         try:
             if lst.pktinfo:
                 # Answer from the address the request was sent to (multi-homed hosts).
-                sock.sendmsg([pkt], [_pktinfo_cmsg(lst.sock.family, local)], 0, src)
+                sock.sendmsg([pkt], [pktinfo_cmsg(lst.sock.family, local)], 0, src)
             else:
                 sock.sendto(pkt, src)
         except OSError as err:
@@ -862,14 +900,6 @@ class Worker:
                  t.retransmits, fin.outcome,
                  f" reason={sanitize(fin.detail, 200)}" if fin.detail else "",
                  extra=extra)
-
-
-def _pktinfo_cmsg(family: int, local: str) -> tuple[int, int, bytes]:
-    if family == socket.AF_INET6:
-        return (socket.IPPROTO_IPV6, _IPV6_PKTINFO,
-                socket.inet_pton(socket.AF_INET6, local) + struct.pack("=I", 0))
-    return (socket.IPPROTO_IP, _IP_PKTINFO,
-            _PKTINFO4.pack(0, socket.inet_pton(socket.AF_INET, local), bytes(4)))
 
 
 def _peer(addr: tuple) -> str:
