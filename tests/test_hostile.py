@@ -331,3 +331,46 @@ def test_unknown_tid_gets_error_5(daemon: Daemon) -> None:
         b.settimeout(0.3)
         with pytest.raises(TimeoutError):
             b.recvfrom(P.MAX_DATAGRAM)  # one ERROR, no data for the stranger
+
+
+def test_repeated_misses_answered_every_time_until_the_name_appears(daemon: Daemon) -> None:
+    """Known misses are answered by the data path (C: without Python); each one still
+    gets its ERROR 1 from a new TID and its log line, and the name served once it is
+    there: a new directory or file is a change of the directory the miss was in."""
+    name = b"pxelinux.cfg/C0A80A05"
+    rrq = P.encode_rrq(name, "octet", {"tsize": "0"})
+    n = 12
+    with udp() as a, udp() as b:
+        for _ in range(n):
+            for s in (a, b):
+                s.sendto(rrq, (daemon.host, daemon.port))
+                reply, src = s.recvfrom(P.MAX_DATAGRAM)
+                assert P.parse(reply) == P.Error(P.E_NOT_FOUND, "File not found")
+                assert src[1] != daemon.port
+        daemon.wait_for_log(r"file=pxelinux\.cfg/C0A80A05 mode=octet outcome=notfound "
+                            r"error=1", count=2 * n)
+        # All but the first in each worker came from the negative cache.
+        cached = daemon.wait_for_log(r"C0A80A05 .*reason=No such file \(cached\)")
+        assert len(cached) >= 2 * n - 2
+        (daemon.root / "pxelinux.cfg").mkdir()
+        (daemon.root / "pxelinux.cfg" / "C0A80A05").write_bytes(b"menu")
+        for s in (a, b):
+            s.sendto(rrq, (daemon.host, daemon.port))
+            reply, src = s.recvfrom(P.MAX_DATAGRAM)
+            assert P.parse(reply) == P.OAck({"tsize": "4"})
+            s.sendto(P.encode_error(8, "probe done"), src)
+
+
+def test_a_known_miss_supersedes_the_live_transfer_of_its_port(daemon: Daemon) -> None:
+    (daemon.root / "big.bin").write_bytes(b"b" * 5000)
+    miss = P.encode_rrq(b"loader.conf.local", "octet", {})
+    with udp() as s:
+        for _ in range(2):  # the second is answered from the cache of the same worker
+            s.sendto(miss, (daemon.host, daemon.port))
+            assert P.parse(s.recvfrom(P.MAX_DATAGRAM)[0]).code == P.E_NOT_FOUND
+        s.sendto(P.encode_rrq(b"big.bin", "octet", {}), (daemon.host, daemon.port))
+        data, tid = s.recvfrom(P.MAX_DATAGRAM)
+        assert P.parse(data) == P.Data(1, b"b" * 512)
+        s.sendto(miss, (daemon.host, daemon.port))  # the client moved on
+        assert P.parse(s.recvfrom(P.MAX_DATAGRAM)[0]).code == P.E_NOT_FOUND
+        daemon.wait_for_log(r"file=big\.bin .*outcome=aborted reason=superseded")

@@ -1,0 +1,222 @@
+"""Requests read by the data path, and known misses it answers alone (both paths).
+
+`DataPath.requests` reads the listen socket; a request in the `Refusals` table is
+answered at once from the error socket, every other one is handed back. These tests
+drive both implementations over loopback and compare what they report and send.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tftpd import packet as P
+from tftpd.datapath import (
+    REQ_ANSWERED,
+    REQ_BATCH,
+    REQ_PASS,
+    DataPath,
+    Refusals,
+    dir_identity,
+    ext_error,
+    get_datapath,
+)
+
+REQUIRE_EXT = os.environ.get("TFTPD_REQUIRE_EXT", "").strip().lower() not in (
+    "", "0", "no", "false"
+)
+WAIT = 2.0  # s, for a datagram on loopback
+MISSING = P.encode_rrq(b"pxelinux.cfg/01-52-54-00-12-34-56", "octet", {"tsize": "0"})
+NOT_FOUND = P.encode_error(P.E_NOT_FOUND, "File not found")
+
+
+@pytest.fixture(params=["c", "python"])
+def datapath(request: pytest.FixtureRequest) -> DataPath:
+    if request.param == "c" and ext_error() is not None:
+        if REQUIRE_EXT:
+            pytest.fail(f"TFTPD_REQUIRE_EXT is set but {ext_error()}")
+        pytest.skip(ext_error() or "")
+    return get_datapath(request.param)
+
+
+def _udp(host: str = "127.0.0.1") -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((host, 0))
+    s.settimeout(WAIT)
+    return s
+
+
+@pytest.fixture
+def listen() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A listen socket as the worker sets it up, and its error socket."""
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    lsock.bind(("0.0.0.0", 0))
+    from tftpd.worker import enable_pktinfo
+
+    enable_pktinfo(lsock)
+    err = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    err.bind(("0.0.0.0", 0))
+    yield lsock, err
+    lsock.close()
+    err.close()
+
+
+def _read(dp: DataPath, lsock: socket.socket, err: socket.socket, refusals: Refusals | None,
+          want: int, pktinfo: bool = True) -> list:
+    """Read until `want` requests came (bounded by WAIT)."""
+    out: list = []
+    end = time.monotonic() + WAIT
+    while len(out) < want and time.monotonic() < end:
+        out += dp.requests(lsock, err, pktinfo, refusals, time.monotonic())
+    return out
+
+
+def _known(dp: DataPath, tmp_path: Path, request: bytes = MISSING,
+           ttl: float = 30.0) -> Refusals:
+    refusals = Refusals(dp)
+    directory = str(tmp_path / "pxelinux.cfg")
+    refusals.put(request, NOT_FOUND, time.monotonic() + ttl, directory,
+                 dir_identity(directory), note="a note")
+    return refusals
+
+
+def test_nothing_waiting_reads_nothing(datapath: DataPath, listen: tuple) -> None:
+    lsock, err = listen
+    assert datapath.requests(lsock, err, True, None, time.monotonic()) == []
+
+
+def test_unknown_requests_pass_with_their_ancillary_data(datapath: DataPath,
+                                                         listen: tuple) -> None:
+    lsock, err = listen
+    port = lsock.getsockname()[1]
+    with _udp() as c:
+        me = c.getsockname()
+        before = time.time()
+        c.sendto(MISSING, ("127.0.0.2", port))
+        (kind, refusal, e, data, src, dst, ifindex, arrival, _), = _read(
+            datapath, lsock, err, None, 1)
+    assert (kind, refusal, e, data) == (REQ_PASS, None, 0, MISSING)
+    assert src == me
+    assert dst == "127.0.0.2"  # where it was sent: a wildcard listener learns it
+    assert ifindex == socket.if_nametoindex("lo")
+    assert before - 1 <= arrival <= time.time() + 1
+
+
+def test_known_miss_answered_from_the_address_asked(datapath: DataPath, listen: tuple,
+                                                    tmp_path: Path) -> None:
+    lsock, err = listen
+    refusals = _known(datapath, tmp_path)
+    port = lsock.getsockname()[1]
+    with _udp() as c:
+        me = c.getsockname()
+        c.sendto(MISSING, ("127.0.0.3", port))
+        events = _read(datapath, lsock, err, refusals, 1)
+        reply, server = c.recvfrom(P.MAX_DATAGRAM)
+    (kind, refusal, e, data, src, dst, _, arrival, answered), = events
+    assert kind == REQ_ANSWERED and e == 0 and data == b""
+    assert refusal is not None and refusal.note == "a note"
+    assert src == me and dst == "127.0.0.3"
+    assert reply == NOT_FOUND
+    # A new TID, from the address the client asked (pktinfo), not the listen port.
+    assert server == ("127.0.0.3", err.getsockname()[1])
+    assert answered >= arrival > 0
+
+
+def test_only_the_identical_request_is_answered(datapath: DataPath, listen: tuple,
+                                                tmp_path: Path) -> None:
+    lsock, err = listen
+    refusals = _known(datapath, tmp_path)
+    port = lsock.getsockname()[1]
+    other = P.encode_rrq(b"pxelinux.cfg/01-52-54-00-12-34-56", "octet", {"tsize": "1"})
+    with _udp() as c:
+        for datagram in (other, MISSING[:-1], MISSING + b"x\0"):
+            c.sendto(datagram, ("127.0.0.1", port))
+        events = _read(datapath, lsock, err, refusals, 3)
+    assert [ev[0] for ev in events] == [REQ_PASS] * 3
+
+
+def test_a_changed_directory_or_an_expired_entry_passes(datapath: DataPath, listen: tuple,
+                                                        tmp_path: Path) -> None:
+    lsock, err = listen
+    port = lsock.getsockname()[1]
+    refusals = _known(datapath, tmp_path)  # pxelinux.cfg/ missing: stat fails
+    with _udp() as c:
+        c.sendto(MISSING, ("127.0.0.1", port))
+        assert [ev[0] for ev in _read(datapath, lsock, err, refusals, 1)] == [REQ_ANSWERED]
+        c.recvfrom(P.MAX_DATAGRAM)
+        (tmp_path / "pxelinux.cfg").mkdir()  # now it may hold the name
+        c.sendto(MISSING, ("127.0.0.1", port))
+        assert [ev[0] for ev in _read(datapath, lsock, err, refusals, 1)] == [REQ_PASS]
+        # Known again with the directory present; a file added to it is a change.
+        refusals = _known(datapath, tmp_path)
+        c.sendto(MISSING, ("127.0.0.1", port))
+        assert [ev[0] for ev in _read(datapath, lsock, err, refusals, 1)] == [REQ_ANSWERED]
+        c.recvfrom(P.MAX_DATAGRAM)
+        (tmp_path / "pxelinux.cfg" / "01-52-54-00-12-34-56").write_bytes(b"x")
+        c.sendto(MISSING, ("127.0.0.1", port))
+        assert [ev[0] for ev in _read(datapath, lsock, err, refusals, 1)] == [REQ_PASS]
+        expired = _known(datapath, tmp_path, ttl=-1.0)
+        c.sendto(MISSING, ("127.0.0.1", port))
+        assert [ev[0] for ev in _read(datapath, lsock, err, expired, 1)] == [REQ_PASS]
+
+
+def test_a_batch_mixes_answers_and_passes_in_order(datapath: DataPath, listen: tuple,
+                                                   tmp_path: Path) -> None:
+    lsock, err = listen
+    refusals = _known(datapath, tmp_path)
+    port = lsock.getsockname()[1]
+    wanted = P.encode_rrq(b"nbp.efi", "octet", {"tsize": "0"})
+    n = REQ_BATCH + 8  # more than one call's worth
+    clients = [_udp() for _ in range(4)]
+    try:
+        for i in range(n):
+            clients[i % 4].sendto(MISSING if i % 2 else wanted, ("127.0.0.1", port))
+        events = _read(datapath, lsock, err, refusals, n)
+        assert [ev[0] for ev in events] == [REQ_ANSWERED if i % 2 else REQ_PASS
+                                            for i in range(n)]
+        assert [ev[4] for ev in events] == [clients[i % 4].getsockname() for i in range(n)]
+        assert all(ev[3] == wanted for ev in events if ev[0] == REQ_PASS)
+        for i, c in enumerate(clients):
+            mine = sum(1 for j in range(n) if j % 4 == i and j % 2)
+            for _ in range(mine):
+                assert c.recvfrom(P.MAX_DATAGRAM)[0] == NOT_FOUND
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_refusals_rebuild_keeps_the_live_entries(datapath: DataPath, listen: tuple,
+                                                 tmp_path: Path) -> None:
+    lsock, err = listen
+    refusals = Refusals(datapath, capacity=8)
+    directory = str(tmp_path)
+    ident = dir_identity(directory)
+    far = time.monotonic() + 60
+    names = [P.encode_rrq(f"guess-{i}".encode(), "octet", {}) for i in range(12)]
+    for i, name in enumerate(names):
+        refusals.put(name, NOT_FOUND, far if i != 9 else time.monotonic() - 1, directory,
+                     ident, i)
+    assert len(refusals) <= 4  # rebuilt to half capacity or less, the newest kept
+    port = lsock.getsockname()[1]
+    with _udp() as c:
+        for name in names:
+            c.sendto(name, ("127.0.0.1", port))
+        events = _read(datapath, lsock, err, refusals, len(names))
+    answered = [ev[1].note for ev in events if ev[0] == REQ_ANSWERED]
+    # Exactly the entries kept: the newest, never the expired one.
+    assert len(answered) == len(refusals) and 11 in answered and 9 not in answered
+    assert answered == sorted(answered) and min(answered) >= 12 - 8
+    # A request that misses again is refreshed in place, not entered twice.
+    before = len(refusals)
+    refusals.put(names[11], NOT_FOUND, far, directory, ident, "again")
+    assert len(refusals) == before
+
+
+def test_capacity_must_be_a_power_of_two(datapath: DataPath) -> None:
+    with pytest.raises(ValueError):
+        Refusals(datapath, capacity=100)
