@@ -198,3 +198,42 @@ def test_batched_log_lines_are_written_whole_in_small_writes() -> None:
     h.flush()
     assert all(w.endswith("\n") and len(w) <= ATOMIC_WRITE for w in out.writes)
     assert "".join(out.writes) == "".join(t + "\n" for t in lines)
+
+
+@pytest.mark.parametrize("fmt, direct", [("tftpd[%(process)d]: %(message)s", True),
+                                         ("%(asctime)s %(message)s", False)])
+def test_direct_log_lines_are_the_records_lines(fmt: str, direct: bool) -> None:
+    """logs.info_line skips the LogRecord only where the text comes out the same."""
+    import io
+    import logging
+
+    from tftpd import logs
+
+    out = io.StringIO()
+    h = logs.BatchingHandler(out)
+    h.setFormatter(logging.Formatter(fmt))
+    saved = logs.log.handlers[:], logs.log.level, logs.log.propagate
+    logs.log.handlers[:] = [h]
+    logs.log.setLevel(logging.INFO)
+    logs.log.propagate = False
+    try:
+        logs.start_batching()
+        assert bool(logs._fast) is direct
+        logs.info_line("10.0.0.1:1234 file=a outcome=ok")
+        logs.log.info("%s", "10.0.0.1:1234 file=a outcome=ok")
+        logs.flush_logs()
+        first, second = out.getvalue().splitlines()
+        if direct:
+            assert first == second == f"tftpd[{os.getpid()}]: 10.0.0.1:1234 file=a outcome=ok"
+        else:
+            assert first.endswith(" 10.0.0.1:1234 file=a outcome=ok") and first[:4].isdigit()
+        logs.log.setLevel(logging.WARNING)  # INFO off: no line either way
+        logs.start_batching()
+        logs.info_line("hidden")
+        logs.flush_logs()
+        assert "hidden" not in out.getvalue()
+    finally:
+        h.batching = False
+        logs.log.handlers[:], level, logs.log.propagate = saved[0], saved[1], saved[2]
+        logs.log.setLevel(level)
+        logs._fast.clear()

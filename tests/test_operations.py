@@ -279,8 +279,11 @@ def test_metrics_match_what_happened(root: Path) -> None:
             client.probe("127.0.0.1", d.port, "f")
         with pytest.raises(client.TftpError):
             client.get("127.0.0.1", d.port, "missing")
+        # A worker counts an answer just after sending it: wait for the last one.
         m = wait_until(lambda: (lambda m: m if m['tftpd_transfers_total{outcome="ok"}'] == 3
-                                and m["tftpd_probes_total"] == 2 else None)(scrape(mport)),
+                                and m["tftpd_probes_total"] == 2
+                                and m["tftpd_first_answer_seconds_count"] >= 6
+                                else None)(scrape(mport)),
                        what="the counters")
         assert isinstance(m, dict)
         assert m["tftpd_requests_total"] == 6

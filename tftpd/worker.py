@@ -441,11 +441,13 @@ class Worker:
         elif arrival:
             S.observe(c, "first_answer", max(0.0, answered - arrival))
         name, mode, code, reason, options = refusal.note
-        extra = None
-        if self.json_log:
-            extra = {"transfer": {"client": src[0], "port": src[1], "file": name,
-                                  "mode": mode, "options": _clean(options),
-                                  "outcome": "notfound", "error": code, "reason": reason}}
+        if not self.json_log:
+            logs.info_line(f"{_peer(src)} file={name} mode={mode} outcome=notfound "
+                           f"error={code} reason={reason}")
+            return
+        extra = {"transfer": {"client": src[0], "port": src[1], "file": name, "mode": mode,
+                              "options": _clean(options), "outcome": "notfound",
+                              "error": code, "reason": reason}}
         log.info("%s file=%s mode=%s outcome=%s error=%d reason=%s", _peer(src), name, mode,
                  "notfound", code, reason, extra=extra)
 
@@ -683,12 +685,13 @@ class Worker:
                 self.busy_logged_at = now
             return
         self.counters[S.OUTCOME.get(outcome, S.INDEX["failed"])] += 1
-        extra = None
-        if self.json_log:
-            extra = {"transfer": {"client": src[0], "port": src[1], "file": name,
-                                  "mode": mode, "options": _clean(self._asked),
-                                  "outcome": outcome, "error": code,
-                                  "reason": reason or message}}
+        if not self.json_log:
+            logs.info_line(f"{_peer(src)} file={name} mode={mode} outcome={outcome} "
+                           f"error={code} reason={reason or message}")
+            return
+        extra = {"transfer": {"client": src[0], "port": src[1], "file": name, "mode": mode,
+                              "options": _clean(self._asked), "outcome": outcome,
+                              "error": code, "reason": reason or message}}
         log.info("%s file=%s mode=%s outcome=%s error=%d reason=%s", _peer(src), name, mode,
                  outcome, code, reason or message, extra=extra)
 
@@ -885,15 +888,20 @@ class Worker:
         self._hits_reported, self._misses_reported = st.hits, st.miss_hits
         # One line per finished transfer, whatever its end.
         duration = now - session.started
-        extra = None
-        if self.json_log:
-            extra = {"transfer": {
-                "client": session.peer[0], "port": session.peer[1], "file": session.name,
-                "mode": session.mode, "op": "WRQ" if session.upload else "RRQ",
-                "options": _clean(session.asked), "granted": session.granted,
-                "bytes": t.bytes_sent, "blksize": t.blksize, "windowsize": t.windowsize,
-                "duration_s": round(duration, 6), "retransmits": t.retransmits,
-                "outcome": fin.outcome, "reason": sanitize(fin.detail, 200)}}
+        if not self.json_log:
+            detail = f" reason={sanitize(fin.detail, 200)}" if fin.detail else ""
+            logs.info_line(f"{_peer(session.peer)} file={session.name} mode={session.mode} "
+                           f"bytes={t.bytes_sent} blksize={t.blksize} window={t.windowsize} "
+                           f"duration={duration:.3f}s retransmits={t.retransmits} "
+                           f"outcome={fin.outcome}{detail}")
+            return
+        extra = {"transfer": {
+            "client": session.peer[0], "port": session.peer[1], "file": session.name,
+            "mode": session.mode, "op": "WRQ" if session.upload else "RRQ",
+            "options": _clean(session.asked), "granted": session.granted,
+            "bytes": t.bytes_sent, "blksize": t.blksize, "windowsize": t.windowsize,
+            "duration_s": round(duration, 6), "retransmits": t.retransmits,
+            "outcome": fin.outcome, "reason": sanitize(fin.detail, 200)}}
         log.info("%s file=%s mode=%s bytes=%d blksize=%d window=%d duration=%.3fs "
                  "retransmits=%d outcome=%s%s", _peer(session.peer), session.name,
                  session.mode, t.bytes_sent, t.blksize, t.windowsize, duration,
