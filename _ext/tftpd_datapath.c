@@ -278,6 +278,7 @@ int tftpd_send_window(int sock, const char *addr, unsigned int addrlen,
 /* ---- the lock-step pump ------------------------------------------------- */
 
 #include <sys/epoll.h>
+#include <time.h>
 
 #define TFTPD_OPCODE_ACK 4
 #define TFTPD_PUMP_READY_MAX 256 /* epoll events per call (stack array) */
@@ -384,14 +385,36 @@ static int tftpd_same_peer(const struct tftpd_xfer *x, const struct sockaddr_sto
     return srclen == x->addrlen && memcmp(src, x->addr, srclen) == 0;
 }
 
+static double tftpd_monotonic(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* cannot fail for this clock */
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* Milliseconds to wait until `deadline`, rounded up; 0 once it has passed. */
+static int tftpd_wait_ms(double deadline)
+{
+    double left = deadline - tftpd_monotonic();
+
+    if (left <= 0)
+        return 0;
+    if (left > 86400.0)
+        left = 86400.0;
+    return (int)(left * 1000.0) + 1;
+}
+
 int tftpd_pump(int epfd, struct tftpd_xfer **table, unsigned int table_len,
-               double now, unsigned int max_ready,
+               double now, int timeout_ms, unsigned int max_ready,
                struct tftpd_event *events, unsigned int max_events,
                char *pktbuf, size_t pktbuf_len,
                char *scratch, size_t scratch_len, unsigned int *gso)
 {
     struct epoll_event ready[TFTPD_PUMP_READY_MAX];
     unsigned int nev = 0, used = 0;
+    double deadline = now + (timeout_ms > 0 ? timeout_ms / 1000.0 : 0.0);
+    int wait = timeout_ms > 0 ? timeout_ms : 0;
     int nready, i;
 
     if (table == NULL || events == NULL || pktbuf == NULL || scratch == NULL
@@ -401,17 +424,36 @@ int tftpd_pump(int epfd, struct tftpd_xfer **table, unsigned int table_len,
         max_ready = TFTPD_PUMP_READY_MAX;
     if (max_ready == 0)
         return 0;
-    do {
-        nready = epoll_wait(epfd, ready, (int)max_ready, 0);
-    } while (nready < 0 && errno == EINTR);
-    if (nready < 0)
-        return -errno;
+
+again:
+    for (;;) {
+        nready = epoll_wait(epfd, ready, (int)max_ready, wait);
+        if (nready >= 0)
+            break;
+        if (errno != EINTR)
+            return -errno;
+        /* A signal: its handler's pipe is a token, reported on the next wait. */
+        wait = wait > 0 ? tftpd_wait_ms(deadline) : 0;
+    }
+    if (nready == 0)
+        return 0; /* the time is up, nothing happened */
+    if (wait > 0)
+        now = tftpd_monotonic(); /* the wait took time: RTT samples need the truth */
 
     for (i = 0; i < nready; i++) {
         unsigned int slot = ready[i].data.u32;
         struct tftpd_xfer *x;
         int d;
 
+        if (slot >= TFTPD_TOKEN_BASE) {
+            if (nev >= max_events)
+                return (int)nev; /* level-triggered: it is reported next time */
+            memset(&events[nev], 0, sizeof(events[nev]));
+            events[nev].slot = slot;
+            events[nev].kind = TFTPD_EV_READY;
+            nev++;
+            continue;
+        }
         if (slot >= table_len || (x = table[slot]) == NULL)
             continue;
         for (d = 0; d < TFTPD_PUMP_PER_SOCKET; d++) {
@@ -469,7 +511,13 @@ int tftpd_pump(int epfd, struct tftpd_xfer **table, unsigned int table_len,
             break; /* Python may change this transfer: let it look first */
         }
     }
-    return (int)nev;
+    if (nev > 0 || timeout_ms <= 0)
+        return (int)nev;
+    /* Every ready socket was an ACK C answered: wait on, for what is left. */
+    wait = tftpd_wait_ms(deadline);
+    if (wait == 0)
+        return 0;
+    goto again;
 }
 
 int tftpd_epoll_set(int epfd, int op, int fd, unsigned int slot)

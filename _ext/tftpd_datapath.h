@@ -18,7 +18,7 @@
 
 /* Bump on any change of a signature or of a meaning below; tftpd/datapath.py
  * refuses a compiled module whose version differs from the one it expects. */
-#define TFTPD_DATAPATH_VERSION 3
+#define TFTPD_DATAPATH_VERSION 4
 
 /* Most datagrams handed to one sendmmsg() call, and the most blocks read in
  * one go: a window is read and sent in batches of at most this many blocks
@@ -107,6 +107,11 @@ struct tftpd_xfer {
 #define TFTPD_EV_PACKET 1   /* a datagram Python must judge (in pktbuf) */
 #define TFTPD_EV_DONE 2     /* the last block was acknowledged */
 #define TFTPD_EV_ERROR 3    /* recv or send failed: err is errno or ESHRANK */
+#define TFTPD_EV_READY 4    /* a descriptor of Python's is ready: slot is its token */
+
+/* Epoll data at or above this is not a transfer's slot but a token: one of
+ * Python's own descriptors (listen sockets, the signal pipe) in the same set. */
+#define TFTPD_TOKEN_BASE 4294901760
 
 struct tftpd_event {
     unsigned int slot;             /* the transfer's index in the table */
@@ -124,8 +129,16 @@ struct tftpd_event {
 
 /*
  * Serve the ready sockets of the epoll set `epfd` (whose event data.u32 is
- * the slot of a transfer in `table`; table_len entries, NULL for none) once,
- * without waiting: at most `max_ready` sockets, at most 16 datagrams each.
+ * the slot of a transfer in `table`; table_len entries, NULL for none): at
+ * most `max_ready` sockets per epoll_wait(), at most 16 datagrams each.
+ *
+ * The pump waits up to timeout_ms (0: not at all) for something to do, and
+ * keeps serving ACKs until there is something for Python: it returns as soon
+ * as a call has produced events, when a token (data.u32 >= TFTPD_TOKEN_BASE)
+ * is ready (reported as EV_READY with slot = the token; a signal handler's
+ * wake-up pipe among them ends the wait), or when timeout_ms has passed.  A
+ * lock-step stream is thus served in C alone, ACK after ACK, with the clock
+ * (CLOCK_MONOTONIC) read after each wait; `now` is the time of the call.
  *
  * For a transfer with fast set, an ACK from its peer is handled here with
  * ReadTransfer._on_ack's rules: a duplicate or stale ACK is ignored; an ACK
@@ -143,7 +156,7 @@ struct tftpd_event {
  * Returns the number of events written, or -errno if epoll_wait failed.
  */
 int tftpd_pump(int epfd, struct tftpd_xfer **table, unsigned int table_len,
-               double now, unsigned int max_ready,
+               double now, int timeout_ms, unsigned int max_ready,
                struct tftpd_event *events, unsigned int max_events,
                char *pktbuf, size_t pktbuf_len,
                char *scratch, size_t scratch_len, unsigned int *gso);

@@ -56,7 +56,7 @@ __all__ = [
 
 # The version of _ext/tftpd_datapath.h this module speaks; the compiled module
 # reports its own (TFTPD_DATAPATH_VERSION) and a mismatch means a stale build.
-EXT_VERSION = 3
+EXT_VERSION = 4
 
 # Blocks read and sent per batch; equal to TFTPD_MAX_BATCH in the C code
 # (checked at import) so both implementations stop at the same place.
@@ -605,7 +605,7 @@ class Refusals:
         e.hash = h  # last: the entry is whole before it can match
 
 
-EV_PACKET, EV_DONE, EV_ERROR = 1, 2, 3
+EV_PACKET, EV_DONE, EV_ERROR, EV_READY = 1, 2, 3, 4
 
 
 class Pump:
@@ -629,6 +629,7 @@ class Pump:
         self._cap = 1024
         self._table = ffi.new("struct tftpd_xfer *[]", self._cap)
         self._states: dict[int, Any] = {}  # slot -> the struct (keeps it alive)
+        self._tokens: list[int] = []  # the descriptors added by add_token
         self._free: list[int] = list(range(self._cap - 1, -1, -1))
         self._events = ffi.new("struct tftpd_event[]", self.MAX_EVENTS)
         self._pktbuf = ffi.new("char[]", self.PKTBUF)
@@ -687,12 +688,30 @@ class Pump:
         self._table[slot] = self._ffi.NULL
         self._free.append(slot)
 
-    def run(self, now: float, max_ready: int = 256) -> list[tuple[int, int, int, bytes,
-                                                                  tuple[Any, ...] | None]]:
+    def add_token(self, fd: int) -> int:
+        """Put one of Python's descriptors (a listen socket, the signal pipe, a
+        selector) in the pump's epoll set; `run` reports it ready as
+        (token, EV_READY, 0, b"", None) and stops waiting. Returns the token."""
+        token = int(self._lib.TFTPD_TOKEN_BASE) + len(self._tokens)
+        rc = self._lib.tftpd_epoll_set(self.epoll.fileno(), self._lib.TFTPD_EPOLL_ADD, fd,
+                                       token)
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc))
+        self._tokens.append(fd)
+        return token
+
+    def remove_token(self, fd: int, token: int) -> None:
+        self._lib.tftpd_epoll_set(self.epoll.fileno(), self._lib.TFTPD_EPOLL_DEL, fd, token)
+
+    def run(self, now: float, timeout: float = 0.0,
+            max_ready: int = 256) -> list[tuple[int, int, int, bytes, tuple[Any, ...] | None]]:
+        """Serve ready transfers; wait up to `timeout` s for something for Python
+        (an event, a ready token), answering ACKs in C meanwhile."""
         dp = self._dp
-        n = self._lib.tftpd_pump(self.epoll.fileno(), self._table, self._cap, now, max_ready,
-                                 self._events, self.MAX_EVENTS, self._pktbuf, self.PKTBUF,
-                                 dp._buf, dp._scratch_len, dp._gso)
+        ms = min(int(timeout * 1000.0 + 0.999), 86_400_000) if timeout > 0 else 0
+        n = self._lib.tftpd_pump(self.epoll.fileno(), self._table, self._cap, now, ms,
+                                 max_ready, self._events, self.MAX_EVENTS, self._pktbuf,
+                                 self.PKTBUF, dp._buf, dp._scratch_len, dp._gso)
         if n < 0:
             raise OSError(-n, os.strerror(-n))
         out = []

@@ -30,6 +30,7 @@ from tftpd.config import Config
 from tftpd.datapath import (
     EV_DONE,
     EV_PACKET,
+    EV_READY,
     IP_PKTINFO,
     IPV6_RECVPKTINFO,
     REQ_ANSWERED,
@@ -273,6 +274,8 @@ class Worker:
         self._wake_r = -1
         self.pump: Pump | None = None
         self.by_slot: dict[int, Session] = {}
+        self._tokens: dict[int, object] = {}  # the pump's token -> what is ready
+        self._backlog = False  # requests were left in a listen socket last turn
         # Known misses, answered by the data path. Only where the answer depends on
         # the request's bytes alone: no map rules (they see the client's address), no
         # per-client limit, no per-request log line (-v).
@@ -296,19 +299,29 @@ class Worker:
         # place, a TERM that arrived in between is delivered to them, not lost.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
         _die_with_parent()
-        self.sel.register(self._wake_r, selectors.EVENT_READ, None)
         if os.environ.get("TFTPD_PUMP", "1") != "0":
-            # With the C data path, C answers the ACKs of every transfer socket in one
-            # call per loop turn; the pump's epoll set sits inside the worker's.
+            # With the C data path the worker waits in C: the pump answers ACKs in
+            # its epoll set until one of Python's descriptors (tokens) is ready,
+            # an ACK needs a decision, or the next timer is due.
             self.pump = self.datapath.pump()
-        if self.pump is not None:
-            self.sel.register(self.pump.fileno(), selectors.EVENT_READ, self.pump)
         for i, lst in enumerate(self.listeners):
             lst.index = i
             lst.sock.setblocking(False)
-            self.sel.register(lst.sock, selectors.EVENT_READ, lst)
-        if self.forward is not None:
-            self.sel.register(self.forward.reader, selectors.EVENT_READ, self.forward)
+        if self.pump is None:
+            self.sel.register(self._wake_r, selectors.EVENT_READ, None)
+            for lst in self.listeners:
+                self.sel.register(lst.sock, selectors.EVENT_READ, lst)
+            if self.forward is not None:
+                self.sel.register(self.forward.reader, selectors.EVENT_READ, self.forward)
+        else:
+            # Uploads keep their sockets in the selector, which is a token itself.
+            watch: list[tuple[int, object]] = [(self._wake_r, None),
+                                               (self.sel.fileno(), self.sel)]
+            watch += [(lst.sock.fileno(), lst) for lst in self.listeners]
+            if self.forward is not None:
+                watch.append((self.forward.reader.fileno(), self.forward))
+            for fd, what in watch:
+                self._tokens[self.pump.add_token(fd)] = what
         self.counters[S.INDEX["listening"]] = 1
         logs.start_batching()
 
@@ -340,32 +353,56 @@ class Worker:
             wait = IDLE_WAIT
             if self.timers:
                 wait = max(0.0, min(wait, self.timers[0][0] - time.monotonic()))
-            events = self.sel.select(wait)
-            # Listen sockets first, then transfers: new requests beat running ones.
-            transfers = []
-            pump_ready = False
-            backlog = False
-            for key, _ in events:
-                if isinstance(key.data, Listener):
-                    backlog |= self._read_requests(key.data)
-                elif isinstance(key.data, Forward):
-                    self._read_forwarded()
-                elif isinstance(key.data, Session):
-                    transfers.append(key.data)
-                elif key.data is not None:
-                    pump_ready = True
-                else:
-                    self._drain_wakeup()
-            for session in transfers:
-                self._read_transfer(session)
-            if pump_ready:
-                # While requests are still queued (the first second of a storm), the
-                # transfers get one turn (up to 256 of them) per batch of requests read:
-                # no RRQ waits behind a thousand ACKs, and a flood of requests cannot
-                # starve the transfers it starts either.
-                self._run_pump(max_runs=1 if backlog else 8)
+            if self.pump is not None:
+                self._turn_in_c(wait)
+            else:
+                self._turn(self.sel.select(wait))
             self._run_timers(time.monotonic())
             logs.flush_logs()  # this turn's records, in one write
+
+    def _turn(self, events: list) -> bool:
+        """Serve the ready descriptors of the selector; True when requests are left."""
+        # Listen sockets first, then transfers: new requests beat running ones.
+        transfers = []
+        backlog = False
+        for key, _ in events:
+            if isinstance(key.data, Listener):
+                backlog |= self._read_requests(key.data)
+            elif isinstance(key.data, Forward):
+                self._read_forwarded()
+            elif isinstance(key.data, Session):
+                transfers.append(key.data)
+            else:
+                self._drain_wakeup()
+        for session in transfers:
+            self._read_transfer(session)
+        return backlog
+
+    def _turn_in_c(self, wait: float) -> None:
+        """Wait in C's pump: ACKs are answered there until something is Python's.
+
+        While requests are still queued (the first second of a storm), the next turn
+        does not wait: the transfers get one pass (up to 256 sockets) per batch of
+        requests read, so no RRQ waits behind a thousand ACKs and a flood of requests
+        cannot starve the transfers it starts either.
+        """
+        assert self.pump is not None
+        if self._backlog:
+            wait = 0.0
+        events = self.pump.run(time.monotonic(), wait)
+        backlog = False
+        ready = [self._tokens.get(ev[0]) for ev in events if ev[1] == EV_READY]
+        for what in ready:  # listen sockets first
+            if isinstance(what, Listener):
+                backlog |= self._read_requests(what)
+            elif isinstance(what, Forward):
+                self._read_forwarded()
+            elif what is None:
+                self._drain_wakeup()
+        self._backlog = backlog
+        self._pump_events(events)
+        if self.sel in ready:
+            self._turn(self.sel.select(0))
 
     def _drain_wakeup(self) -> None:
         try:
@@ -377,12 +414,24 @@ class Worker:
     def _stop_listening(self) -> None:
         # With SO_REUSEPORT a socket that stays open keeps receiving its share of
         # requests; a draining worker closes its copy (the master closes its own).
+        # The master shares the socket, so closing ours would not take it out of an
+        # epoll set: it is taken out first.
+        if self.pump is not None:
+            for token, what in list(self._tokens.items()):
+                if isinstance(what, Listener):
+                    self.pump.remove_token(what.sock.fileno(), token)
+                elif isinstance(what, Forward):
+                    self.pump.remove_token(what.reader.fileno(), token)
+                else:
+                    continue
+                del self._tokens[token]
         for lst in self.listeners:
-            self.sel.unregister(lst.sock)
+            if self.pump is None:
+                self.sel.unregister(lst.sock)
             lst.sock.close()
         self.listeners = []
         # Forwarded requests stop too: the owner of a hash may be a new worker now.
-        if self.forward is not None:
+        if self.forward is not None and self.pump is None:
             self.sel.unregister(self.forward.reader)
         self.counters[S.INDEX["listening"]] = 0  # the master waits for this on reload
 
@@ -734,32 +783,29 @@ class Worker:
                 log.debug("recv %d bytes from %s for %s", len(data), _peer(src), session.name)
             self._apply(session, session.transfer.on_datagram(data, src, now), now)
 
-    def _run_pump(self, max_runs: int = 8) -> None:
-        """Let C answer the ready transfers' ACKs; act on what it hands back."""
-        assert self.pump is not None
-        for _ in range(max_runs):  # bounded: listen sockets get their turn again soon
-            now = time.monotonic()
-            events = self.pump.run(now)
-            for slot, kind, err, data, src in events:
-                session = self.by_slot.get(slot)
-                if session is None:
-                    continue
-                t = session.transfer
-                if kind == EV_PACKET:
-                    if self.cfg.verbose >= 3:
-                        log.debug("recv %d bytes from %s for %s", len(data), _peer(src),
-                                  session.name)
-                    self._apply(session, t.on_datagram(data, src, now), now)
-                elif kind == EV_DONE:
-                    self._apply(session, t.on_pumped_done(), now)
-                elif err == -1:
-                    self._abort(session, P.E_UNDEFINED, "File changed during transfer",
-                                "file shrank under the transfer", now)
-                else:
-                    self._finish(session, Finish("failed", f"socket error: "
-                                                 f"{os.strerror(err)}"), now)
-            if len(events) < Pump.MAX_EVENTS // 2:
-                return
+    def _pump_events(self, events: list) -> None:
+        """Act on what C's pump handed back."""
+        now = time.monotonic()
+        for slot, kind, err, data, src in events:
+            if kind == EV_READY:
+                continue
+            session = self.by_slot.get(slot)
+            if session is None:
+                continue
+            t = session.transfer
+            if kind == EV_PACKET:
+                if self.cfg.verbose >= 3:
+                    log.debug("recv %d bytes from %s for %s", len(data), _peer(src),
+                              session.name)
+                self._apply(session, t.on_datagram(data, src, now), now)
+            elif kind == EV_DONE:
+                self._apply(session, t.on_pumped_done(), now)
+            elif err == -1:
+                self._abort(session, P.E_UNDEFINED, "File changed during transfer",
+                            "file shrank under the transfer", now)
+            else:
+                self._finish(session, Finish("failed", f"socket error: "
+                                             f"{os.strerror(err)}"), now)
 
     def _apply(self, session: Session, actions: list, now: float) -> None:
         t = session.transfer
