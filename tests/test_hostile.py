@@ -374,3 +374,18 @@ def test_a_known_miss_supersedes_the_live_transfer_of_its_port(daemon: Daemon) -
         s.sendto(miss, (daemon.host, daemon.port))  # the client moved on
         assert P.parse(s.recvfrom(P.MAX_DATAGRAM)[0]).code == P.E_NOT_FOUND
         daemon.wait_for_log(r"file=big\.bin .*outcome=aborted reason=superseded")
+
+
+def test_the_same_request_sees_a_changed_file(daemon: Daemon) -> None:
+    """Parsing and negotiation are remembered per request datagram; the answer
+    still follows the file: a rewritten file gets its new tsize at once."""
+    f = daemon.root / "grows.bin"
+    rrq = P.encode_rrq(b"grows.bin", "octet", {"tsize": "0", "blksize": "1456"})
+    with udp() as s:
+        for size in (1000, 5000, 1000, 70000):
+            f.write_bytes(b"g" * size)
+            for _ in range(2):
+                s.sendto(rrq, (daemon.host, daemon.port))
+                reply, tid = s.recvfrom(P.MAX_DATAGRAM)
+                assert P.parse(reply) == P.OAck({"tsize": str(size), "blksize": "1456"})
+                s.sendto(P.encode_error(8, "probe"), tid)

@@ -66,6 +66,7 @@ IDLE_WAIT = 1.0  # s; the longest the loop sleeps with nothing scheduled
 EXIT_BOOT_FAILED = 3  # the master does not respawn a worker that exits with this
 BUSY_LOG_INTERVAL = 10.0  # s between "server full" reports
 NOISE_INTERVAL, NOISE_LINES = 10.0, 100  # bad-input log lines per interval, at most
+MEMO_SIZE = 4096  # remembered parses and negotiations
 
 
 
@@ -275,6 +276,10 @@ class Worker:
         self.pump: Pump | None = None
         self.by_slot: dict[int, Session] = {}
         self._tokens: dict[int, object] = {}  # the pump's token -> what is ready
+        # Pure functions of a request's bytes, remembered: parse and the log name, and
+        # the negotiation (by options, file size and MTU). Bounded; cleared when full.
+        self._parsed: dict[bytes, tuple[P.Request, str]] = {}
+        self._negotiated: dict[tuple, Any] = {}
         self._backlog = False  # requests were left in a listen socket last turn
         # Known misses, answered by the data path. Only where the answer depends on
         # the request's bytes alone: no map rules (they see the client's address), no
@@ -525,17 +530,26 @@ class Worker:
                     ifindex: int = 0) -> bool:  # noqa: C901 - the order of checks is the rule
         now = time.monotonic()
         c = self.counters
-        try:
-            req = P.parse(data)
-        except P.PacketError as err:
-            c[S.INDEX["malformed"]] += 1
-            self._log_limited(now, "dropped malformed packet from %s: %s", _peer(src), err)
-            return False
-        if not isinstance(req, P.Request):
-            if self.cfg.verbose >= 3:
-                log.debug("ignored %s on the listen port from %s", type(req).__name__,
-                          _peer(src))
-            return False
+        memo = self._parsed.get(data)
+        if memo is not None:
+            req, name = memo  # the same datagram again: a storm asks the same names
+        else:
+            try:
+                parsed = P.parse(data)
+            except P.PacketError as err:
+                c[S.INDEX["malformed"]] += 1
+                self._log_limited(now, "dropped malformed packet from %s: %s", _peer(src),
+                                  err)
+                return False
+            if not isinstance(parsed, P.Request):
+                if self.cfg.verbose >= 3:
+                    log.debug("ignored %s on the listen port from %s", type(parsed).__name__,
+                              _peer(src))
+                return False
+            req, name = parsed, sanitize(parsed.filename)
+            if len(self._parsed) >= MEMO_SIZE:
+                self._parsed.clear()
+            self._parsed[data] = (req, name)
         c[S.INDEX["requests"]] += 1
         if self.rules is not None:
             # Remapping comes first; confinement to the root judges its result.
@@ -546,7 +560,7 @@ class Worker:
                              sanitize(req.filename), req.mode, now, "refused by a map rule")
                 return True
             req = dataclasses.replace(req, filename=os.fsencode(mapped))
-        name = sanitize(req.filename)
+            name = sanitize(req.filename)
         self._asked = req.options  # for the log record of a refusal
         live = self.sessions.get(src)
         if live is not None:
@@ -596,7 +610,13 @@ class Worker:
         try:
             mtu_blk = blksize_for_mtu(self.mtu.get(ifindex, now), lst.sock.family) \
                 if ifindex else None
-            neg = negotiate(req.options, self.policy, size=f.size, mtu_blksize=mtu_blk)
+            key = (data, f.size, mtu_blk)
+            neg = self._negotiated.get(key)
+            if neg is None:
+                neg = negotiate(req.options, self.policy, size=f.size, mtu_blksize=mtu_blk)
+                if len(self._negotiated) >= MEMO_SIZE:
+                    self._negotiated.clear()
+                self._negotiated[key] = neg
             sock = self._transfer_socket(lst.sock.family, local)
         except OSError as err:
             f.close()
