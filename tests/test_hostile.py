@@ -391,3 +391,38 @@ def test_the_same_request_sees_a_changed_file(daemon: Daemon) -> None:
                 reply, tid = s.recvfrom(P.MAX_DATAGRAM)
                 assert P.parse(reply) == P.OAck({"tsize": str(size), "blksize": "1456"})
                 s.sendto(P.encode_error(8, "probe"), tid)
+
+
+@pytest.mark.parametrize("bind", ["::1", "::"])
+def test_ipv6_transfers_probes_and_known_misses(root: Path, datapath: str, bind: str) -> None:
+    """Over IPv6 (a wildcard bind learns each request's destination): a download, a
+    probe, and a miss answered again and again, each from ::1 and a new TID."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this kernel")
+    try:
+        with udp(socket.AF_INET6):
+            pass
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    from conftest import start_daemon
+
+    (root / "six.bin").write_bytes(os.urandom(3000))
+    d = start_daemon(root, "--workers", "2", env={"TFTPD_DATAPATH": datapath}, host=bind)
+    try:
+        assert client.get("::1", d.port, "six.bin").data == (root / "six.bin").read_bytes()
+        miss = P.encode_rrq(b"pxelinux.cfg/default", "octet", {"tsize": "0"})
+        probe = P.encode_rrq(b"six.bin", "octet", {"tsize": "0"})
+        with udp(socket.AF_INET6) as s:
+            for _ in range(5):
+                s.sendto(miss, ("::1", d.port))
+                reply, src = s.recvfrom(P.MAX_DATAGRAM)
+                assert P.parse(reply) == P.Error(P.E_NOT_FOUND, "File not found")
+                assert src[0] == "::1" and src[1] != d.port
+            s.sendto(probe, ("::1", d.port))
+            reply, tid = s.recvfrom(P.MAX_DATAGRAM)
+            assert P.parse(reply) == P.OAck({"tsize": "3000"})
+            s.sendto(P.encode_error(8, "probe"), tid)
+        d.wait_for_log(r"file=six\.bin .*outcome=probe")
+        d.wait_for_log(r"file=pxelinux\.cfg/default .*outcome=notfound", count=5)
+    finally:
+        d.stop()

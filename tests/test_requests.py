@@ -220,3 +220,40 @@ def test_refusals_rebuild_keeps_the_live_entries(datapath: DataPath, listen: tup
 def test_capacity_must_be_a_power_of_two(datapath: DataPath) -> None:
     with pytest.raises(ValueError):
         Refusals(datapath, capacity=100)
+
+
+def test_ipv6_known_miss_answered_from_the_address_asked(datapath: DataPath,
+                                                         tmp_path: Path) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this kernel")
+    from tftpd.worker import enable_pktinfo
+
+    lsock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    err = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    c = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        try:
+            lsock.bind(("::", 0))
+            c.bind(("::1", 0))
+        except OSError as exc:
+            pytest.skip(f"no IPv6 loopback here: {exc}")
+        enable_pktinfo(lsock)
+        err.bind(("::", 0))
+        c.settimeout(WAIT)
+        refusals = _known(datapath, tmp_path)
+        port = lsock.getsockname()[1]
+        wanted = P.encode_rrq(b"nbp.efi", "octet", {})
+        c.sendto(wanted, ("::1", port))
+        c.sendto(MISSING, ("::1", port))
+        events = _read(datapath, lsock, err, refusals, 2)
+        assert [ev[0] for ev in events] == [REQ_PASS, REQ_ANSWERED]
+        for ev in events:
+            assert ev[4][:2] == c.getsockname()[:2]
+            assert ev[5] == "::1" and ev[6] == socket.if_nametoindex("lo")
+        assert events[0][3] == wanted
+        reply, server = c.recvfrom(P.MAX_DATAGRAM)
+        assert reply == NOT_FOUND
+        assert server[:2] == ("::1", err.getsockname()[1])
+    finally:
+        for s in (lsock, err, c):
+            s.close()
