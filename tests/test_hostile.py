@@ -426,3 +426,34 @@ def test_ipv6_transfers_probes_and_known_misses(root: Path, datapath: str, bind:
         d.wait_for_log(r"file=pxelinux\.cfg/default .*outcome=notfound", count=5)
     finally:
         d.stop()
+
+
+def test_a_reused_transfer_socket_forgets_its_last_client(root: Path, datapath: str) -> None:
+    """Sockets of finished transfers are reused for new ones (one worker: the next
+    transfer gets the same TID). A late datagram queued on it from the last client is
+    dropped: a ROM that probes and then reads from the same port, and repeats its
+    ERROR 8, must not have the repeat end its download."""
+    from conftest import start_daemon
+
+    (root / "a.bin").write_bytes(b"a" * 700)
+    d = start_daemon(root, "--workers", "1", env={"TFTPD_DATAPATH": datapath})
+    try:
+        with udp() as rom, udp() as other:
+            rom.sendto(P.encode_rrq(b"a.bin", "octet", {"tsize": "0"}), (d.host, d.port))
+            reply, tid = rom.recvfrom(P.MAX_DATAGRAM)
+            assert P.parse(reply) == P.OAck({"tsize": "700"})
+            rom.sendto(P.encode_error(8, "probe"), tid)
+            d.wait_for_log(r"file=a\.bin .*outcome=probe")
+            rom.sendto(P.encode_error(8, "probe"), tid)  # the repeat, queued on the spare
+            rom.sendto(P.encode_rrq(b"a.bin", "octet", {}), (d.host, d.port))
+            reply, tid2 = rom.recvfrom(P.MAX_DATAGRAM)
+            assert tid2 == tid, "the spare socket was not reused"
+            assert P.parse(reply) == P.Data(1, b"a" * 512)
+            other.sendto(P.encode_ack(1), tid)  # a stranger on the new transfer's port
+            assert P.parse(other.recvfrom(P.MAX_DATAGRAM)[0]).code == P.E_UNKNOWN_TID
+            rom.sendto(P.encode_ack(1), tid2)
+            assert P.parse(rom.recvfrom(P.MAX_DATAGRAM)[0]) == P.Data(2, b"a" * 188)
+            rom.sendto(P.encode_ack(2), tid2)
+        d.wait_for_log(r"file=a\.bin .*bytes=700 .*outcome=ok")
+    finally:
+        d.stop()

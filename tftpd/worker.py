@@ -67,6 +67,7 @@ EXIT_BOOT_FAILED = 3  # the master does not respawn a worker that exits with thi
 BUSY_LOG_INTERVAL = 10.0  # s between "server full" reports
 NOISE_INTERVAL, NOISE_LINES = 10.0, 100  # bad-input log lines per interval, at most
 MEMO_SIZE = 4096  # remembered parses and negotiations
+SPARE_SOCKETS = 64  # sockets of finished transfers kept for new ones, per local address
 
 
 
@@ -232,6 +233,7 @@ class Session:
     granted: dict = field(default_factory=dict)
     upload: Upload | None = None  # a write's file
     heap_deadline: float = field(default=float("inf"))
+    local: str | None = None  # the address `sock` is bound to, to reuse it
 
 
 class Worker:
@@ -281,6 +283,8 @@ class Worker:
         self._parsed: dict[bytes, tuple[P.Request, str]] = {}
         self._negotiated: dict[tuple, Any] = {}
         self._backlog = False  # requests were left in a listen socket last turn
+        # Sockets of finished transfers, by (family, local address), for the next ones.
+        self._spare: dict[tuple[int, str], list[socket.socket]] = {}
         # Known misses, answered by the data path. Only where the answer depends on
         # the request's bytes alone: no map rules (they see the client's address), no
         # per-client limit, no per-request log line (-v).
@@ -633,7 +637,7 @@ class Worker:
                          client_timeout=neg.timeout is not None, retries=self.cfg.retries,
                          rollover=self.cfg.rollover, state=state)
         session = Session(t, sock, f, src, encode_sockaddr(src), data, name, req.mode, now,
-                          slot, req.options, dict(neg.oack))
+                          slot, req.options, dict(neg.oack), local=local)
         self.sessions[src] = session
         self.per_client[src[0]] = self.per_client.get(src[0], 0) + 1
         self.counters[S.INDEX["active"]] = len(self.sessions)
@@ -689,6 +693,14 @@ class Worker:
         self._apply(session, t.start(now), now)
 
     def _transfer_socket(self, family: int, local: str) -> socket.socket:
+        spare = self._spare.get((family, local))
+        while spare:
+            # A socket of a finished transfer: its port is a new TID to a new client
+            # (RFC 1350 asks no more), and it saves socket(), bind() and close().
+            sock = spare.pop()
+            if _drained(sock):
+                return sock
+            sock.close()
         sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
                              | socket.SOCK_CLOEXEC)
         try:
@@ -787,8 +799,8 @@ class Worker:
 
     def _read_transfer(self, session: Session) -> None:
         for _ in range(TRANSFER_BATCH):
-            if session.sock.fileno() < 0:
-                return
+            if self.sessions.get(session.peer) is not session:
+                return  # finished: its socket may be a spare now
             try:
                 data, src = session.sock.recvfrom(P.MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
@@ -927,15 +939,25 @@ class Worker:
                 self.per_client[host] = left
             else:
                 self.per_client.pop(host, None)
+            spare = self._spare.setdefault((session.sock.family, session.local), []) \
+                if session.local is not None else None
+        else:
+            spare = None  # finished before: never put one socket in the pool twice
+        keep = spare is not None and len(spare) < SPARE_SOCKETS \
+            and session.sock.fileno() >= 0
         if session.slot >= 0 and self.pump is not None:
-            self.pump.release(session.slot, session.sock)
+            self.pump.release(session.slot, session.sock, closing=not keep)
             self.by_slot.pop(session.slot, None)
         else:
             try:
                 self.sel.unregister(session.sock)
             except (KeyError, ValueError):
                 pass
-        session.sock.close()
+        if keep:
+            assert spare is not None
+            spare.append(session.sock)
+        else:
+            session.sock.close()
         if session.file is not None:
             session.file.close()
         if session.upload is not None:
@@ -974,6 +996,20 @@ class Worker:
                  t.retransmits, fin.outcome,
                  f" reason={sanitize(fin.detail, 200)}" if fin.detail else "",
                  extra=extra)
+
+
+def _drained(sock: socket.socket) -> bool:
+    """Empty a reused socket of late datagrams from its last client; False if it
+    keeps receiving (someone is flooding that port: take another)."""
+    try:
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # clears a pending error
+        for _ in range(64):
+            sock.recv(1)  # a UDP recv drops the whole datagram
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _peer(addr: tuple) -> str:
