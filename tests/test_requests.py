@@ -153,6 +153,9 @@ def test_a_changed_directory_or_an_expired_entry_passes(datapath: DataPath, list
         c.sendto(MISSING, ("127.0.0.1", port))
         assert [ev[0] for ev in _read(datapath, lsock, err, refusals, 1)] == [REQ_PASS]
         # Known again with the directory present; a file added to it is a change.
+        # (Its mtime is set back first: file times tick coarsely, and within one tick
+        # an added entry could leave it unchanged.)
+        os.utime(tmp_path / "pxelinux.cfg", (1_000_000_000, 1_000_000_000))
         refusals = _known(datapath, tmp_path)
         c.sendto(MISSING, ("127.0.0.1", port))
         assert [ev[0] for ev in _read(datapath, lsock, err, refusals, 1)] == [REQ_ANSWERED]

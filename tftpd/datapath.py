@@ -38,19 +38,29 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from tftpd.files import dir_identity  # one definition: the negative cache's
 from tftpd.transfer import wire_block  # one definition: the state machine's
 
 __all__ = [
     "BATCH",
+    "EV_READY",
+    "REQ_ANSWERED",
+    "REQ_BATCH",
+    "REQ_PASS",
     "DataPath",
     "FileShrank",
     "MAX_BLKSIZE",
     "MIN_BLKSIZE",
     "Pump",
+    "Refusal",
+    "Refusals",
     "decode_sockaddr",
+    "dir_identity",
     "encode_sockaddr",
     "ext_error",
+    "from_ancillary",
     "get_datapath",
+    "pktinfo_cmsg",
     "wire_block",
 ]
 
@@ -491,16 +501,6 @@ def pktinfo_cmsg(family: int, local: str) -> tuple[int, int, bytes]:
                 socket.inet_pton(socket.AF_INET6, local) + struct.pack("=I", 0))
     return (socket.IPPROTO_IP, IP_PKTINFO,
             _PKTINFO4.pack(0, socket.inet_pton(socket.AF_INET, local), bytes(4)))
-
-
-def dir_identity(path: str) -> tuple[int, int, int, int] | None:
-    """(dev, ino, size, mtime_ns) of a directory, None when it is missing: what
-    says a name that was missing there still is (see tftpd.files.identity)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 @dataclass(slots=True, eq=False)

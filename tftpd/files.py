@@ -174,6 +174,15 @@ def identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def dir_identity(path: str) -> tuple[int, int, int, int] | None:
+    """The identity of a directory, None when it is missing: what says a name that
+    was missing there still is (an entry added or removed changes its mtime)."""
+    try:
+        return identity(os.stat(path))
+    except OSError:
+        return None
+
+
 @dataclass(slots=True, eq=False)
 class _Shared:
     fd: int
@@ -338,10 +347,7 @@ class FileCache:
                 return
 
     def _parent(self, path: str) -> tuple | None:
-        try:
-            return identity(os.stat(os.path.dirname(path)))
-        except OSError:
-            return None
+        return dir_identity(os.path.dirname(path))
 
     def _remember_miss(self, rel: str, path: str) -> None:
         if len(self._misses) >= self.max_misses:
