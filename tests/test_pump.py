@@ -154,3 +154,60 @@ def test_foreign_and_non_ack_datagrams_go_to_python(data_file: Path) -> None:
     finally:
         stranger.close()
         rig.close()
+
+
+def test_the_pump_waits_and_serves_a_lockstep_client_alone(data_file: Path) -> None:
+    """run(now, timeout) answers every ACK in C until something is Python's: a client
+    thread reads the whole file lock-step while the test sits in one or a few calls,
+    which end with the transfer's EV_DONE; a ready token ends a wait at once; an idle
+    wait ends after its timeout with nothing."""
+    import threading
+    import time
+
+    from tftpd.datapath import EV_READY
+
+    rig = Rig(data_file, 40_000, 512, 1, 0)
+    r, w = os.pipe()
+    try:
+        token = rig.pump.add_token(r)
+        rig.start()
+        got = bytearray(rig.data[:512])
+
+        def client() -> None:  # bounded: one ACK per block, 2 s timeout on each read
+            n = 1
+            while True:
+                rig.client.sendto(P.encode_ack(n), rig.server.getsockname())
+                if n == rig.c.nblocks:
+                    return
+                block, _ = rig.client.recvfrom(70000)
+                got.extend(block[4:])
+                n += 1
+
+        th = threading.Thread(target=client, daemon=True)
+        th.start()
+        events: list[tuple] = []
+        calls = 0
+        end = time.monotonic() + 10
+        while not events and time.monotonic() < end:
+            events = rig.pump.run(time.monotonic(), 5.0)
+            calls += 1
+        th.join(5)
+        assert [e[1] for e in events] == [EV_DONE]
+        assert bytes(got) == rig.data
+        assert calls <= 3, f"{calls} calls for {rig.c.nblocks} blocks: C did not wait"
+        assert rig.c.s.last_acked == rig.c.nblocks
+        # A ready token ends the wait at once, idle waits end by their timeout.
+        t0 = time.monotonic()
+        assert rig.pump.run(t0, 0.05) == []
+        assert time.monotonic() - t0 >= 0.04
+        os.write(w, b"x")
+        t0 = time.monotonic()
+        ready = rig.pump.run(t0, 5.0)
+        assert [(e[0], e[1]) for e in ready] == [(token, EV_READY)]
+        assert time.monotonic() - t0 < 2.0
+        rig.pump.remove_token(r, token)
+        assert rig.pump.run(time.monotonic(), 0.01) == []  # read nothing: gone from the set
+    finally:
+        os.close(r)
+        os.close(w)
+        rig.close()
