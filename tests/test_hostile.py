@@ -457,3 +457,38 @@ def test_a_reused_transfer_socket_forgets_its_last_client(root: Path, datapath: 
         d.wait_for_log(r"file=a\.bin .*bytes=700 .*outcome=ok")
     finally:
         d.stop()
+
+
+def test_a_last_ack_and_a_new_request_read_together(root: Path, datapath: str) -> None:
+    """The final ACK of one transfer and the same client's next RRQ, read in the same
+    turn (the worker is stopped while both arrive): the first transfer ends ok, and
+    the second is served whole, not taken for the first's end (slots are reused)."""
+    import signal as sig
+
+    from conftest import start_daemon
+
+    (root / "one.bin").write_bytes(b"1" * 100)
+    (root / "two.bin").write_bytes(b"2" * 700)
+    d = start_daemon(root, "--workers", "1", env={"TFTPD_DATAPATH": datapath})
+    try:
+        (worker,) = wait_workers(d, 1)
+        with udp() as s:
+            s.sendto(P.encode_rrq(b"one.bin", "octet", {}), (d.host, d.port))
+            data, tid = s.recvfrom(P.MAX_DATAGRAM)
+            assert P.parse(data) == P.Data(1, b"1" * 100)
+            os.kill(worker, sig.SIGSTOP)
+            try:
+                s.sendto(P.encode_ack(1), tid)
+                s.sendto(P.encode_rrq(b"two.bin", "octet", {}), (d.host, d.port))
+            finally:
+                os.kill(worker, sig.SIGCONT)
+            data, tid2 = s.recvfrom(P.MAX_DATAGRAM)
+            assert P.parse(data) == P.Data(1, b"2" * 512)
+            s.sendto(P.encode_ack(1), tid2)
+            data, _ = s.recvfrom(P.MAX_DATAGRAM)
+            assert P.parse(data) == P.Data(2, b"2" * 188)
+            s.sendto(P.encode_ack(2), tid2)
+        d.wait_for_log(r"file=one\.bin .*bytes=100 .*outcome=ok")
+        d.wait_for_log(r"file=two\.bin .*bytes=700 .*outcome=ok")
+    finally:
+        d.stop()

@@ -399,9 +399,12 @@ class Worker:
         if self._backlog:
             wait = 0.0
         events = self.pump.run(time.monotonic(), wait)
+        # C's events name slots: act on them before any request is read, since a new
+        # request can end a transfer (a client that moved on) and its slot be reused.
+        self._pump_events(events)
         backlog = False
         ready = [self._tokens.get(ev[0]) for ev in events if ev[1] == EV_READY]
-        for what in ready:  # listen sockets first
+        for what in ready:
             if isinstance(what, Listener):
                 backlog |= self._read_requests(what)
             elif isinstance(what, Forward):
@@ -409,7 +412,6 @@ class Worker:
             elif what is None:
                 self._drain_wakeup()
         self._backlog = backlog
-        self._pump_events(events)
         if self.sel in ready:
             self._turn(self.sel.select(0))
 
@@ -483,6 +485,14 @@ class Worker:
                 return False
         return True
 
+    def _supersede(self, live: Session, now: float) -> None:
+        """Same address and port, a different request: the client moved on. What it
+        sent the old transfer before (its last ACK, often) counts first, so only a
+        transfer it left unfinished ends as aborted."""
+        self._read_transfer(live)
+        if self.sessions.get(live.peer) is live:
+            self._finish(live, Finish("aborted", "superseded by a new request"), now)
+
     def _answered(self, refusal: Refusal, err: int, src: tuple, arrival: float,
                   answered: float) -> None:
         """A known miss the data path answered: the books and the log line."""
@@ -493,7 +503,7 @@ class Worker:
         now = time.monotonic()
         live = self.sessions.get(src)
         if live is not None:  # the client moved on (as _on_request has it)
-            self._finish(live, Finish("aborted", "superseded by a new request"), now)
+            self._supersede(live, now)
         if err:
             log.warning("error reply to %s: %s", _peer(src), os.strerror(err))
         elif arrival:
@@ -575,8 +585,7 @@ class Worker:
                 if self.cfg.verbose >= 1:
                     log.info("merged repeated request from %s for %s", _peer(src), name)
                 return False
-            # Same address and port, a different request: the client moved on.
-            self._finish(live, Finish("aborted", "superseded by a new request"), now)
+            self._supersede(live, now)
         if self.cfg.verbose >= 1:
             log.info("request %s %s %s from %s %s", "WRQ" if req.is_write else "RRQ", name,
                      req.mode, _peer(src), _opts(req.options))
