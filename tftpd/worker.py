@@ -283,6 +283,7 @@ class Worker:
         self._parsed: dict[bytes, tuple[P.Request, str]] = {}
         self._negotiated: dict[tuple, Any] = {}
         self._backlog = False  # requests were left in a listen socket last turn
+        self._pending: dict[Session, tuple] = {}  # this turn's pump events, by session
         # Sockets of finished transfers, by (family, local address), for the next ones.
         self._spare: dict[tuple[int, str], list[socket.socket]] = {}
         # Known misses, answered by the data path. Only where the answer depends on
@@ -399,11 +400,16 @@ class Worker:
         if self._backlog:
             wait = 0.0
         events = self.pump.run(time.monotonic(), wait)
-        # C's events name slots: act on them before any request is read, since a new
-        # request can end a transfer (a client that moved on) and its slot be reused.
-        self._pump_events(events)
+        # C's events name slots, and a request read below can end a transfer (its
+        # client moved on) and its slot go to a new one: they are tied to their
+        # sessions now, and acted on after the requests (new requests first).
+        ready = []
+        for ev in events:
+            if ev[1] == EV_READY:
+                ready.append(self._tokens.get(ev[0]))
+            elif (session := self.by_slot.get(ev[0])) is not None:
+                self._pending[session] = ev  # one event per slot per call
         backlog = False
-        ready = [self._tokens.get(ev[0]) for ev in events if ev[1] == EV_READY]
         for what in ready:
             if isinstance(what, Listener):
                 backlog |= self._read_requests(what)
@@ -412,6 +418,7 @@ class Worker:
             elif what is None:
                 self._drain_wakeup()
         self._backlog = backlog
+        self._pump_events()
         if self.sel in ready:
             self._turn(self.sel.select(0))
 
@@ -489,6 +496,9 @@ class Worker:
         """Same address and port, a different request: the client moved on. What it
         sent the old transfer before (its last ACK, often) counts first, so only a
         transfer it left unfinished ends as aborted."""
+        event = self._pending.pop(live, None)
+        if event is not None:  # C has read it already
+            self._pump_event(live, event)
         self._read_transfer(live)
         if self.sessions.get(live.peer) is live:
             self._finish(live, Finish("aborted", "superseded by a new request"), now)
@@ -824,29 +834,31 @@ class Worker:
                 log.debug("recv %d bytes from %s for %s", len(data), _peer(src), session.name)
             self._apply(session, session.transfer.on_datagram(data, src, now), now)
 
-    def _pump_events(self, events: list) -> None:
-        """Act on what C's pump handed back."""
+    def _pump_events(self) -> None:
+        """Act on what C's pump handed back (self._pending, by session)."""
+        pending, self._pending = self._pending, {}
+        for session, event in pending.items():
+            self._pump_event(session, event)
+
+    def _pump_event(self, session: Session, event: tuple) -> None:
+        if self.sessions.get(session.peer) is not session:
+            return  # ended since C spoke of it
+        _, kind, err, data, src = event
         now = time.monotonic()
-        for slot, kind, err, data, src in events:
-            if kind == EV_READY:
-                continue
-            session = self.by_slot.get(slot)
-            if session is None:
-                continue
-            t = session.transfer
-            if kind == EV_PACKET:
-                if self.cfg.verbose >= 3:
-                    log.debug("recv %d bytes from %s for %s", len(data), _peer(src),
-                              session.name)
-                self._apply(session, t.on_datagram(data, src, now), now)
-            elif kind == EV_DONE:
-                self._apply(session, t.on_pumped_done(), now)
-            elif err == -1:
-                self._abort(session, P.E_UNDEFINED, "File changed during transfer",
-                            "file shrank under the transfer", now)
-            else:
-                self._finish(session, Finish("failed", f"socket error: "
-                                             f"{os.strerror(err)}"), now)
+        t = session.transfer
+        if kind == EV_PACKET:
+            if self.cfg.verbose >= 3:
+                log.debug("recv %d bytes from %s for %s", len(data), _peer(src),
+                          session.name)
+            self._apply(session, t.on_datagram(data, src, now), now)
+        elif kind == EV_DONE:
+            self._apply(session, t.on_pumped_done(), now)
+        elif err == -1:
+            self._abort(session, P.E_UNDEFINED, "File changed during transfer",
+                        "file shrank under the transfer", now)
+        else:
+            self._finish(session, Finish("failed", f"socket error: {os.strerror(err)}"),
+                         now)
 
     def _apply(self, session: Session, actions: list, now: float) -> None:
         t = session.transfer
