@@ -14,6 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Properties, not stopwatches: a loaded CI machine must not fail a test because
+# hypothesis drew its examples slowly or one example ran long (seen in CI: "input
+# generation is slow" on test_options). The examples themselves are unchanged.
+settings.register_profile("tftpd", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("tftpd")
 
 REPO = Path(__file__).resolve().parent.parent
 READY = re.compile(r"listening on (\S+):(\d+)")
