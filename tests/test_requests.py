@@ -260,3 +260,63 @@ def test_ipv6_known_miss_answered_from_the_address_asked(datapath: DataPath,
     finally:
         for s in (lsock, err, c):
             s.close()
+
+
+def test_c_and_twin_report_and_answer_alike(tmp_path: Path) -> None:
+    """The same datagrams (known misses, near misses, junk, empty, large) through the
+    C reader and its Python twin: the same events and the same replies, in order."""
+    import random
+
+    if ext_error() is not None:
+        if REQUIRE_EXT:
+            pytest.fail(f"TFTPD_REQUIRE_EXT is set but {ext_error()}")
+        pytest.skip(ext_error() or "")
+    from tftpd.worker import enable_pktinfo
+
+    rng = random.Random(7)
+    known = [P.encode_rrq(f"guess-{i}".encode(), "octet", {"tsize": "0"}) for i in range(5)]
+    datagrams = []
+    for _ in range(300):  # bounded
+        pick = rng.random()
+        if pick < 0.4:
+            datagrams.append(rng.choice(known))
+        elif pick < 0.6:
+            k = rng.choice(known)
+            datagrams.append(k[:-1] if rng.random() < 0.5 else k + b"x")
+        elif pick < 0.9:
+            datagrams.append(rng.randbytes(rng.randint(0, 600)))
+        else:
+            datagrams.append(rng.randbytes(rng.randint(1, 9000)))
+    results = {}
+    for name in ("c", "python"):
+        dp = get_datapath(name)
+        refusals = Refusals(dp)
+        for i, k in enumerate(known):
+            refusals.put(k, P.encode_error(1, f"no {i}"), time.monotonic() + 60,
+                         str(tmp_path), dir_identity(str(tmp_path)), i)
+        lsock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        lsock.bind(("127.0.0.1", 0))
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        enable_pktinfo(lsock)
+        err = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        err.bind(("127.0.0.1", 0))
+        c = _udp()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        try:
+            events = []
+            for d in datagrams:  # one at a time: no loss on loopback, order kept
+                c.sendto(d, lsock.getsockname())
+                events += _read(dp, lsock, err, refusals, 1)
+            replies = []
+            for _ in range(sum(1 for e in events if e[0] == REQ_ANSWERED)):
+                replies.append(c.recvfrom(P.MAX_DATAGRAM)[0])
+            results[name] = ([(e[0], e[1].note if e[1] else None, e[2], e[3])
+                              for e in events], replies)
+        finally:
+            for s in (lsock, err, c):
+                s.close()
+    assert len(results["c"][0]) == len(datagrams)
+    assert results["c"] == results["python"]
+    answered = [d for d in datagrams if d in known]
+    assert [e[1] for e in results["c"][0] if e[0] == REQ_ANSWERED] == \
+        [known.index(d) for d in answered]
