@@ -96,9 +96,13 @@ class ReadTransfer:
     def __init__(self, peer: tuple, size: int, *, blksize: int = 512, windowsize: int = 1,
                  oack: dict[str, str] | None = None, timeout: float | None = None,
                  client_timeout: bool = False, retries: int = DEFAULT_RETRIES,
-                 rollover: int = 0, state: object | None = None) -> None:
+                 rollover: int = 0, state: object | None = None,
+                 oack_packet: bytes | None = None) -> None:
         self.peer = peer
         self.oack = oack
+        # The encoded OACK, when the caller has it already (the same for every
+        # transfer of the same request): P.encode_oack(oack) otherwise.
+        self._oack_packet = oack_packet if oack else None
         self.retries_max = retries
         s = self.s = state if state is not None else XferState()
         s.filesize = size
@@ -155,7 +159,7 @@ class ReadTransfer:
 
     def start(self, now: float) -> list[Action]:
         if self.oack:
-            return [self._arm(now, Send(P.encode_oack(self.oack)))]
+            return [self._arm(now, Send(self._oack_bytes()))]
         self.s.fast = 1
         return [self._send_window(now, 1)]
 
@@ -194,7 +198,7 @@ class ReadTransfer:
             s.rto = min(s.base_rto * 2 ** s.retries, RTO_CEILING)
         if self.state == OACK_SENT:
             s.retransmits += 1
-            return [self._arm(now, Send(P.encode_oack(self.oack or {})), fresh=False)]
+            return [self._arm(now, Send(self._oack_bytes()), fresh=False)]
         action = self._send_window(now, s.last_acked + 1, fresh=False)
         s.retransmits += action.count
         return [action]
@@ -208,6 +212,11 @@ class ReadTransfer:
         return [self._finish("ok")]
 
     # -- internals -----------------------------------------------------------------
+
+    def _oack_bytes(self) -> bytes:
+        if self._oack_packet is None:
+            self._oack_packet = P.encode_oack(self.oack or {})
+        return self._oack_packet
 
     def _arm(self, now: float, action: Action, fresh: bool = True) -> Action:
         s = self.s

@@ -166,6 +166,10 @@ class Listener:
     host: str  # the bound address (wildcard or not)
     shared: bool = False  # every worker reads it: requests go on to their owner
     index: int = 0  # position among the worker's listeners (same in every worker)
+    family: int = 0  # sock.family, read once (the property builds an enum each time)
+
+    def __post_init__(self) -> None:
+        self.family = int(self.sock.family)
 
 
 _FWD = struct.Struct("!BBHId")  # listener, family, port, ifindex, arrival (realtime)
@@ -284,8 +288,8 @@ class Worker:
         self._negotiated: dict[tuple, Any] = {}
         self._backlog = False  # requests were left in a listen socket last turn
         self._pending: dict[Session, tuple] = {}  # this turn's pump events, by session
-        # Sockets of finished transfers, by (family, local address), for the next ones.
-        self._spare: dict[tuple[int, str], list[socket.socket]] = {}
+        # Sockets of finished transfers, by local address, for the next ones.
+        self._spare: dict[str, list[socket.socket]] = {}
         # Known misses, answered by the data path. Only where the answer depends on
         # the request's bytes alone: no map rules (they see the client's address), no
         # per-client limit, no per-request log line (-v).
@@ -631,16 +635,18 @@ class Worker:
                                                      "No such file (cached)", req.options))
             return True
         try:
-            mtu_blk = blksize_for_mtu(self.mtu.get(ifindex, now), lst.sock.family) \
+            mtu_blk = blksize_for_mtu(self.mtu.get(ifindex, now), lst.family) \
                 if ifindex else None
             key = (data, f.size, mtu_blk)
-            neg = self._negotiated.get(key)
-            if neg is None:
+            memo = self._negotiated.get(key)
+            if memo is None:
                 neg = negotiate(req.options, self.policy, size=f.size, mtu_blksize=mtu_blk)
                 if len(self._negotiated) >= MEMO_SIZE:
                     self._negotiated.clear()
-                self._negotiated[key] = neg
-            sock = self._transfer_socket(lst.sock.family, local)
+                memo = self._negotiated[key] = (neg, P.encode_oack(neg.oack)
+                                                if neg.oack else None)
+            neg, oack_packet = memo
+            sock = self._transfer_socket(lst.family, local)
         except OSError as err:
             f.close()
             self._refuse(lst, src, local, P.E_UNDEFINED, "Server busy", "failed", name,
@@ -654,7 +660,7 @@ class Worker:
         t = ReadTransfer(src, f.size, blksize=neg.blksize, windowsize=neg.windowsize,
                          oack=neg.oack or None, timeout=rto,
                          client_timeout=neg.timeout is not None, retries=self.cfg.retries,
-                         rollover=self.cfg.rollover, state=state)
+                         rollover=self.cfg.rollover, state=state, oack_packet=oack_packet)
         session = Session(t, sock, f, src, encode_sockaddr(src), data, name, req.mode, now,
                           slot, req.options, dict(neg.oack), local=local)
         self.sessions[src] = session
@@ -676,7 +682,7 @@ class Worker:
                          "denied", name, req.mode, now)
             return
         try:
-            mtu_blk = blksize_for_mtu(self.mtu.get(ifindex, now), lst.sock.family) \
+            mtu_blk = blksize_for_mtu(self.mtu.get(ifindex, now), lst.family) \
                 if ifindex else None
             neg = negotiate(req.options, self.policy, is_write=True, mtu_blksize=mtu_blk)
         except OptionRefused as err:
@@ -692,7 +698,7 @@ class Worker:
                          err.reason)
             return
         try:
-            sock = self._transfer_socket(lst.sock.family, local)
+            sock = self._transfer_socket(lst.family, local)
         except OSError as err:
             upload.discard()
             self._refuse(lst, src, local, P.E_UNDEFINED, "Server busy", "failed", name,
@@ -712,7 +718,7 @@ class Worker:
         self._apply(session, t.start(now), now)
 
     def _transfer_socket(self, family: int, local: str) -> socket.socket:
-        spare = self._spare.get((family, local))
+        spare = self._spare.get(local)  # an address names its family too
         while spare:
             # A socket of a finished transfer: its port is a new TID to a new client
             # (RFC 1350 asks no more), and it saves socket(), bind() and close().
@@ -768,7 +774,7 @@ class Worker:
         try:
             if lst.pktinfo:
                 # Answer from the address the request was sent to (multi-homed hosts).
-                sock.sendmsg([pkt], [pktinfo_cmsg(lst.sock.family, local)], 0, src)
+                sock.sendmsg([pkt], [pktinfo_cmsg(lst.family, local)], 0, src)
             else:
                 sock.sendto(pkt, src)
         except OSError as err:
@@ -960,7 +966,7 @@ class Worker:
                 self.per_client[host] = left
             else:
                 self.per_client.pop(host, None)
-            spare = self._spare.setdefault((session.sock.family, session.local), []) \
+            spare = self._spare.setdefault(session.local, []) \
                 if session.local is not None else None
         else:
             spare = None  # finished before: never put one socket in the pool twice
