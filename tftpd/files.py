@@ -231,17 +231,18 @@ class FileCache:
         # The last open() that failed on a missing name, while the negative cache
         # holds it: (expires, the directory, its identity or None), else None.
         self.last_miss: tuple[float, str, tuple | None] | None = None
-        self._rel: dict[bytes, str] = {}  # normalize(), remembered
+        self._rel: dict[bytes, tuple[str, str]] = {}  # normalize() and the path, remembered
 
     def open(self, filename: bytes, mode: str = "octet") -> OpenFile:
         self.last_miss = None
-        rel = self._rel.get(filename)
-        if rel is None:
-            rel = normalize(filename, self.root.real)  # a pure function of the name
+        known = self._rel.get(filename)
+        if known is None:
+            rel = normalize(filename, self.root.real)  # pure functions of the name
+            known = (rel, os.path.join(self.root.real, rel))
             if len(self._rel) >= 4096:
                 self._rel.clear()
-            self._rel[filename] = rel
-        path = os.path.join(self.root.real, rel)
+            self._rel[filename] = known
+        rel, path = known
         miss = self._misses.get(rel)
         if miss is not None:
             if miss.expires > self.clock() and miss.parent == self._parent(path):
