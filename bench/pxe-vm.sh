@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# A real PXE boot against tftpd, by hand (not in CI: it needs QEMU and OVMF).
+#
+#   apt-get install qemu-system-x86 ovmf dnsmasq-base    # once
+#   bench/pxe-vm.sh                                       # as root, from the repository
+#
+# In a network namespace of its own: a bridge 192.168.77.1/24 with a tap for the VM
+# (MTU 1500), dnsmasq for DHCP only (its DNS and TFTP off; next-server and bootfile
+# point at tftpd), tftpd on 0.0.0.0:69 with a 1 MiB nbp.efi, and OVMF (EDK2's own
+# UEFI PXE client on virtio-net). The firmware probes nbp.efi (tsize), downloads it,
+# and fails to start it (it is random bytes): the point is the TFTP. Prints what the
+# firmware said and tftpd's log; exits 0 when the log shows the probe and a download.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NS=tftpd-pxe-$$
+WORK=$(mktemp -d)
+OVMF=${OVMF:-/usr/share/ovmf/OVMF.fd}
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    ip netns del "$NS" 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+chmod 755 "$WORK"  # the workers run as nobody and must read the root
+mkdir "$WORK/root"
+head -c 1048576 /dev/urandom > "$WORK/root/nbp.efi"
+ip netns add "$NS"
+ip -n "$NS" link set lo up
+ip -n "$NS" link add br0 type bridge
+ip -n "$NS" addr add 192.168.77.1/24 dev br0
+ip -n "$NS" link set br0 up
+ip -n "$NS" tuntap add tap0 mode tap
+ip -n "$NS" link set tap0 master br0
+ip -n "$NS" link set tap0 up
+
+ip netns exec "$NS" dnsmasq --no-daemon --port=0 --interface=br0 --bind-interfaces \
+    --dhcp-range=192.168.77.10,192.168.77.50,1h --dhcp-boot=nbp.efi,,192.168.77.1 \
+    --dhcp-leasefile="$WORK/leases" > "$WORK/dnsmasq.log" 2>&1 &
+pids+=($!)
+ip netns exec "$NS" python3 -m tftpd -L -a 0.0.0.0:69 --workers 2 -v "$WORK/root" \
+    > "$WORK/tftpd.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 50); do grep -q "listening on" "$WORK/tftpd.log" && break; sleep 0.1; done
+
+# Bounded: the firmware tries PXE first; 150 s covers it even without KVM.
+timeout 150 ip netns exec "$NS" qemu-system-x86_64 -m 512 -nographic -no-reboot \
+    -bios "$OVMF" -netdev tap,id=n0,ifname=tap0,script=no,downscript=no \
+    -device virtio-net-pci,netdev=n0,romfile=,bootindex=1 -serial mon:stdio \
+    < /dev/null > "$WORK/vm.log" 2>&1 || true
+
+echo "== the firmware"
+tr -d '\r' < "$WORK/vm.log" | sed 's/\x1b\[[0-9;]*[a-zA-Z]//g' \
+    | grep -a -E "PXE over IPv4|Station IP|NBP|PXE-E" || true
+echo "== tftpd"
+cat "$WORK/tftpd.log"
+grep -q "file=nbp.efi .*outcome=probe" "$WORK/tftpd.log" \
+    && grep -q "file=nbp.efi .*bytes=1048576 .*outcome=ok" "$WORK/tftpd.log"
