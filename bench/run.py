@@ -47,6 +47,7 @@ STANDARD_SET: list[tuple[str, list[int], int]] = [
     ("pxe", [100, 500, 1000], 1),
     ("mfs", [20, 100], 1),
     ("probe", [64], 1),
+    ("probe32", [32], 1),
     ("miss", [64], 1),
     ("stream", [1], 3),
 ]
@@ -291,7 +292,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python3 -m bench.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--standard", action="store_true",
-                    help="all servers; pxe 100/500/1000, mfs 20/100, probe, miss, stream (x3)")
+                    help="all servers; pxe 100/500/1000, mfs 20/100, probe, probe32, miss, "
+                         "stream (x3)")
     ap.add_argument("--servers", default=",".join(STANDARD),
                     help=f"comma list of {', '.join(SERVERS)}")
     ap.add_argument("--workloads", default="pxe", help="comma list of names or JSON paths")
