@@ -312,6 +312,11 @@ class _Client:
             return
         self.retries += 1
         self.st.result.ack_retransmits += 1
+        self._ack_in_order()
+        self.deadline = now + rules.ack_timeout_s
+
+    def _ack_in_order(self) -> None:
+        """ACK the last block received in order; the window restarts after it."""
         self.inwin = 0
         self.acked = (self.nblk - 1) & 0xFFFF
         self.last_ack = _ACK.pack(OP_ACK, self.acked)
@@ -319,7 +324,6 @@ class _Client:
             self.sock.sendto(self.last_ack, self.tid)  # type: ignore[union-attr,arg-type]
         except OSError:
             pass
-        self.deadline = now + rules.ack_timeout_s
 
     def packet(self, buf: memoryview, n: int, addr: tuple[str, int], now: float) -> None:
         st = self.st
@@ -447,13 +451,7 @@ class _Client:
                 # A gap: RFC 7440, ACK the last block received in order, once.
                 if not self.gap_acked:
                     self.gap_acked = True
-                    self.inwin = 0
-                    self.acked = (self.nblk - 1) & 0xFFFF
-                    self.last_ack = _ACK.pack(OP_ACK, self.acked)
-                    try:
-                        self.sock.sendto(self.last_ack, self.tid)  # type: ignore[union-attr,arg-type]
-                    except OSError:
-                        pass
+                    self._ack_in_order()
             else:
                 st.result.duplicate_data += 1
                 if blk == self.acked:

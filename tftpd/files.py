@@ -267,14 +267,7 @@ class FileCache:
             self._open[key] = self._open.pop(key)  # most recently used last
             return self._lend(shared, rel)
         f = self.root.open_read(filename, mode)  # the checks, on the new descriptor
-        self.stats.opens += 1
-        fresh = _Shared(f.fd, f.size, f.ident)
-        if shared is not None:
-            self._retire(shared)
-            del self._open[key]
-        self._open[key] = fresh
-        self._evict()
-        return self._lend(fresh, rel)
+        return self._install(key, shared, _Shared(f.fd, f.size, f.ident), rel)
 
     def _open_derived(self, rel: str, mode: str) -> OpenFile | None:
         """`X.gz` from `X`, or `X` from `X.gz`, when only the other exists."""
@@ -310,10 +303,14 @@ class FileCache:
         except BaseException:
             os.close(fd)
             raise
+        return self._install(key, shared, _Shared(fd, size, (*src.ident, ident[-1])), rel)
+
+    def _install(self, key: tuple[str, str], stale: _Shared | None, fresh: _Shared,
+                 rel: str) -> OpenFile:
+        """A newly opened file becomes the one handed out for `key`."""
         self.stats.opens += 1
-        fresh = _Shared(fd, size, (*src.ident, ident[-1]))
-        if shared is not None:
-            self._retire(shared)
+        if stale is not None:
+            self._retire(stale)
             del self._open[key]
         self._open[key] = fresh
         self._evict()

@@ -196,7 +196,7 @@ class Forward:
 
     def send(self, owner: int, lst: Listener, data: bytes, src: tuple, local: str,
              ifindex: int, arrival: float) -> bool:
-        fam = lst.sock.family
+        fam = lst.family
         head = _FWD.pack(lst.index, fam, src[1], ifindex, arrival)
         msg = head + socket.inet_pton(fam, src[0]) + socket.inet_pton(fam, local) + data
         try:
@@ -374,14 +374,13 @@ class Worker:
             self._run_timers(time.monotonic())
             logs.flush_logs()  # this turn's records, in one write
 
-    def _turn(self, events: list) -> bool:
-        """Serve the ready descriptors of the selector; True when requests are left."""
+    def _turn(self, events: list) -> None:
+        """Serve the ready descriptors of the selector."""
         # Listen sockets first, then transfers: new requests beat running ones.
         transfers = []
-        backlog = False
         for key, _ in events:
             if isinstance(key.data, Listener):
-                backlog |= self._read_requests(key.data)
+                self._read_requests(key.data)
             elif isinstance(key.data, Forward):
                 self._read_forwarded()
             elif isinstance(key.data, Session):
@@ -390,7 +389,6 @@ class Worker:
                 self._drain_wakeup()
         for session in transfers:
             self._read_transfer(session)
-        return backlog
 
     def _turn_in_c(self, wait: float) -> None:
         """Wait in C's pump: ACKs are answered there until something is Python's.
@@ -502,7 +500,7 @@ class Worker:
         transfer it left unfinished ends as aborted."""
         event = self._pending.pop(live, None)
         if event is not None:  # C has read it already
-            self._pump_event(live, event)
+            self._pump_event(live, event, now)
         self._read_transfer(live)
         if self.sessions.get(live.peer) is live:
             self._finish(live, Finish("aborted", "superseded by a new request"), now)
@@ -761,7 +759,7 @@ class Worker:
         key = id(lst)
         sock = self._error_socks.get(key)
         if sock is None:
-            sock = socket.socket(lst.sock.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+            sock = socket.socket(lst.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
                                  | socket.SOCK_CLOEXEC)
             sock.bind((lst.host, 0))
             self._error_socks[key] = sock
@@ -843,14 +841,14 @@ class Worker:
     def _pump_events(self) -> None:
         """Act on what C's pump handed back (self._pending, by session)."""
         pending, self._pending = self._pending, {}
+        now = time.monotonic()
         for session, event in pending.items():
-            self._pump_event(session, event)
+            self._pump_event(session, event, now)
 
-    def _pump_event(self, session: Session, event: tuple) -> None:
+    def _pump_event(self, session: Session, event: tuple, now: float) -> None:
         if self.sessions.get(session.peer) is not session:
             return  # ended since C spoke of it
         _, kind, err, data, src = event
-        now = time.monotonic()
         t = session.transfer
         if kind == EV_PACKET:
             if self.cfg.verbose >= 3:
