@@ -405,11 +405,142 @@ static int tftpd_wait_ms(double deadline)
     return (int)(left * 1000.0) + 1;
 }
 
+/* -- the peer table: which slot serves a peer --------------------------------- */
+
+#define TFTPD_OPCODE_ERROR 5
+
+static unsigned int tftpd_peer_home(const struct tftpd_starts *st, const char *addr,
+                                    unsigned int addrlen)
+{
+    return (unsigned int)tftpd_hash(addr, addrlen) & (st->peers_len - 1);
+}
+
+static int tftpd_peers_ok(const struct tftpd_starts *st)
+{
+    return st != NULL && st->peers != NULL && st->peers_len >= 2
+        && (st->peers_len & (st->peers_len - 1)) == 0 && st->table != NULL;
+}
+
+int tftpd_peer_find(const struct tftpd_starts *st, const char *addr, unsigned int addrlen)
+{
+    unsigned int i, n, mask;
+
+    if (!tftpd_peers_ok(st) || addr == NULL || addrlen == 0 || addrlen > 28)
+        return -1;
+    mask = st->peers_len - 1;
+    for (n = 0, i = tftpd_peer_home(st, addr, addrlen); n < st->peers_len;
+         n++, i = (i + 1) & mask) {
+        unsigned int cell = st->peers[i];
+        const struct tftpd_xfer *x;
+
+        if (cell == 0)
+            return -1;
+        if (cell - 1 < st->table_len && (x = st->table[cell - 1]) != NULL
+            && x->addrlen == addrlen && memcmp(x->addr, addr, addrlen) == 0)
+            return (int)(cell - 1);
+    }
+    return -1;
+}
+
+int tftpd_peer_put(struct tftpd_starts *st, unsigned int slot)
+{
+    const struct tftpd_xfer *x;
+    unsigned int i, mask;
+
+    if (!tftpd_peers_ok(st) || slot >= st->table_len || (x = st->table[slot]) == NULL
+        || x->addrlen == 0 || x->addrlen > sizeof(x->addr))
+        return -EINVAL;
+    if (2 * (st->npeers + 1) > st->peers_len)
+        return -ENOSPC;
+    mask = st->peers_len - 1;
+    for (i = tftpd_peer_home(st, x->addr, x->addrlen); st->peers[i] != 0; i = (i + 1) & mask)
+        if (st->peers[i] == slot + 1)
+            return 0; /* already there */
+    st->peers[i] = slot + 1;
+    st->npeers++;
+    return 0;
+}
+
+void tftpd_peer_del(struct tftpd_starts *st, unsigned int slot)
+{
+    const struct tftpd_xfer *x;
+    unsigned int i, j, mask;
+
+    if (!tftpd_peers_ok(st) || slot >= st->table_len || (x = st->table[slot]) == NULL
+        || x->addrlen == 0 || x->addrlen > sizeof(x->addr))
+        return;
+    mask = st->peers_len - 1;
+    for (i = tftpd_peer_home(st, x->addr, x->addrlen); st->peers[i] != slot + 1;
+         i = (i + 1) & mask)
+        if (st->peers[i] == 0)
+            return; /* not there */
+    /* Backward-shift deletion: no tombstones, probes stay short. */
+    st->peers[i] = 0;
+    st->npeers--;
+    for (j = (i + 1) & mask; st->peers[j] != 0; j = (j + 1) & mask) {
+        unsigned int cell = st->peers[j], home;
+        const struct tftpd_xfer *y;
+
+        if (cell - 1 >= st->table_len || (y = st->table[cell - 1]) == NULL) {
+            st->peers[j] = 0; /* cannot happen while Python keeps the rules */
+            st->npeers--;
+            continue;
+        }
+        home = tftpd_peer_home(st, y->addr, y->addrlen);
+        /* Move it into the hole unless its home lies cyclically in (i, j]. */
+        if (i <= j ? (home <= i || home > j) : (home <= i && home > j)) {
+            st->peers[i] = cell;
+            st->peers[j] = 0;
+            i = j;
+        }
+    }
+}
+
+int tftpd_overdue(const struct tftpd_starts *st, double now, unsigned int *out,
+                  unsigned int max, double *next)
+{
+    unsigned int slot, n = 0;
+
+    if (st == NULL || st->table == NULL || out == NULL)
+        return -EINVAL;
+    for (slot = 0; slot < st->table_len && n < max; slot++) {
+        const struct tftpd_xfer *x = st->table[slot];
+        double due;
+
+        if (x == NULL || x->probe != 1)
+            continue;
+        due = x->armed_at + x->rto;
+        if (due <= now)
+            out[n++] = slot;
+        else if (next != NULL && due < *next)
+            *next = due;
+    }
+    return (int)n;
+}
+
+/* A transfer C started heard ERROR 0, 8 or 9: its probe is over. */
+static void tftpd_end_probe(struct tftpd_starts *st, int epfd, unsigned int slot,
+                            struct tftpd_xfer *x)
+{
+    struct epoll_event ev;
+
+    memset(&ev, 0, sizeof(ev));
+    /* The socket goes back to Python's spares; it must leave the set now. */
+    (void)epoll_ctl(epfd, EPOLL_CTL_DEL, x->sock, &ev);
+    if (st != NULL) {
+        tftpd_peer_del(st, slot);
+        if (st->live > 0)
+            st->live--;
+    }
+    x->probe = 2;
+}
+
 int tftpd_pump(int epfd, struct tftpd_xfer **table, unsigned int table_len,
                double now, int timeout_ms, unsigned int max_ready,
                struct tftpd_event *events, unsigned int max_events,
                char *pktbuf, size_t pktbuf_len,
-               char *scratch, size_t scratch_len, unsigned int *gso)
+               char *scratch, size_t scratch_len, unsigned int *gso,
+               struct tftpd_starts *st)
 {
     struct epoll_event ready[TFTPD_PUMP_READY_MAX];
     unsigned int nev = 0, used = 0;
@@ -481,6 +612,18 @@ again:
                 events[nev].off = events[nev].len = events[nev].srclen = 0;
                 nev++;
                 x->fast = 0;
+                break;
+            }
+            if (x->probe == 1 && len >= 4 && p[0] == 0 && p[1] == TFTPD_OPCODE_ERROR
+                && p[2] == 0 && (p[3] == 0 || p[3] == 8 || p[3] == 9)
+                && tftpd_same_peer(x, &src, srclen)) {
+                /* An existence probe: the client read tsize and stops. */
+                tftpd_end_probe(st, epfd, slot, x);
+                memset(&events[nev], 0, sizeof(events[nev]));
+                events[nev].slot = slot;
+                events[nev].kind = TFTPD_EV_PROBE;
+                events[nev].err = p[3];
+                nev++;
                 break;
             }
             if (x->fast && len >= 4 && p[0] == 0 && p[1] == TFTPD_OPCODE_ACK
@@ -659,10 +802,96 @@ static socklen_t tftpd_reply_cmsg(const struct tftpd_request *q, char *buf)
     return 0;
 }
 
+/* Empty a spare socket of its last client's late datagrams (and a pending ICMP
+ * error).  0 when it is quiet; -1 when it keeps receiving or fails. */
+static int tftpd_drain(int sock)
+{
+    char b;
+    int soerr, i;
+    socklen_t l = sizeof(soerr);
+
+    if (getsockopt(sock, SOL_SOCKET, SO_ERROR, &soerr, &l) < 0)
+        return -1;
+    for (i = 0; i < 64; i++) {
+        if (recv(sock, &b, 1, MSG_DONTWAIT) >= 0)
+            continue; /* a UDP recv drops the whole datagram */
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return 0;
+        if (errno != EINTR)
+            return -1;
+    }
+    return -1;
+}
+
+/* Start the transfer of a known OACK answer: see tftpd_requests in the header.
+ * 0 when the OACK went out (or its send failed: q->err), -1 when nothing was
+ * taken and Python must serve the request. */
+static int tftpd_start(struct tftpd_starts *st, const struct tftpd_refusal *r,
+                       struct tftpd_request *q, double now)
+{
+    struct tftpd_xfer *x;
+    struct tftpd_spare sp;
+    unsigned int slot;
+    ssize_t sent;
+    int j;
+
+    if (r->xfer == NULL || r->ifindex != q->ifindex || q->dstlen == 0 || st->nfree == 0
+        || st->free_slots == NULL || st->spares == NULL || st->table == NULL)
+        return -1;
+    if (2 * (st->npeers + 1) > st->peers_len)
+        return -1;
+    slot = st->free_slots[st->nfree - 1];
+    if (slot >= st->table_len || (x = st->table[slot]) == NULL)
+        return -1;
+    for (j = (int)st->nspares - 1; j >= 0; j--) {
+        struct tftpd_spare *c = &st->spares[j];
+        if (c->dstlen != q->dstlen || memcmp(c->dst, q->dst, q->dstlen) != 0)
+            continue;
+        if (tftpd_drain(c->sock) == 0)
+            break;
+        c->dstlen = 0; /* flooded or broken: Python closes it */
+    }
+    if (j < 0)
+        return -1;
+    sp = st->spares[j];
+    *x = *r->xfer;
+    x->sock = sp.sock;
+    x->addrlen = q->srclen;
+    memcpy(x->addr, q->src, q->srclen);
+    x->fast = 0;
+    x->probe = 1;
+    x->answer = r->id;
+    x->sent_at = x->armed_at = now;
+    if (tftpd_epoll_set(st->epfd, TFTPD_EPOLL_ADD, sp.sock, slot) < 0) {
+        x->addrlen = 0;
+        x->probe = 0;
+        return -1;
+    }
+    if (tftpd_peer_put(st, slot) < 0) {
+        (void)tftpd_epoll_set(st->epfd, TFTPD_EPOLL_DEL, sp.sock, slot);
+        x->addrlen = 0;
+        x->probe = 0;
+        return -1;
+    }
+    st->nfree--;
+    st->spares[j] = st->spares[st->nspares - 1];
+    st->nspares--;
+    st->live++;
+    do {
+        sent = sendto(sp.sock, r->reply, r->replylen, 0, (const struct sockaddr *)q->src,
+                      q->srclen);
+    } while (sent < 0 && errno == EINTR);
+    /* A lost OACK is the timer's to resend, as after a loss on the wire. */
+    q->err = sent < 0 ? errno : 0;
+    q->slot = slot;
+    return 0;
+}
+
 int tftpd_requests(int lsock, int errsock, int pktinfo,
                    const struct tftpd_refusal *table, unsigned int table_len,
                    double now, unsigned int max,
-                   struct tftpd_request *out, char *pktbuf, size_t pktbuf_len)
+                   struct tftpd_request *out, char *pktbuf, size_t pktbuf_len,
+                   struct tftpd_starts *st)
 {
     struct mmsghdr in[TFTPD_REQ_BATCH], reply[TFTPD_REQ_BATCH];
     struct iovec iov[TFTPD_REQ_BATCH], riov[TFTPD_REQ_BATCH];
@@ -710,8 +939,37 @@ int tftpd_requests(int lsock, int errsock, int pktinfo,
         q->srclen = in[i].msg_hdr.msg_namelen <= sizeof(q->src) ? in[i].msg_hdr.msg_namelen : 0;
         memcpy(q->src, &src[i], q->srclen);
         tftpd_ancillary(&in[i].msg_hdr, q);
-        r = q->truncated || q->srclen == 0 ? NULL
-            : tftpd_lookup(table, table_len, pktbuf + q->off, len, now);
+        if (q->truncated || q->srclen == 0) {
+            q->kind = TFTPD_REQ_PASS;
+            continue;
+        }
+        r = tftpd_lookup(table, table_len, pktbuf + q->off, len, now);
+        if (st != NULL) {
+            int live = tftpd_peer_find(st, q->src, q->srclen);
+            if (live >= 0) {
+                /* The peer has a transfer: Python merges or supersedes, but the
+                 * repeat of a request C answered is merged here. */
+                const struct tftpd_xfer *x = st->table[live];
+                if (x->probe == 1 && r != NULL && r->oack && r->id == x->answer) {
+                    q->kind = TFTPD_REQ_MERGED;
+                    q->id = r->id;
+                    q->slot = (unsigned int)live;
+                } else {
+                    q->kind = TFTPD_REQ_PASS;
+                }
+                continue;
+            }
+        }
+        if (r != NULL && r->oack) {
+            if (st != NULL && tftpd_start(st, r, q, now) == 0) {
+                q->kind = TFTPD_REQ_STARTED;
+                q->id = r->id;
+                q->answered = tftpd_realtime();
+            } else {
+                q->kind = TFTPD_REQ_PASS;
+            }
+            continue;
+        }
         if (r == NULL) {
             q->kind = TFTPD_REQ_PASS;
             continue;

@@ -18,7 +18,7 @@
 
 /* Bump on any change of a signature or of a meaning below; tftpd/datapath.py
  * refuses a compiled module whose version differs from the one it expects. */
-#define TFTPD_DATAPATH_VERSION 4
+#define TFTPD_DATAPATH_VERSION 5
 
 /* Most datagrams handed to one sendmmsg() call, and the most blocks read in
  * one go: a window is read and sent in batches of at most this many blocks
@@ -101,6 +101,8 @@ struct tftpd_xfer {
     double base_rto;               /* from RTT samples */
     double srtt;                   /* < 0: no sample yet */
     double rttvar;
+    int probe;                     /* 1: C sent the OACK and owns the transfer (below) */
+    unsigned int answer;           /* probe: the id of the known answer that started it */
 };
 
 /* What the pump hands back to Python. */
@@ -108,6 +110,7 @@ struct tftpd_xfer {
 #define TFTPD_EV_DONE 2     /* the last block was acknowledged */
 #define TFTPD_EV_ERROR 3    /* recv or send failed: err is errno or ESHRANK */
 #define TFTPD_EV_READY 4    /* a descriptor of Python's is ready: slot is its token */
+#define TFTPD_EV_PROBE 5    /* a transfer C started ended with ERROR 0, 8 or 9 (err) */
 
 /* Epoll data at or above this is not a transfer's slot but a token: one of
  * Python's own descriptors (listen sockets, the signal pipe) in the same set. */
@@ -121,6 +124,30 @@ struct tftpd_event {
     unsigned int len;
     unsigned int srclen;           /* EV_PACKET: who sent it */
     char src[28];
+};
+
+/*
+ * What C needs to start transfers itself (tftpd_requests) and to end the
+ * probes among them (tftpd_pump): memory Python owns, numbers both sides move.
+ */
+struct tftpd_spare {
+    int sock;                      /* a bound, non-blocking UDP socket */
+    unsigned int dstlen;           /* 4 or 16: its local address */
+    unsigned char dst[16];
+};
+
+struct tftpd_starts {
+    int epfd;                      /* the pump's epoll set */
+    struct tftpd_xfer **table;     /* the pump's table */
+    unsigned int table_len;
+    unsigned int *peers;           /* open addressing: slot + 1 per cell, 0 free */
+    unsigned int peers_len;        /* a power of two */
+    unsigned int npeers;
+    unsigned int *free_slots;      /* slots (with a struct) C may take, from the end */
+    unsigned int nfree;
+    struct tftpd_spare *spares;    /* sockets C may take, from the end */
+    unsigned int nspares;
+    unsigned int live;             /* transfers C started and still owns */
 };
 
 /* RTO bounds, as transfer.py's RTO_FLOOR and RTO_CEILING (checked by a test). */
@@ -153,13 +180,22 @@ struct tftpd_event {
  * clears fast.  The pump stops early rather than read a datagram it has no
  * room to report (max_events, or 1500 bytes left in pktbuf).
  *
+ * A transfer C started (probe set, see tftpd_requests) is ended here when its
+ * peer answers the OACK with ERROR 0, 8 or 9, an existence probe: the socket
+ * leaves the epoll set, the peer leaves st's peer table, st->live drops, probe
+ * becomes 2 and EV_PROBE reports the slot (err: the error code).  Python then
+ * logs it and takes the slot and the socket back.  Anything else such a
+ * transfer receives is an EV_PACKET like any other: Python adopts the transfer
+ * (clears probe, lowers st->live) and goes on with it.  st may be NULL.
+ *
  * Returns the number of events written, or -errno if epoll_wait failed.
  */
 int tftpd_pump(int epfd, struct tftpd_xfer **table, unsigned int table_len,
                double now, int timeout_ms, unsigned int max_ready,
                struct tftpd_event *events, unsigned int max_events,
                char *pktbuf, size_t pktbuf_len,
-               char *scratch, size_t scratch_len, unsigned int *gso);
+               char *scratch, size_t scratch_len, unsigned int *gso,
+               struct tftpd_starts *st);
 
 /* Add (op 1, EPOLL_CTL_ADD) or remove (op 2, EPOLL_CTL_DEL) socket `fd` in
  * the pump's epoll set, its events carrying `slot`.  0 or -errno. */
@@ -185,6 +221,9 @@ int tftpd_epoll_set(int epfd, int op, int fd, unsigned int slot);
  */
 struct tftpd_refusal {
     unsigned long long hash;       /* tftpd_hash(req, reqlen); 0: free */
+    int oack;                      /* 1: the reply is an OACK that starts a transfer */
+    int ifindex;                   /* oack: only for requests that came in here */
+    const struct tftpd_xfer *xfer; /* oack: the transfer's numbers (sock, addr: unset) */
     const char *req;               /* the request datagram */
     unsigned int reqlen;
     const char *reply;             /* the ERROR datagram sent back */
@@ -204,10 +243,13 @@ unsigned long long tftpd_hash(const char *buf, unsigned int len);
 
 #define TFTPD_REQ_ANSWERED 1 /* a known refusal went out: id, err (send errno or 0) */
 #define TFTPD_REQ_PASS 2     /* Python must serve it: the datagram is pktbuf[off..off+len) */
+#define TFTPD_REQ_STARTED 3  /* an OACK went out and C owns the transfer in `slot` */
+#define TFTPD_REQ_MERGED 4   /* a repeat of the request a transfer C owns already answers */
 
 struct tftpd_request {
     int kind;
     unsigned int id;
+    unsigned int slot;             /* STARTED, MERGED: the transfer's slot */
     int err;
     int truncated;                 /* PASS: longer than TFTPD_REQ_MAX bytes, cut */
     unsigned int off;
@@ -237,6 +279,19 @@ struct tftpd_request {
  * IP_PKTINFO (or IPV6_RECVPKTINFO) and SO_TIMESTAMPNS on for ifindex, dst
  * and arrival to be known.
  *
+ * With `st` (NULL: none of this) a request can also start a transfer.  A
+ * request from a peer that has a live transfer in st's peer table is PASSed
+ * (Python merges or supersedes), except the exact request of a transfer C
+ * started, which is reported MERGED and dropped.  A request matching an
+ * entry with oack set (and ifindex equal to the request's) takes a free slot
+ * and a spare socket bound to the address the request was sent to (drained
+ * of late datagrams first): the slot's struct is set from the entry's xfer,
+ * with the socket, the peer, probe = 1, answer = the entry's id and sent_at =
+ * armed_at = now; the socket joins the epoll set st->epfd with the slot, the
+ * peer joins the peer table, st->live grows, and the OACK goes out from that
+ * socket.  Without a free slot or a matching spare the request is PASSed.
+ * Python keeps the retransmission timer of such a transfer: tftpd_overdue.
+ *
  * Returns the number of requests written to out (0 when none was waiting),
  * or -errno when recvmmsg() failed (but EAGAIN and EINTR).  A failed answer
  * is not an error of the call: that request's err says why.
@@ -244,6 +299,26 @@ struct tftpd_request {
 int tftpd_requests(int lsock, int errsock, int pktinfo,
                    const struct tftpd_refusal *table, unsigned int table_len,
                    double now, unsigned int max,
-                   struct tftpd_request *out, char *pktbuf, size_t pktbuf_len);
+                   struct tftpd_request *out, char *pktbuf, size_t pktbuf_len,
+                   struct tftpd_starts *st);
+
+/*
+ * The peer table: which slot serves a peer (x->addr, x->addrlen).  Python
+ * enters every transfer it gives the pump and removes it when it ends; C
+ * does the same for the transfers it starts.  put returns 0, or -ENOSPC when
+ * the table is more than half full; del and find take no action on a peer
+ * or slot that is not there.  find returns the slot, or -1.
+ */
+int tftpd_peer_put(struct tftpd_starts *st, unsigned int slot);
+void tftpd_peer_del(struct tftpd_starts *st, unsigned int slot);
+int tftpd_peer_find(const struct tftpd_starts *st, const char *addr, unsigned int addrlen);
+
+/*
+ * The transfers C started whose OACK timer is due at `now` (armed_at + rto):
+ * up to max slots into out.  *next gets the earliest deadline of the others
+ * (unchanged when there is none).  Python adopts the due ones and retransmits.
+ */
+int tftpd_overdue(const struct tftpd_starts *st, double now, unsigned int *out,
+                  unsigned int max, double *next);
 
 #endif /* TFTPD_DATAPATH_H */

@@ -101,6 +101,17 @@ class ProcessGroup:
             total += _proc_cpu(pid, children=True)
         return total
 
+    def system_seconds(self) -> float | None:
+        """Kernel-mode CPU of the group so far (cgroup v2 only; None elsewhere)."""
+        if self.kind != "cgroup2":
+            return None
+        assert self.path is not None
+        for line in (self.path / "cpu.stat").read_text().splitlines():
+            k, _, v = line.partition(" ")
+            if k == "system_usec":
+                return int(v) / 1e6
+        return None
+
     def remove(self) -> None:
         if self.path is None:
             return

@@ -214,6 +214,7 @@ def run_one(server: Server, wl: Workload, clients: int, loss: int, roots: dict[s
             if cap_s is not None and not loss and wl.deadline_s is None:
                 limit = min(limit, cap_s)
         cpu0 = group.cpu_seconds()
+        sys0 = group.system_seconds()
         host0 = host_cpu()
         sampler = MemorySampler(group)
         try:
@@ -221,11 +222,15 @@ def run_one(server: Server, wl: Workload, clients: int, loss: int, roots: dict[s
         finally:
             peak = sampler.stop()
         cpu1 = group.cpu_seconds()
+        sys1 = group.system_seconds()
         host1 = host_cpu()
         if proc.poll() is not None:
             rec["note"] = f"server exited during the storm ({proc.returncode})"
         rec.update(res.summary())
         rec["server_cpu_s"] = cpu1 - cpu0
+        # The kernel's share: what every server pays per datagram, whatever its code.
+        if sys0 is not None and sys1 is not None:
+            rec["server_sys_s"] = sys1 - sys0
         # Everything else the machine ran meanwhile (this runner's sampling, other
         # programs): large values mean the wall times of this storm are not to be trusted.
         busy = host1["busy"] - host0["busy"]

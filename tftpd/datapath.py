@@ -66,7 +66,7 @@ __all__ = [
 
 # The version of _ext/tftpd_datapath.h this module speaks; the compiled module
 # reports its own (TFTPD_DATAPATH_VERSION) and a mismatch means a stale build.
-EXT_VERSION = 4
+EXT_VERSION = 5
 
 # Blocks read and sent per batch; equal to TFTPD_MAX_BATCH in the C code
 # (checked at import) so both implementations stop at the same place.
@@ -93,7 +93,7 @@ SO_TIMESTAMPNS = 35  # == SCM_TIMESTAMPNS (Linux asm-generic/socket.h)
 _TIMESPEC = struct.Struct("=qq")
 _ANC_SIZE = socket.CMSG_SPACE(32) + socket.CMSG_SPACE(_TIMESPEC.size)
 
-REQ_ANSWERED, REQ_PASS = 1, 2
+REQ_ANSWERED, REQ_PASS, REQ_STARTED, REQ_MERGED = 1, 2, 3, 4
 REQ_MAX = 65536  # TFTPD_REQ_MAX: one UDP payload
 REQ_BATCH = 32  # TFTPD_REQ_BATCH
 # (kind, refusal, err, datagram, source, destination, ifindex, arrival, answered)
@@ -207,14 +207,14 @@ class DataPath(abc.ABC):
     def _grow(self, size: int) -> None:
         """Make the scratch buffer at least `size` bytes."""
 
-    def pump(self) -> Pump | None:
+    def pump(self, transfers: int = 1024) -> Pump | None:
         """C's lock-step for many transfers, or None on the Python path."""
         return None
 
     @abc.abstractmethod
     def requests(self, lsock: socket.socket, errsock: socket.socket | None, pktinfo: bool,
                  refusals: Refusals | None, now: float,
-                 limit: int = REQ_BATCH) -> list[Request]:
+                 limit: int = REQ_BATCH, starts: Pump | None = None) -> list[Request]:
         """Read up to `limit` requests waiting on the listen socket (none: []).
 
         A request `refusals` knows is answered from `errsock` at once (from the
@@ -225,6 +225,13 @@ class DataPath(abc.ABC):
         arrival (realtime) come from the socket's ancillary data (None/0 if not
         given); answered is the realtime the answer went out.  OSError when the
         listen socket fails.
+
+        With `starts` (the C data path's Pump), a request whose entry in
+        `refusals` is an OACK starts its transfer in C (tftpd_requests in the
+        header): REQ_STARTED, with the slot in place of the ifindex and no source
+        (the slot's struct has the peer); the exact repeat of such a request from
+        the same peer is REQ_MERGED, likewise. The twin has no pump: it never
+        starts a transfer, and its lookup passes OACK entries to the worker.
         """
 
     @abc.abstractmethod
@@ -352,7 +359,7 @@ class _PythonDataPath(DataPath):
 
     def requests(self, lsock: socket.socket, errsock: socket.socket | None, pktinfo: bool,
                  refusals: Refusals | None, now: float,
-                 limit: int = REQ_BATCH) -> list[Request]:
+                 limit: int = REQ_BATCH, starts: Pump | None = None) -> list[Request]:
         out: list[Request] = []
         family = lsock.family
         for _ in range(min(limit, REQ_BATCH)):
@@ -409,8 +416,8 @@ class _CDataPath(DataPath):
         self._buf = self._ffi.new("char[]", size)
         self._scratch_len = size
 
-    def pump(self) -> Pump:
-        return Pump(self)
+    def pump(self, transfers: int = 1024) -> Pump:
+        return Pump(self, transfers)
 
     def _send(self, sock: socket.socket, addr: tuple[Any, ...], sockaddr: bytes, file_fd: int,
               first: int, count: int, blksize: int, filesize: int, rollover: int) -> int:
@@ -429,7 +436,7 @@ class _CDataPath(DataPath):
 
     def requests(self, lsock: socket.socket, errsock: socket.socket | None, pktinfo: bool,
                  refusals: Refusals | None, now: float,
-                 limit: int = REQ_BATCH) -> list[Request]:
+                 limit: int = REQ_BATCH, starts: Pump | None = None) -> list[Request]:
         ffi, lib = self._ffi, self._lib
         if self._reqbuf is None:
             # 2 MiB of address space, never cleared: only the pages requests
@@ -443,13 +450,20 @@ class _CDataPath(DataPath):
             table, size = refusals.table, refusals.capacity
         n = lib.tftpd_requests(lsock.fileno(), errsock.fileno() if errsock is not None else -1,
                                1 if pktinfo else 0, table, size, now, min(limit, REQ_BATCH),
-                               self._reqs, self._reqbuf, REQ_BATCH * REQ_MAX)
+                               self._reqs, self._reqbuf, REQ_BATCH * REQ_MAX,
+                               starts.starts if starts is not None else ffi.NULL)
         if n < 0:
             raise OSError(-n, os.strerror(-n))
         out: list[Request] = []
         family = lsock.family
         for i in range(n):
             q = self._reqs[i]
+            if q.kind == REQ_STARTED or q.kind == REQ_MERGED:
+                # C has the peer in the slot's struct: nothing to decode per probe.
+                assert refusals is not None
+                out.append((q.kind, refusals.get(q.id), q.err, b"", None, None, q.slot,
+                            q.arrival, q.answered))
+                continue
             src = decode_sockaddr(bytes(ffi.buffer(q.src, q.srclen)))
             dst = socket.inet_ntop(family, bytes(q.dst[0:q.dstlen])) if q.dstlen else None
             if q.kind == REQ_ANSWERED:
@@ -460,6 +474,20 @@ class _CDataPath(DataPath):
                 data = self._reqview[q.off:q.off + q.len]
                 out.append((REQ_PASS, None, 0, data, src, dst, q.ifindex, q.arrival, 0.0))
         return out
+
+
+def drained(sock: socket.socket) -> bool:
+    """Empty a reused socket of late datagrams from its last client; False if it
+    keeps receiving (someone is flooding that port: take another)."""
+    try:
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # clears a pending error
+        for _ in range(64):
+            sock.recv(1)  # a UDP recv drops the whole datagram
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def decode_sockaddr(raw: bytes) -> tuple[Any, ...]:
@@ -505,7 +533,9 @@ def pktinfo_cmsg(family: int, local: str) -> tuple[int, int, bytes]:
 
 @dataclass(slots=True, eq=False)
 class Refusal:
-    """A request whose answer is a known ERROR, while `dir` keeps its identity."""
+    """A request whose answer is known, while `dir` keeps its identity: an ERROR
+    (dir: the directory of the missing name), or an OACK that starts a transfer
+    (dir: the file itself, `xfer` the transfer's numbers; C path only)."""
 
     id: int
     request: bytes
@@ -515,6 +545,8 @@ class Refusal:
     ident: tuple[int, int, int, int] | None
     note: Any = None  # the caller's, for its log line
     index: int = -1  # the entry in C's table
+    ifindex: int = 0  # an OACK: for requests that arrived on this interface only
+    xfer: Any = None  # an OACK: the struct tftpd_xfer C copies into the slot
 
 
 class Refusals:
@@ -532,6 +564,7 @@ class Refusals:
         self.capacity = capacity
         self._by_request: dict[bytes, Refusal] = {}
         self._by_id: dict[int, Refusal] = {}
+        self._retired: dict[int, Refusal] = {}  # OACK entries that left the table
         self._ids = 0
         self._c = isinstance(datapath, _CDataPath)
         if self._c:
@@ -544,28 +577,48 @@ class Refusals:
         return len(self._by_request)
 
     def get(self, ident: int) -> Refusal | None:
-        return self._by_id.get(ident)
+        r = self._by_id.get(ident)
+        return r if r is not None else self._retired.get(ident)
 
     def put(self, request: bytes, reply: bytes, expires: float, dir: str,
-            ident: tuple[int, int, int, int] | None, note: Any = None) -> Refusal:
+            ident: tuple[int, int, int, int] | None, note: Any = None, *,
+            ifindex: int = 0, xfer: Any = None) -> Refusal:
+        """Enter a known answer: an ERROR, or with `xfer` (C only) an OACK."""
         old = self._by_request.get(request)
-        if old is not None:  # the same request missed again: refresh it in place
-            self._by_id.pop(old.id, None)
+        if old is not None:  # the same request again: refresh it in place
+            self._retire(old)
         elif len(self._by_request) + 1 > self.capacity // 2:
             self._rebuild(time.monotonic())
         self._ids += 1
         r = Refusal(self._ids, request, reply, expires, dir, ident, note,
-                    old.index if old is not None else -1)
+                    old.index if old is not None else -1, ifindex, xfer)
         self._by_request[request] = r
         self._by_id[r.id] = r
         if self._c:
             self._enter(r)
         return r
 
+    def current(self, request: bytes) -> Refusal | None:
+        """The entry for this request, as it stands (no checks)."""
+        return self._by_request.get(request)
+
+    def _retire(self, r: Refusal) -> None:
+        """An entry leaves the table. A transfer C started from it may still be
+        live, so an OACK's entry stays at hand by id for a while (bounded)."""
+        self._by_id.pop(r.id, None)
+        if r.xfer is None:
+            return
+        if len(self._retired) >= self.capacity:
+            for key in list(self._retired)[:self.capacity // 2]:  # the oldest half
+                del self._retired[key]
+        self._retired[r.id] = r
+
     def lookup(self, request: bytes, now: float) -> Refusal | None:
-        """The twin of C's lookup: byte-identical, unexpired, the directory unchanged."""
+        """The twin of C's lookup: byte-identical, unexpired, the directory unchanged.
+        An OACK entry is not the twin's to answer: it has no pump."""
         r = self._by_request.get(request)
-        if r is None or r.expires <= now or dir_identity(r.dir) != r.ident:
+        if r is None or r.xfer is not None or r.expires <= now \
+                or dir_identity(r.dir) != r.ident:
             return None
         return r
 
@@ -573,6 +626,10 @@ class Refusals:
         """Keep the unexpired entries (the newest half at most); the table half empty."""
         live = [r for r in self._by_request.values() if r.expires > now]
         live = live[-(self.capacity // 4):]
+        keep = {r.id for r in live}
+        for r in self._by_request.values():
+            if r.id not in keep:
+                self._retire(r)
         self._by_request = {r.request: r for r in live}
         self._by_id = {r.id: r for r in live}
         if self._c:
@@ -602,10 +659,13 @@ class Refusals:
         e.id, e.expires, e.dir = r.id, r.expires, path
         e.dir_known = 1 if r.ident is not None else 0
         e.dev, e.ino, e.size, e.mtime_ns = r.ident if r.ident is not None else (0, 0, 0, 0)
+        e.oack = 1 if r.xfer is not None else 0
+        e.ifindex = r.ifindex
+        e.xfer = r.xfer if r.xfer is not None else ffi.NULL
         e.hash = h  # last: the entry is whole before it can match
 
 
-EV_PACKET, EV_DONE, EV_ERROR, EV_READY = 1, 2, 3, 4
+EV_PACKET, EV_DONE, EV_ERROR, EV_READY, EV_PROBE = 1, 2, 3, 4, 5
 
 
 class Pump:
@@ -620,8 +680,10 @@ class Pump:
     MAX_EVENTS = 256
     PKTBUF = 256 * 1500
     SCRATCH = 1 << 20
+    OFFER = 64  # free slots C may take for transfers it starts
+    SPARES = 256  # sockets of finished transfers, for the next ones (all addresses)
 
-    def __init__(self, datapath: _CDataPath) -> None:
+    def __init__(self, datapath: _CDataPath, transfers: int = 1024) -> None:
         self._dp = datapath
         ffi, lib = datapath._ffi, datapath._lib
         self._ffi, self._lib = ffi, lib
@@ -632,6 +694,22 @@ class Pump:
         self._tokens: list[int] = []  # the descriptors added by add_token
         self._free: list[int] = list(range(self._cap - 1, -1, -1))
         self._events = ffi.new("struct tftpd_event[]", self.MAX_EVENTS)
+        # What C needs to start transfers (tftpd_starts in the header): the peer
+        # table, free slots offered to it and spare sockets, all owned here.
+        peers = 1024
+        while peers < 4 * (transfers + self.OFFER) and peers < 1 << 22:
+            peers *= 2
+        st = self.starts = ffi.new("struct tftpd_starts *")
+        self._peers = ffi.new("unsigned int[]", peers)
+        self._offered = ffi.new("unsigned int[]", self.OFFER)
+        self._spares = ffi.new("struct tftpd_spare[]", self.SPARES)
+        st.epfd = self.epoll.fileno()
+        st.table, st.table_len = self._table, self._cap
+        st.peers, st.peers_len = self._peers, peers
+        st.free_slots, st.spares = self._offered, self._spares
+        self._socks: dict[int, tuple[socket.socket, bytes]] = {}  # spares and lent ones
+        self._overdue = ffi.new("unsigned int[]", 256)
+        self._next = ffi.new("double *")
         self._pktbuf = ffi.new("char[]", self.PKTBUF)
         self._buffer = ffi.buffer(self._pktbuf)
         # C batches a window by what fits: 1 MiB holds 64 blocks up to 16 KiB
@@ -661,6 +739,7 @@ class Pump:
         self._table = self._ffi.new("struct tftpd_xfer *[]", self._cap)
         self._ffi.memmove(self._table, old, cap * self._ffi.sizeof("struct tftpd_xfer *"))
         self._free.extend(range(self._cap - 1, cap - 1, -1))
+        self.starts.table, self.starts.table_len = self._table, self._cap
 
     def watch(self, slot: int, sock: socket.socket, sockaddr: bytes, file_fd: int) -> None:
         """Register a transfer: its socket, its peer (from encode_sockaddr), its file."""
@@ -674,14 +753,19 @@ class Pump:
                                        sock.fileno(), slot)
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc))
+        # C looks peers up before it answers a request; past half full it starts
+        # nothing more (tftpd_start), so a failure here loses no merge.
+        self._lib.tftpd_peer_put(self.starts, slot)
 
     def release(self, slot: int, sock: socket.socket | None = None,
                 closing: bool = True) -> None:
         """Forget a slot. A socket about to be closed leaves the epoll set by itself
         (its only descriptor goes), which saves an epoll_ctl per transfer."""
-        x = self._states.pop(slot, None)
+        x = self._states.get(slot)
         if x is None:
             return
+        self._lib.tftpd_peer_del(self.starts, slot)
+        del self._states[slot]
         if not closing and sock is not None and sock.fileno() >= 0:
             self._lib.tftpd_epoll_set(self.epoll.fileno(), self._lib.TFTPD_EPOLL_DEL,
                                       sock.fileno(), slot)
@@ -711,7 +795,8 @@ class Pump:
         ms = min(int(timeout * 1000.0 + 0.999), 86_400_000) if timeout > 0 else 0
         n = self._lib.tftpd_pump(self.epoll.fileno(), self._table, self._cap, now, ms,
                                  max_ready, self._events, self.MAX_EVENTS, self._pktbuf,
-                                 self.PKTBUF, dp._buf, dp._scratch_len, dp._gso)
+                                 self.PKTBUF, dp._buf, dp._scratch_len, dp._gso,
+                                 self.starts)
         if n < 0:
             raise OSError(-n, os.strerror(-n))
         out = []
@@ -730,6 +815,133 @@ class Pump:
 
     def state(self, slot: int) -> Any:
         return self._states[slot]
+
+    # -- transfers C starts ----------------------------------------------------------
+
+    @property
+    def live(self) -> int:
+        """Transfers C started and still owns."""
+        return int(self.starts.live)
+
+    def offer(self, count: int) -> None:
+        """Let C take up to `count` (at most OFFER) free slots for transfers it starts."""
+        st = self.starts
+        count = max(0, min(count, self.OFFER))
+        while st.nfree < count:
+            slot, _ = self.new_state()
+            self._offered[st.nfree] = slot
+            st.nfree += 1
+        while st.nfree > count:
+            st.nfree -= 1
+            self._unoffer(self._offered[st.nfree])
+
+    def _unoffer(self, slot: int) -> None:
+        self._states.pop(slot, None)
+        self._table[slot] = self._ffi.NULL
+        self._free.append(slot)
+
+    def is_started(self, slot: int) -> bool:
+        """The slot holds a transfer C started and still owns."""
+        x = self._states.get(slot)
+        return x is not None and x.probe == 1
+
+    def adopt(self, slot: int) -> tuple[Any, socket.socket | None]:
+        """Python takes over a transfer C started: its struct and its socket."""
+        x = self._states[slot]
+        x.probe = 0
+        self.starts.live -= 1
+        sock = self._socks.pop(x.sock, (None, b""))[0]
+        return x, sock
+
+    def ended(self, slot: int) -> None:
+        """A transfer C started and ended (EV_PROBE): its socket goes back to the
+        spares, its slot back to the offer (its struct is set anew on the next start)."""
+        x = self._states[slot]
+        kept = self._socks.get(x.sock)
+        st = self.starts
+        if kept is not None:
+            if st.nspares < self.SPARES:
+                self._put_spare(x.sock, kept[1])
+            else:
+                del self._socks[x.sock]
+                kept[0].close()  # it left the epoll set in C
+        x.probe = 0
+        x.addrlen = 0
+        if st.nfree < self.OFFER:
+            self._offered[st.nfree] = slot
+            st.nfree += 1
+        else:
+            self._unoffer(slot)
+
+    def template(self, state: Any) -> Any:
+        """A copy of a transfer's struct, for C to start the next ones from (no
+        socket, file or peer: C sets the socket and the peer, Python the file)."""
+        x = self._ffi.new("struct tftpd_xfer *")
+        self._ffi.memmove(x, state, self._ffi.sizeof("struct tftpd_xfer"))
+        x.sock, x.fd, x.addrlen, x.probe, x.answer = -1, -1, 0, 0, 0
+        return x
+
+    def peer(self, slot: int) -> tuple[Any, ...]:
+        x = self._states[slot]
+        return decode_sockaddr(bytes(self._ffi.buffer(x.addr, x.addrlen)))
+
+    def spare_room(self) -> bool:
+        return self.starts.nspares < self.SPARES
+
+    def find(self, sockaddr: bytes) -> int:
+        """The slot of the transfer serving this peer (encode_sockaddr), or -1."""
+        return int(self._lib.tftpd_peer_find(self.starts, sockaddr, len(sockaddr)))
+
+    def overdue(self, now: float) -> tuple[list[int], float]:
+        """Transfers C started whose OACK timer is due, and the next deadline."""
+        self._next[0] = float("inf")
+        n = self._lib.tftpd_overdue(self.starts, now, self._overdue, 256, self._next)
+        return [self._overdue[i] for i in range(n)], float(self._next[0])
+
+    # -- spare sockets (shared with C) ------------------------------------------------
+
+    def take_spare(self, local: bytes) -> socket.socket | None:
+        """A spare socket bound to `local` (packed address), emptied of late
+        datagrams; None when there is none."""
+        st, arr = self.starts, self._spares
+        i = st.nspares
+        while i > 0:
+            i -= 1
+            e = arr[i]
+            flooded = e.dstlen == 0  # C found it so
+            if not flooded and bytes(e.dst[0:e.dstlen]) != local:
+                continue
+            fd = e.sock
+            st.nspares -= 1
+            arr[i] = arr[st.nspares]
+            sock = self._socks.pop(fd)[0]
+            if flooded or not drained(sock):
+                sock.close()
+                continue
+            return sock
+        return None
+
+    def put_spare(self, sock: socket.socket, local: bytes) -> bool:
+        """Keep a finished transfer's socket for the next one; False when full."""
+        if self.starts.nspares >= self.SPARES:
+            return False
+        self._socks[sock.fileno()] = (sock, local)
+        self._put_spare(sock.fileno(), local)
+        return True
+
+    def _put_spare(self, fd: int, local: bytes) -> None:
+        st = self.starts
+        e = self._spares[st.nspares]
+        e.sock = fd
+        e.dstlen = len(local)
+        self._ffi.memmove(e.dst, local, len(local))
+        st.nspares += 1
+
+    def close_spares(self) -> None:
+        for sock, _ in self._socks.values():
+            sock.close()
+        self._socks.clear()
+        self.starts.nspares = 0
 
 
 def _load_ext() -> tuple[Any, str | None]:

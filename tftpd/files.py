@@ -233,6 +233,11 @@ class FileCache:
         self.last_miss: tuple[float, str, tuple | None] | None = None
         self._rel: dict[bytes, tuple[str, str]] = {}  # normalize() and the path, remembered
 
+    def path_of(self, filename: bytes) -> str | None:
+        """The path a name opened last resolved to (None if it was not opened)."""
+        known = self._rel.get(filename)
+        return known[1] if known is not None else None
+
     def open(self, filename: bytes, mode: str = "octet") -> OpenFile:
         self.last_miss = None
         known = self._rel.get(filename)

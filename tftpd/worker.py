@@ -30,17 +30,21 @@ from tftpd.config import Config
 from tftpd.datapath import (
     EV_DONE,
     EV_PACKET,
+    EV_PROBE,
     EV_READY,
     IP_PKTINFO,
     IPV6_RECVPKTINFO,
     REQ_ANSWERED,
     REQ_BATCH,
+    REQ_MERGED,
+    REQ_STARTED,
     SO_TIMESTAMPNS,
     DataPath,
     FileShrank,
     Pump,
     Refusal,
     Refusals,
+    drained,
     encode_sockaddr,
     pktinfo_cmsg,
 )
@@ -68,6 +72,9 @@ BUSY_LOG_INTERVAL = 10.0  # s between "server full" reports
 NOISE_INTERVAL, NOISE_LINES = 10.0, 100  # bad-input log lines per interval, at most
 MEMO_SIZE = 4096  # remembered parses and negotiations
 SPARE_SOCKETS = 64  # sockets of finished transfers kept for new ones, per local address
+# How long C may answer a request with the OACK Python negotiated for it (while the
+# file keeps its identity): the bound on a changed MTU or a reload going unseen.
+START_TTL = 5.0  # s
 
 
 
@@ -240,6 +247,18 @@ class Session:
     local: str | None = None  # the address `sock` is bound to, to reuse it
 
 
+@dataclass(slots=True, frozen=True)
+class Start:
+    """What the log and an adoption need of a transfer C starts (an OACK entry)."""
+
+    filename: bytes  # to open the file when Python takes the transfer over
+    name: str
+    mode: str
+    asked: dict
+    granted: dict
+    local: str  # the address its sockets are bound to
+
+
 class Worker:
     def __init__(self, cfg: Config, listeners: list[Listener], root: Root,
                  datapath: DataPath, counters: memoryview | None = None,
@@ -287,6 +306,8 @@ class Worker:
         self._parsed: dict[bytes, tuple[P.Request, str]] = {}
         self._negotiated: dict[tuple, Any] = {}
         self._backlog = False  # requests were left in a listen socket last turn
+        self._c_due = float("inf")  # the earliest OACK timer of a transfer C started
+        self._uploads = 0  # live uploads: not in C's peer table, so C starts nothing
         self._pending: dict[Session, tuple] = {}  # this turn's pump events, by session
         # Sockets of finished transfers, by local address, for the next ones.
         self._spare: dict[str, list[socket.socket]] = {}
@@ -317,7 +338,7 @@ class Worker:
             # With the C data path the worker waits in C: the pump answers ACKs in
             # its epoll set until one of Python's descriptors (tokens) is ready,
             # an ACK needs a decision, or the next timer is due.
-            self.pump = self.datapath.pump()
+            self.pump = self.datapath.pump(self.max_sessions)
         for i, lst in enumerate(self.listeners):
             lst.index = i
             lst.sock.setblocking(False)
@@ -357,6 +378,7 @@ class Worker:
             if self.draining and not drain_started:
                 drain_started = True
                 self._stop_listening()
+                self._adopt_all()
                 if self.sessions:
                     log.info("draining: %d transfer(s) to finish", len(self.sessions))
                 self.drain_deadline = time.monotonic() + self.cfg.drain_s
@@ -367,6 +389,8 @@ class Worker:
             wait = IDLE_WAIT
             if self.timers:
                 wait = max(0.0, min(wait, self.timers[0][0] - time.monotonic()))
+            if self.pump is not None and self.pump.live:
+                wait = max(0.0, min(wait, self._c_due - time.monotonic()))
             if self.pump is not None:
                 self._turn_in_c(wait)
             else:
@@ -409,8 +433,15 @@ class Worker:
         for ev in events:
             if ev[1] == EV_READY:
                 ready.append(self._tokens.get(ev[0]))
+            elif ev[1] == EV_PROBE:
+                self._probe_done(ev[0], ev[2])  # C ended it: nothing of it is left in C
             elif (session := self.by_slot.get(ev[0])) is not None:
                 self._pending[session] = ev  # one event per slot per call
+            elif self.pump.is_started(ev[0]):
+                # C started it and cannot judge this datagram (ACK 0, a foreign TID).
+                session = self._adopt(ev[0], time.monotonic())
+                if session is not None:
+                    self._pending[session] = ev
         backlog = False
         for what in ready:
             if isinstance(what, Listener):
@@ -466,16 +497,32 @@ class Worker:
             # unless this worker is full: then every request hears "busy".
             refusals = self.refusals if fwd is None \
                 and len(self.sessions) < self.max_sessions else None
+            # C may start transfers itself (an OACK it has the answer for) while
+            # there is room, from spares bound to the address the client asked.
+            starts = None
+            if refusals is not None and self.pump is not None and not self._uploads:
+                room = self.max_sessions - len(self.sessions) - self.pump.live
+                self.pump.offer(room)
+                if room > 0:
+                    starts = self.pump
             try:
                 # IP_PKTINFO on every listener: the destination address (for a wildcard
                 # bind) and the arrival interface, whose MTU caps the blksize.
                 batch = self.datapath.requests(lst.sock, self._error_socket(lst), lst.pktinfo,
                                                refusals, time.monotonic(),
-                                               min(REQ_BATCH, LISTEN_BATCH - got))
+                                               min(REQ_BATCH, LISTEN_BATCH - got), starts)
             except OSError as err:
                 log.warning("listen socket: %s", err)
                 return False
             for kind, refusal, err, data, src, dst, ifindex, arrival, answered in batch:
+                if kind == REQ_STARTED:
+                    assert refusal is not None
+                    self._started(refusal, err, arrival, answered)
+                    continue
+                if kind == REQ_MERGED:
+                    self.counters[S.INDEX["requests"]] += 1
+                    self.counters[S.INDEX["merged"]] += 1
+                    continue
                 if kind == REQ_ANSWERED:
                     assert refusal is not None
                     self._answered(refusal, err, src, arrival, answered)
@@ -513,7 +560,7 @@ class Worker:
         c[S.INDEX["notfound"]] += 1
         c[S.INDEX["miss_cache_hits"]] += 1
         now = time.monotonic()
-        live = self.sessions.get(src)
+        live = self._live(src)
         if live is not None:  # the client moved on (as _on_request has it)
             self._supersede(live, now)
         if err:
@@ -588,7 +635,7 @@ class Worker:
             req = dataclasses.replace(req, filename=os.fsencode(mapped))
             name = sanitize(req.filename)
         self._asked = req.options  # for the log record of a refusal
-        live = self.sessions.get(src)
+        live = self._live(src)
         if live is not None:
             if live.request == data:
                 # A repeated RRQ (legacy ROMs send it twice, 10 us apart; a Raspberry
@@ -667,10 +714,31 @@ class Worker:
         if self.pump is not None:
             self.by_slot[slot] = session
             self.pump.watch(slot, sock, session.sockaddr, f.fd)
+            if oack_packet is not None and self.refusals is not None and not lst.shared \
+                    and ifindex and req.mode == "octet" and len(f.ident) == 4:
+                # The next identical request gets this OACK from C, with no Python.
+                self._remember_start(data, req, name, f, state, oack_packet, ifindex,
+                                     local, dict(neg.oack), now)
         else:
             self.sel.register(sock, selectors.EVENT_READ, session)
         self._apply(session, t.start(now), now)
         return True
+
+    def _remember_start(self, data: bytes, req: P.Request, name: str, f: OpenFile,
+                        state: Any, oack_packet: bytes, ifindex: int, local: str,
+                        granted: dict, now: float) -> None:
+        assert self.refusals is not None and self.pump is not None
+        known = self.refusals.current(data)
+        if known is not None and known.xfer is not None and known.ident == f.ident \
+                and known.ifindex == ifindex and known.expires > now + START_TTL / 2:
+            return  # C had no spare or slot for it: the entry stands
+        path = self.files.path_of(req.filename)
+        if path is None:
+            return
+        xfer = self.pump.template(state)
+        self.refusals.put(data, oack_packet, now + START_TTL, path, f.ident,
+                          Start(req.filename, name, req.mode, req.options, granted, local),
+                          ifindex=ifindex, xfer=xfer)
 
     def _on_write(self, req: P.Request, data: bytes, src: tuple, local: str, lst: Listener,
                   ifindex: int, name: str, now: float) -> None:
@@ -710,18 +778,23 @@ class Worker:
         session = Session(t, sock, None, src, b"", data, name, req.mode, now,
                           asked=req.options, granted=dict(neg.oack), upload=upload)
         self.sessions[src] = session
+        self._uploads += 1
         self.per_client[src[0]] = self.per_client.get(src[0], 0) + 1
         self.counters[S.INDEX["active"]] = len(self.sessions)
         self.sel.register(sock, selectors.EVENT_READ, session)  # writes stay in Python
         self._apply(session, t.start(now), now)
 
     def _transfer_socket(self, family: int, local: str) -> socket.socket:
+        if self.pump is not None:  # the spares are C's too
+            sock = self.pump.take_spare(socket.inet_pton(family, local))
+            if sock is not None:
+                return sock
         spare = self._spare.get(local)  # an address names its family too
         while spare:
             # A socket of a finished transfer: its port is a new TID to a new client
             # (RFC 1350 asks no more), and it saves socket(), bind() and close().
             sock = spare.pop()
-            if _drained(sock):
+            if drained(sock):
                 return sock
             sock.close()
         sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
@@ -817,6 +890,103 @@ class Worker:
             return True
         limit = self.cfg.max_per_client
         return bool(limit) and self.per_client.get(src[0], 0) >= limit
+
+    # -- transfers C starts ----------------------------------------------------------
+
+    def _started(self, entry: Refusal, err: int, arrival: float, answered: float) -> None:
+        """C sent an OACK it had the answer for and owns the transfer: the books."""
+        c = self.counters
+        c[S.INDEX["requests"]] += 1
+        assert entry.xfer is not None
+        due = time.monotonic() + entry.xfer.rto
+        if due < self._c_due:
+            self._c_due = due
+        if err:
+            log.warning("OACK for %s: %s (the timer resends it)", entry.note.name,
+                        os.strerror(err))
+        elif arrival:
+            S.observe(c, "first_answer", max(0.0, answered - arrival))
+
+    def _probe_done(self, slot: int, code: int) -> None:
+        """C ended a transfer it started on ERROR 0, 8 or 9: an existence probe."""
+        assert self.pump is not None and self.refusals is not None
+        x = self.pump.state(slot)
+        now = time.monotonic()
+        entry = self.refusals.get(x.answer)
+        peer = self.pump.peer(slot)
+        duration = now - x.sent_at
+        blksize, window, retransmits = x.blksize, x.windowsize, x.retransmits
+        self.pump.ended(slot)
+        c = self.counters
+        c[S.INDEX["probe"]] += 1
+        S.observe(c, "duration", duration)
+        if entry is None:  # cannot be: retired entries outlive their transfers
+            log.warning("%s ended a probe C started (error %d)", _peer(peer), code)
+            return
+        note: Start = entry.note
+        self._log_end(peer, note.name, note.mode, 0, blksize, window, duration,
+                      retransmits, "probe", "", note.asked, note.granted, "RRQ")
+
+    def _live(self, src: tuple) -> Session | None:
+        """The transfer serving this peer: Python's, or one C started (taken over)."""
+        live = self.sessions.get(src)
+        if live is None and self.pump is not None and self.pump.live:
+            slot = self.pump.find(encode_sockaddr(src))
+            if slot >= 0 and self.pump.is_started(slot):
+                live = self._adopt(slot, time.monotonic())
+        return live
+
+    def _adopt_all(self) -> None:
+        while self.pump is not None and self.pump.live:
+            slots, _ = self.pump.overdue(float("inf"))
+            if not slots:
+                break
+            for slot in slots:
+                self._adopt(slot, time.monotonic())
+
+    def _adopt(self, slot: int, now: float) -> Session | None:
+        """Python takes over a transfer C started (a datagram C cannot judge, its
+        timer, a new request from its peer). It goes on as if Python had started it;
+        None if it could not (then it has ended, with an ERROR to the client)."""
+        assert self.pump is not None and self.refusals is not None
+        x, sock = self.pump.adopt(slot)
+        entry = self.refusals.get(x.answer)
+        peer = self.pump.peer(slot)
+        if sock is None or entry is None:  # cannot be: the pool and entries outlive it
+            log.error("%s: lost the state of a transfer C started", _peer(peer))
+            self.pump.release(slot)
+            if sock is not None:
+                sock.close()
+            return None
+        note: Start = entry.note
+        started, armed = x.sent_at, x.armed_at
+        try:
+            f: OpenFile | None = self.files.open(note.filename, note.mode)
+        except FileError:
+            f = None
+        if f is not None and f.ident != entry.ident:
+            f.close()
+            f = None
+        t = ReadTransfer(peer, x.filesize, blksize=x.blksize, windowsize=x.windowsize,
+                         oack=note.granted, timeout=x.base_rto,
+                         client_timeout=bool(x.fixed_rto), retries=self.cfg.retries,
+                         rollover=x.rollover, state=x, oack_packet=entry.reply)
+        x.sent_at, x.armed_at = started, armed
+        x.fd = f.fd if f is not None else -1
+        session = Session(t, sock, f, peer, encode_sockaddr(peer), entry.request, note.name,
+                          note.mode, started, slot, note.asked, dict(note.granted),
+                          local=note.local)
+        self.sessions[peer] = session
+        self.per_client[peer[0]] = self.per_client.get(peer[0], 0) + 1
+        self.counters[S.INDEX["active"]] = len(self.sessions)
+        self.by_slot[slot] = session
+        if f is None:
+            # Replaced or gone since the OACK told its size: never serve a mix.
+            self._abort(session, P.E_UNDEFINED, "File changed during transfer",
+                        "file changed after the OACK", now)
+            return None
+        self._apply(session, [], now)  # arms its timer
+        return session
 
     # -- transfers -------------------------------------------------------------------
 
@@ -938,6 +1108,11 @@ class Worker:
         self.timers = live
 
     def _run_timers(self, now: float) -> None:
+        if self.pump is not None and self.pump.live and now >= self._c_due:
+            # The OACK timers of transfers C started: Python takes those over.
+            due, self._c_due = self.pump.overdue(now)
+            for slot in due:
+                self._adopt(slot, now)  # its heap entry is due: served below
         while self.timers and self.timers[0][0] <= now:
             _, _, session = heapq.heappop(self.timers)
             session.heap_deadline = float("inf")
@@ -964,12 +1139,21 @@ class Worker:
                 self.per_client[host] = left
             else:
                 self.per_client.pop(host, None)
-            spare = self._spare.setdefault(session.local, []) \
-                if session.local is not None else None
+            if session.upload is not None:
+                self._uploads -= 1
+            reusable = session.local is not None and session.sock.fileno() >= 0
         else:
-            spare = None  # finished before: never put one socket in the pool twice
-        keep = spare is not None and len(spare) < SPARE_SOCKETS \
-            and session.sock.fileno() >= 0
+            reusable = False  # finished before: never put one socket in the pool twice
+        spare: list[socket.socket] | None = None
+        packed = b""
+        if not reusable:
+            keep = False
+        elif self.pump is not None:  # one pool, shared with C
+            packed = socket.inet_pton(session.sock.family, session.local)
+            keep = self.pump.spare_room()
+        else:
+            spare = self._spare.setdefault(session.local, [])
+            keep = len(spare) < SPARE_SOCKETS
         if session.slot >= 0 and self.pump is not None:
             self.pump.release(session.slot, session.sock, closing=not keep)
             self.by_slot.pop(session.slot, None)
@@ -978,11 +1162,13 @@ class Worker:
                 self.sel.unregister(session.sock)
             except (KeyError, ValueError):
                 pass
-        if keep:
-            assert spare is not None
+        if not keep:
+            session.sock.close()
+        elif spare is not None:
             spare.append(session.sock)
         else:
-            session.sock.close()
+            assert self.pump is not None
+            self.pump.put_spare(session.sock, packed)
         if session.file is not None:
             session.file.close()
         if session.upload is not None:
@@ -999,42 +1185,31 @@ class Worker:
         c[S.INDEX["cache_hits"]] += st.hits - self._hits_reported
         c[S.INDEX["miss_cache_hits"]] += st.miss_hits - self._misses_reported
         self._hits_reported, self._misses_reported = st.hits, st.miss_hits
-        # One line per finished transfer, whatever its end.
-        duration = now - session.started
+        self._log_end(session.peer, session.name, session.mode, t.bytes_sent, t.blksize,
+                      t.windowsize, now - session.started, t.retransmits, fin.outcome,
+                      fin.detail, session.asked, session.granted,
+                      "WRQ" if session.upload else "RRQ")
+
+    def _log_end(self, peer: tuple, name: str, mode: str, nbytes: int, blksize: int,
+                 window: int, duration: float, retransmits: int, outcome: str,
+                 detail: str, asked: dict, granted: dict, op: str) -> None:
+        """One line per finished transfer, whatever its end."""
         if not self.json_log:
-            detail = f" reason={sanitize(fin.detail, 200)}" if fin.detail else ""
-            logs.info_line(f"{_peer(session.peer)} file={session.name} mode={session.mode} "
-                           f"bytes={t.bytes_sent} blksize={t.blksize} window={t.windowsize} "
-                           f"duration={duration:.3f}s retransmits={t.retransmits} "
-                           f"outcome={fin.outcome}{detail}")
+            reason = f" reason={sanitize(detail, 200)}" if detail else ""
+            logs.info_line(f"{_peer(peer)} file={name} mode={mode} bytes={nbytes} "
+                           f"blksize={blksize} window={window} duration={duration:.3f}s "
+                           f"retransmits={retransmits} outcome={outcome}{reason}")
             return
         extra = {"transfer": {
-            "client": session.peer[0], "port": session.peer[1], "file": session.name,
-            "mode": session.mode, "op": "WRQ" if session.upload else "RRQ",
-            "options": _clean(session.asked), "granted": session.granted,
-            "bytes": t.bytes_sent, "blksize": t.blksize, "windowsize": t.windowsize,
-            "duration_s": round(duration, 6), "retransmits": t.retransmits,
-            "outcome": fin.outcome, "reason": sanitize(fin.detail, 200)}}
+            "client": peer[0], "port": peer[1], "file": name, "mode": mode, "op": op,
+            "options": _clean(asked), "granted": granted, "bytes": nbytes,
+            "blksize": blksize, "windowsize": window, "duration_s": round(duration, 6),
+            "retransmits": retransmits, "outcome": outcome,
+            "reason": sanitize(detail, 200)}}
         log.info("%s file=%s mode=%s bytes=%d blksize=%d window=%d duration=%.3fs "
-                 "retransmits=%d outcome=%s%s", _peer(session.peer), session.name,
-                 session.mode, t.bytes_sent, t.blksize, t.windowsize, duration,
-                 t.retransmits, fin.outcome,
-                 f" reason={sanitize(fin.detail, 200)}" if fin.detail else "",
-                 extra=extra)
-
-
-def _drained(sock: socket.socket) -> bool:
-    """Empty a reused socket of late datagrams from its last client; False if it
-    keeps receiving (someone is flooding that port: take another)."""
-    try:
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # clears a pending error
-        for _ in range(64):
-            sock.recv(1)  # a UDP recv drops the whole datagram
-    except (BlockingIOError, InterruptedError):
-        return True
-    except OSError:
-        return False
-    return False
+                 "retransmits=%d outcome=%s%s", _peer(peer), name, mode, nbytes, blksize,
+                 window, duration, retransmits, outcome,
+                 f" reason={sanitize(detail, 200)}" if detail else "", extra=extra)
 
 
 def _peer(addr: tuple) -> str:
