@@ -518,21 +518,38 @@ int tftpd_overdue(const struct tftpd_starts *st, double now, unsigned int *out,
     return (int)n;
 }
 
-/* A transfer C started heard ERROR 0, 8 or 9: its probe is over. */
-static void tftpd_end_probe(struct tftpd_starts *st, int epfd, unsigned int slot,
-                            struct tftpd_xfer *x)
+/* A transfer C started heard ERROR 0, 8 or 9: its probe is over.  Returns
+ * what went back where (TFTPD_PROBE_SPARE, TFTPD_PROBE_OFFERED). */
+static unsigned int tftpd_end_probe(struct tftpd_starts *st, int epfd, unsigned int slot,
+                                    struct tftpd_xfer *x)
 {
     struct epoll_event ev;
+    unsigned int back = 0;
 
     memset(&ev, 0, sizeof(ev));
-    /* The socket goes back to Python's spares; it must leave the set now. */
-    (void)epoll_ctl(epfd, EPOLL_CTL_DEL, x->sock, &ev);
-    if (st != NULL) {
-        tftpd_peer_del(st, slot);
-        if (st->live > 0)
-            st->live--;
-    }
     x->probe = 2;
+    /* The socket leaves the set now: a spare is in no epoll set.  Should that
+     * fail, it is not reused (Python closes it). */
+    if (epoll_ctl(epfd, EPOLL_CTL_DEL, x->sock, &ev) < 0)
+        return 0;
+    if (st == NULL)
+        return 0;
+    tftpd_peer_del(st, slot);
+    if (st->live > 0)
+        st->live--;
+    if (st->spares != NULL && st->nspares < st->spares_cap
+        && (x->locallen == 4 || x->locallen == 16)) {
+        struct tftpd_spare *sp = &st->spares[st->nspares++];
+        sp->sock = x->sock;
+        sp->dstlen = x->locallen;
+        memcpy(sp->dst, x->local, x->locallen);
+        back |= TFTPD_PROBE_SPARE;
+    }
+    if (st->free_slots != NULL && st->nfree < st->free_cap) {
+        st->free_slots[st->nfree++] = slot;
+        back |= TFTPD_PROBE_OFFERED;
+    }
+    return back;
 }
 
 int tftpd_pump(int epfd, struct tftpd_xfer **table, unsigned int table_len,
@@ -618,11 +635,13 @@ again:
                 && p[2] == 0 && (p[3] == 0 || p[3] == 8 || p[3] == 9)
                 && tftpd_same_peer(x, &src, srclen)) {
                 /* An existence probe: the client read tsize and stops. */
-                tftpd_end_probe(st, epfd, slot, x);
                 memset(&events[nev], 0, sizeof(events[nev]));
                 events[nev].slot = slot;
                 events[nev].kind = TFTPD_EV_PROBE;
                 events[nev].err = p[3];
+                events[nev].off = tftpd_end_probe(st, epfd, slot, x);
+                events[nev].srclen = srclen;
+                memcpy(events[nev].src, &src, srclen);
                 nev++;
                 break;
             }
@@ -861,6 +880,8 @@ static int tftpd_start(struct tftpd_starts *st, const struct tftpd_refusal *r,
     x->fast = 0;
     x->probe = 1;
     x->answer = r->id;
+    x->locallen = q->dstlen;
+    memcpy(x->local, q->dst, q->dstlen);
     x->sent_at = x->armed_at = now;
     if (tftpd_epoll_set(st->epfd, TFTPD_EPOLL_ADD, sp.sock, slot) < 0) {
         x->addrlen = 0;

@@ -103,6 +103,8 @@ struct tftpd_xfer {
     double rttvar;
     int probe;                     /* 1: C sent the OACK and owns the transfer (below) */
     unsigned int answer;           /* probe: the id of the known answer that started it */
+    unsigned int locallen;         /* probe: the socket's local address (4 or 16 bytes) */
+    unsigned char local[16];
 };
 
 /* What the pump hands back to Python. */
@@ -111,6 +113,9 @@ struct tftpd_xfer {
 #define TFTPD_EV_ERROR 3    /* recv or send failed: err is errno or ESHRANK */
 #define TFTPD_EV_READY 4    /* a descriptor of Python's is ready: slot is its token */
 #define TFTPD_EV_PROBE 5    /* a transfer C started ended with ERROR 0, 8 or 9 (err) */
+/* EV_PROBE's off: its socket is among the spares again; its slot is offered again. */
+#define TFTPD_PROBE_SPARE 1
+#define TFTPD_PROBE_OFFERED 2
 
 /* Epoll data at or above this is not a transfer's slot but a token: one of
  * Python's own descriptors (listen sockets, the signal pipe) in the same set. */
@@ -145,8 +150,10 @@ struct tftpd_starts {
     unsigned int npeers;
     unsigned int *free_slots;      /* slots (with a struct) C may take, from the end */
     unsigned int nfree;
+    unsigned int free_cap;         /* room in free_slots */
     struct tftpd_spare *spares;    /* sockets C may take, from the end */
     unsigned int nspares;
+    unsigned int spares_cap;       /* room in spares */
     unsigned int live;             /* transfers C started and still owns */
 };
 
@@ -183,8 +190,12 @@ struct tftpd_starts {
  * A transfer C started (probe set, see tftpd_requests) is ended here when its
  * peer answers the OACK with ERROR 0, 8 or 9, an existence probe: the socket
  * leaves the epoll set, the peer leaves st's peer table, st->live drops, probe
- * becomes 2 and EV_PROBE reports the slot (err: the error code).  Python then
- * logs it and takes the slot and the socket back.  Anything else such a
+ * becomes 2 and EV_PROBE reports the slot (err: the error code, src: the peer).
+ * Where there is room, C puts the socket back among the spares and the slot
+ * among the free slots itself, and says so in the event's off (PROBE_SPARE,
+ * PROBE_OFFERED); Python logs the probe and takes back what C could not.  The
+ * slot's struct keeps its numbers until Python has seen the event (the next
+ * start that takes the slot sets them anew).  Anything else such a
  * transfer receives is an EV_PACKET like any other: Python adopts the transfer
  * (clears probe, lowers st->live) and goes on with it.  st may be NULL.
  *

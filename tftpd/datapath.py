@@ -666,6 +666,7 @@ class Refusals:
 
 
 EV_PACKET, EV_DONE, EV_ERROR, EV_READY, EV_PROBE = 1, 2, 3, 4, 5
+PROBE_SPARE, PROBE_OFFERED = 1, 2  # what C took back itself when it ended a probe
 
 
 class Pump:
@@ -680,7 +681,8 @@ class Pump:
     MAX_EVENTS = 256
     PKTBUF = 256 * 1500
     SCRATCH = 1 << 20
-    OFFER = 64  # free slots C may take for transfers it starts
+    OFFER = 32  # free slots C is offered before each read: the most one read can start
+    FREE_CAP = 1024  # room for slots C gives back itself when it ends a probe
     SPARES = 256  # sockets of finished transfers, for the next ones (all addresses)
 
     def __init__(self, datapath: _CDataPath, transfers: int = 1024) -> None:
@@ -701,12 +703,13 @@ class Pump:
             peers *= 2
         st = self.starts = ffi.new("struct tftpd_starts *")
         self._peers = ffi.new("unsigned int[]", peers)
-        self._offered = ffi.new("unsigned int[]", self.OFFER)
+        self._offered = ffi.new("unsigned int[]", self.FREE_CAP)
         self._spares = ffi.new("struct tftpd_spare[]", self.SPARES)
         st.epfd = self.epoll.fileno()
         st.table, st.table_len = self._table, self._cap
         st.peers, st.peers_len = self._peers, peers
         st.free_slots, st.spares = self._offered, self._spares
+        st.free_cap, st.spares_cap = self.FREE_CAP, self.SPARES
         self._socks: dict[int, tuple[socket.socket, bytes]] = {}  # spares and lent ones
         self._overdue = ffi.new("unsigned int[]", 256)
         self._next = ffi.new("double *")
@@ -807,6 +810,9 @@ class Pump:
                 data = self._buffer[e.off:e.off + e.len]
                 src = decode_sockaddr(bytes(self._ffi.buffer(e.src, e.srclen)))
                 out.append((e.slot, EV_PACKET, 0, data, src))
+            elif e.kind == EV_PROBE:  # (slot, EV_PROBE, error code, what C took back, peer)
+                src = decode_sockaddr(bytes(self._ffi.buffer(e.src, e.srclen)))
+                out.append((e.slot, EV_PROBE, e.err, e.off, src))
             elif e.kind == EV_ERROR and e.err == self._lib.TFTPD_ESHRANK:
                 out.append((e.slot, EV_ERROR, -1, b"", None))
             else:
@@ -823,17 +829,20 @@ class Pump:
         """Transfers C started and still owns."""
         return int(self.starts.live)
 
-    def offer(self, count: int) -> None:
-        """Let C take up to `count` (at most OFFER) free slots for transfers it starts."""
+    def offer(self, room: int) -> None:
+        """Let C take free slots for transfers it starts: at least OFFER while there
+        is `room` for that many more transfers, none when there is none. The slots
+        C gives back stay offered (their structs are reused) up to FREE_CAP."""
         st = self.starts
-        count = max(0, min(count, self.OFFER))
-        while st.nfree < count:
+        want = max(0, min(room, self.OFFER))
+        while st.nfree < want:
             slot, _ = self.new_state()
             self._offered[st.nfree] = slot
             st.nfree += 1
-        while st.nfree > count:
-            st.nfree -= 1
-            self._unoffer(self._offered[st.nfree])
+        if room < st.nfree:  # nearly full: C may start no more than `room`
+            while st.nfree > max(0, room):
+                st.nfree -= 1
+                self._unoffer(self._offered[st.nfree])
 
     def _unoffer(self, slot: int) -> None:
         self._states.pop(slot, None)
@@ -853,24 +862,14 @@ class Pump:
         sock = self._socks.pop(x.sock, (None, b""))[0]
         return x, sock
 
-    def ended(self, slot: int) -> None:
-        """A transfer C started and ended (EV_PROBE): its socket goes back to the
-        spares, its slot back to the offer (its struct is set anew on the next start)."""
-        x = self._states[slot]
-        kept = self._socks.get(x.sock)
-        st = self.starts
-        if kept is not None:
-            if st.nspares < self.SPARES:
-                self._put_spare(x.sock, kept[1])
-            else:
-                del self._socks[x.sock]
-                kept[0].close()  # it left the epoll set in C
-        x.probe = 0
-        x.addrlen = 0
-        if st.nfree < self.OFFER:
-            self._offered[st.nfree] = slot
-            st.nfree += 1
-        else:
+    def ended(self, slot: int, back: int) -> None:
+        """A transfer C started and ended (EV_PROBE): what C could not put back
+        itself (`back`: PROBE_SPARE, PROBE_OFFERED) is done here."""
+        if not back & PROBE_SPARE:
+            kept = self._socks.pop(self._states[slot].sock, None)
+            if kept is not None:
+                kept[0].close()
+        if not back & PROBE_OFFERED:
             self._unoffer(slot)
 
     def template(self, state: Any) -> Any:
@@ -961,6 +960,9 @@ def _load_ext() -> tuple[Any, str | None]:
             f"the C data path batches {_datapath.lib.TFTPD_MAX_BATCH} blocks, "
             f"the Python twin {BATCH}: rebuild it"
         )
+    if (_datapath.lib.TFTPD_PROBE_SPARE, _datapath.lib.TFTPD_PROBE_OFFERED) \
+            != (PROBE_SPARE, PROBE_OFFERED):
+        return None, "the C data path reports probes otherwise: rebuild it"
     if (_datapath.lib.TFTPD_REQ_MAX, _datapath.lib.TFTPD_REQ_BATCH) != (REQ_MAX, REQ_BATCH):
         return None, "the C data path reads requests in other batches than the twin: rebuild it"
     return _datapath, None

@@ -34,6 +34,8 @@ from tftpd.datapath import (
     EV_READY,
     IP_PKTINFO,
     IPV6_RECVPKTINFO,
+    PROBE_OFFERED,
+    PROBE_SPARE,
     REQ_ANSWERED,
     REQ_BATCH,
     REQ_MERGED,
@@ -434,7 +436,7 @@ class Worker:
             if ev[1] == EV_READY:
                 ready.append(self._tokens.get(ev[0]))
             elif ev[1] == EV_PROBE:
-                self._probe_done(ev[0], ev[2])  # C ended it: nothing of it is left in C
+                self._probe_done(*ev)  # C ended it: nothing of it is left in C
             elif (session := self.by_slot.get(ev[0])) is not None:
                 self._pending[session] = ev  # one event per slot per call
             elif self.pump.is_started(ev[0]):
@@ -907,16 +909,16 @@ class Worker:
         elif arrival:
             S.observe(c, "first_answer", max(0.0, answered - arrival))
 
-    def _probe_done(self, slot: int, code: int) -> None:
+    def _probe_done(self, slot: int, kind: int, code: int, back: int, peer: tuple) -> None:
         """C ended a transfer it started on ERROR 0, 8 or 9: an existence probe."""
         assert self.pump is not None and self.refusals is not None
         x = self.pump.state(slot)
         now = time.monotonic()
         entry = self.refusals.get(x.answer)
-        peer = self.pump.peer(slot)
         duration = now - x.sent_at
         blksize, window, retransmits = x.blksize, x.windowsize, x.retransmits
-        self.pump.ended(slot)
+        if back != PROBE_SPARE | PROBE_OFFERED:  # C took back all but this
+            self.pump.ended(slot, back)
         c = self.counters
         c[S.INDEX["probe"]] += 1
         S.observe(c, "duration", duration)
