@@ -151,11 +151,15 @@ def test_a_known_oack_starts_in_c_and_the_probe_ends_in_c(rig: Rig) -> None:
     assert rig.pump.live == 0 and not rig.pump.is_started(slot)
     assert rig.pump.find(encode_sockaddr(c.getsockname())) == -1
     assert rig.pump.starts.nspares == 1 and rig.pump.starts.nfree == 4
-    # The socket serves the next start.
+    # The socket serves the next start, emptied first of what the last client sent late.
+    c.sendto(P.encode_error(8, "probe only"), src)
     c2 = _client()
     c2.sendto(rig.request, rig.lsock.getsockname())
     assert rig.read(1)[0][0] == REQ_STARTED
     assert c2.recvfrom(600) == (rig.oack, spare.getsockname())
+    c2.sendto(P.encode_error(0, ""), src)
+    [ev] = rig.events()
+    assert ev[1:3] == (EV_PROBE, 0) and ev[4] == c2.getsockname()
     c.close()
     c2.close()
 
@@ -404,3 +408,32 @@ def test_a_repeated_rrq_of_a_transfer_c_started_is_merged(cdaemon: Daemon) -> No
     t = _totals(cdaemon)
     assert t["merged"] == 2 and t["probe"] == 2
     s.close()
+
+
+@pytest.mark.parametrize("bind", ["::1", "::"])
+def test_probes_over_ipv6_start_in_c(root: Path, bind: str) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this kernel")
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).bind(("::1", 0))
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    (root / "six.bin").write_bytes(b"6" * 3000)
+    d = start_daemon(root, "--workers", "1", env={"TFTPD_DATAPATH": "c"}, host=bind)
+    request = P.encode_rrq(b"six.bin", "octet", {"tsize": "0"})
+    try:
+        for i in range(6):
+            s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            s.settimeout(WAIT)
+            s.bind(("::1", 0))
+            s.sendto(request, ("::1", d.port))
+            reply, tid = s.recvfrom(600)
+            assert P.parse(reply) == P.OAck({"tsize": "3000"})
+            assert tid[0] == "::1" and tid[1] != d.port
+            s.sendto(P.encode_error(8, ""), tid)
+            d.wait_for_log(r"file=six\.bin .*outcome=probe", count=i + 1)
+            s.close()
+        t = _totals(d)
+    finally:
+        d.stop()
+    assert t["probe"] == 6 and t["cache_hits"] <= 1, t  # Python opened it once

@@ -518,7 +518,6 @@ class Worker:
                 return False
             for kind, refusal, err, data, src, dst, ifindex, arrival, answered in batch:
                 if kind == REQ_STARTED:
-                    assert refusal is not None
                     self._started(refusal, err, arrival, answered)
                     continue
                 if kind == REQ_MERGED:
@@ -895,17 +894,18 @@ class Worker:
 
     # -- transfers C starts ----------------------------------------------------------
 
-    def _started(self, entry: Refusal, err: int, arrival: float, answered: float) -> None:
+    def _started(self, entry: Refusal | None, err: int, arrival: float,
+                 answered: float) -> None:
         """C sent an OACK it had the answer for and owns the transfer: the books."""
         c = self.counters
         c[S.INDEX["requests"]] += 1
-        assert entry.xfer is not None
-        due = time.monotonic() + entry.xfer.rto
+        # Its timer: the entry's RTO, or at once (the scan then finds when) if the
+        # entry is gone from the table already.
+        due = time.monotonic() + (entry.xfer.rto if entry is not None else 0.0)
         if due < self._c_due:
             self._c_due = due
         if err:
-            log.warning("OACK for %s: %s (the timer resends it)", entry.note.name,
-                        os.strerror(err))
+            log.warning("OACK: %s (the timer resends it)", os.strerror(err))
         elif arrival:
             S.observe(c, "first_answer", max(0.0, answered - arrival))
 
@@ -964,7 +964,7 @@ class Worker:
         started, armed = x.sent_at, x.armed_at
         try:
             f: OpenFile | None = self.files.open(note.filename, note.mode)
-        except FileError:
+        except (FileError, OSError):  # gone or unreadable since: ended below
             f = None
         if f is not None and f.ident != entry.ident:
             f.close()
