@@ -34,6 +34,7 @@ from bench.loadgen import StormResult, run_storm
 from bench.measure import MemorySampler, ProcessGroup, cleanup_stale_groups, host_cpu
 from bench.servers import SERVERS, STANDARD, Server
 from bench.workload import Workload, load
+from tftpd.config import default_workers
 
 HERE = Path(__file__).resolve().parent
 PORT = 69
@@ -305,8 +306,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--clients", default="", help="comma list; default: each workload's own")
     ap.add_argument("--loss", default="0", help="comma list of loss percentages (0, 1, 5)")
     ap.add_argument("--engine", choices=("auto", "c", "python"), default="auto")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2,
-                    help="worker processes for tftpd and limit (default: CPUs)")
+    ap.add_argument("--workers", type=int, default=default_workers(),
+                    help="worker processes for tftpd and limit (default: tftpd's own, "
+                         "the CPUs less one)")
     ap.add_argument("--deadline", type=float, default=None,
                     help="seconds per storm (default: from the workload's retry rules)")
     ap.add_argument("--repeat", type=int, default=1,
