@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tftpd.remap import MAX_STEPS, TABLE_FAILURE, Outcome, RemapError, Rules
@@ -294,6 +294,7 @@ ips = st.ip_addresses().map(str) | st.text(max_size=20)
 
 @settings(max_examples=300, deadline=None)
 @given(name=names, ip=ips, write=st.booleans())
+@example(name="/00./", ip="\u0100", write=False)  # \i put a non-latin-1 "address" in
 def test_apply_never_raises(name: str, ip: str, write: bool) -> None:
     got = FIXED.evaluate(os.fsdecode(os.fsencode(name)), ip, write)
     assert got.filename is None or isinstance(got.filename, str)

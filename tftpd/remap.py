@@ -364,7 +364,9 @@ def _client(ip: str) -> _Client:
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:
-        return _Client(0, ip, "")
+        # Not an address (never so from the network): spelled in the same byte space
+        # as the name it may be put into, so that the result always encodes.
+        return _Client(0, os.fsencode(ip).decode("latin-1"), "")
     if addr.version == 4:
         return _Client(4, str(addr), f"{int(addr):08X}")
     # inet_ntop() is what tftp-hpa uses; it spells ::ffff:a.b.c.d as such.
