@@ -306,8 +306,10 @@ def test_probes_are_answered_without_python_opening_the_file(cdaemon: Daemon) ->
     cdaemon.wait_for_log(r"file=nbp\.efi .*outcome=probe", count=n)
     t = _totals(cdaemon)
     assert t["requests"] == n and t["probe"] == n and t["failed"] == 0
-    # Python opens (or finds open) the file for each request it serves itself.
-    assert t["cache_hits"] <= 2, t
+    # Python opens (or finds open) the file for each request it serves itself; the
+    # first is Python's, and a next RRQ read before the last probe's ERROR finds no
+    # spare socket yet.
+    assert t["c_starts"] >= n // 2 and t["cache_hits"] == n - 1 - t["c_starts"], t
 
 
 def _download(sock: socket.socket, server: tuple, request: bytes, blksize: int,
@@ -436,4 +438,4 @@ def test_probes_over_ipv6_start_in_c(root: Path, bind: str) -> None:
         t = _totals(d)
     finally:
         d.stop()
-    assert t["probe"] == 6 and t["cache_hits"] <= 1, t  # Python opened it once
+    assert t["probe"] == 6 and t["c_starts"] == 5, t  # the first one was Python's

@@ -40,6 +40,10 @@ def render(t: dict[str, int], restarts: int, workers: int) -> str:
         "# HELP tftpd_merged_requests_total Repeated requests merged into a live transfer.",
         "# TYPE tftpd_merged_requests_total counter",
         f"tftpd_merged_requests_total {t['merged']}",
+        "# HELP tftpd_c_starts_total Requests whose OACK the C data path sent alone "
+        "(a request negotiated before).",
+        "# TYPE tftpd_c_starts_total counter",
+        f"tftpd_c_starts_total {t['c_starts']}",
         "# HELP tftpd_malformed_packets_total Datagrams on the listen port that were dropped.",
         "# TYPE tftpd_malformed_packets_total counter",
         f"tftpd_malformed_packets_total {t['malformed']}",

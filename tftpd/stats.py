@@ -18,7 +18,7 @@ HISTOGRAMS = ("duration", "first_answer")
 
 COUNTERS = ("requests", "ok", "probe", "aborted", "failed", "notfound", "denied",
             "refused_busy", "merged", "malformed", "bytes", "retransmits", "cache_hits",
-            "miss_cache_hits", "forwarded")
+            "miss_cache_hits", "forwarded", "c_starts")
 GAUGES = ("active", "listening")
 FIELDS = COUNTERS + GAUGES + tuple(
     f"{h}_{suffix}" for h in HISTOGRAMS

@@ -899,6 +899,7 @@ class Worker:
         """C sent an OACK it had the answer for and owns the transfer: the books."""
         c = self.counters
         c[S.INDEX["requests"]] += 1
+        c[S.INDEX["c_starts"]] += 1
         # Its timer: the entry's RTO, or at once (the scan then finds when) if the
         # entry is gone from the table already.
         due = time.monotonic() + (entry.xfer.rto if entry is not None else 0.0)
