@@ -284,6 +284,7 @@ int tftpd_send_window(int sock, const char *addr, unsigned int addrlen,
 #define TFTPD_PUMP_READY_MAX 256 /* epoll events per call (stack array) */
 #define TFTPD_PUMP_PER_SOCKET 16 /* datagrams read from one socket per call */
 #define TFTPD_PUMP_ROOM 1500     /* pktbuf room kept for one reported datagram */
+#define TFTPD_REARM_SLACK 0.05   /* s a timer may fire late rather than cost a Python turn */
 
 /* The absolute block acknowledged by wire number n, or 0 if none in flight
  * (ReadTransfer._absolute). */
@@ -353,16 +354,23 @@ static int tftpd_next_window(struct tftpd_xfer *x, unsigned long long first, dou
 }
 
 /* Handle an ACK from the peer of a fast transfer: 1 when it finished it,
- * 2 when it sent the next window, 0 when it ignored the ACK, -errno /
- * -ESHRANK when the next send failed. */
+ * 2 when it sent the next window, 4 when it did and the timer is now due
+ * sooner than it was (Python's timer heap must hear of it), 0 when it ignored
+ * the ACK, 3 when Python must judge it, -errno / -ESHRANK when the next send
+ * failed. */
 static int tftpd_on_ack(struct tftpd_xfer *x, unsigned int n, double now,
                         char *scratch, size_t scratch_len, unsigned int *gso)
 {
     unsigned long long k = tftpd_absolute(x, n);
+    double due = x->armed_at + x->rto;
     int complete, rc;
 
     if (k == 0 || k == x->last_acked)
-        return 0; /* duplicate or stale: never resend on it (Sorcerer's Apprentice) */
+        /* Duplicate or stale: never resend on it (Sorcerer's Apprentice).  While
+         * the timer backs off, a repeated ACK ends the backoff: Python's rule
+         * (ReadTransfer._revive), and a timer that comes sooner, which only
+         * Python can re-arm. */
+        return x->retries > 0 ? 3 : 0;
     complete = k == x->sent_upto;
     if (complete)
         tftpd_sample_rtt(x, now);
@@ -376,7 +384,11 @@ static int tftpd_on_ack(struct tftpd_xfer *x, unsigned int n, double now,
     if (!complete)
         x->retransmits += x->sent_upto - k; /* RFC 7440: restart after k */
     rc = tftpd_next_window(x, k + 1, now, scratch, scratch_len, gso);
-    return rc < 0 ? rc : 2;
+    if (rc < 0)
+        return rc;
+    /* Progress after a backoff (or a much smaller RTT) brings the timer forward;
+     * Python's heap may hold it up to TFTPD_REARM_SLACK late. */
+    return x->armed_at + x->rto < due - TFTPD_REARM_SLACK ? 4 : 2;
 }
 
 static int tftpd_same_peer(const struct tftpd_xfer *x, const struct sockaddr_storage *src,
@@ -651,8 +663,17 @@ again:
                                   scratch, scratch_len, gso);
                 if (rc == 0)
                     continue; /* a stale ACK: read on */
+                if (rc == 3)
+                    goto python; /* a repeated ACK while backing off */
                 if (rc == 2)
                     break; /* the next ACK needs a round trip: no recv to EAGAIN */
+                if (rc == 4) {
+                    memset(&events[nev], 0, sizeof(events[nev]));
+                    events[nev].slot = slot;
+                    events[nev].kind = TFTPD_EV_REARM;
+                    nev++;
+                    break;
+                }
                 events[nev].slot = slot;
                 events[nev].kind = rc == 1 ? TFTPD_EV_DONE : TFTPD_EV_ERROR;
                 events[nev].err = rc == 1 ? 0 : -rc;
@@ -661,6 +682,7 @@ again:
                 x->fast = 0;
                 break; /* the transfer is over: what follows is Python's */
             }
+python:
             events[nev].slot = slot;
             events[nev].kind = TFTPD_EV_PACKET;
             events[nev].err = 0;
@@ -970,11 +992,27 @@ int tftpd_requests(int lsock, int errsock, int pktinfo,
             if (live >= 0) {
                 /* The peer has a transfer: Python merges or supersedes, but the
                  * repeat of a request C answered is merged here. */
-                const struct tftpd_xfer *x = st->table[live];
+                struct tftpd_xfer *x = st->table[live];
                 if (x->probe == 1 && r != NULL && r->oack && r->id == x->answer) {
                     q->kind = TFTPD_REQ_MERGED;
                     q->id = r->id;
                     q->slot = (unsigned int)live;
+                    /* Unanswered since RTO_FLOOR or longer: the client did not get
+                     * the OACK (or is a new one on a reused port): again, at once
+                     * (ReadTransfer.on_repeat). */
+                    if (now - x->armed_at >= TFTPD_RTO_FLOOR_MS / 1000.0) {
+                        ssize_t sent;
+                        do {
+                            sent = sendto(x->sock, r->reply, r->replylen, 0,
+                                          (const struct sockaddr *)q->src, q->srclen);
+                        } while (sent < 0 && errno == EINTR);
+                        q->err = sent < 0 ? errno : 0;
+                        x->retransmits++;
+                        x->retries = 0;
+                        x->rto = x->base_rto;
+                        x->resent = 1;
+                        x->armed_at = now;
+                    }
                 } else {
                     q->kind = TFTPD_REQ_PASS;
                 }

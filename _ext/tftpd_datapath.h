@@ -18,7 +18,7 @@
 
 /* Bump on any change of a signature or of a meaning below; tftpd/datapath.py
  * refuses a compiled module whose version differs from the one it expects. */
-#define TFTPD_DATAPATH_VERSION 5
+#define TFTPD_DATAPATH_VERSION 6
 
 /* Most datagrams handed to one sendmmsg() call, and the most blocks read in
  * one go: a window is read and sent in batches of at most this many blocks
@@ -113,6 +113,7 @@ struct tftpd_xfer {
 #define TFTPD_EV_ERROR 3    /* recv or send failed: err is errno or ESHRANK */
 #define TFTPD_EV_READY 4    /* a descriptor of Python's is ready: slot is its token */
 #define TFTPD_EV_PROBE 5    /* a transfer C started ended with ERROR 0, 8 or 9 (err) */
+#define TFTPD_EV_REARM 6    /* an ACK C answered brought the transfer's timer forward */
 /* EV_PROBE's off: its socket is among the spares again; its slot is offered again. */
 #define TFTPD_PROBE_SPARE 1
 #define TFTPD_PROBE_OFFERED 2
@@ -179,7 +180,12 @@ struct tftpd_starts {
  * of the whole window takes an RTT sample (not after a resend) and sends the
  * next window; an ACK inside the window counts the rest as retransmitted and
  * sends the window that starts after it; both reset retries and the backoff;
- * the ACK of block nblocks clears fast and reports EV_DONE.  Any other
+ * the ACK of block nblocks clears fast and reports EV_DONE.  A duplicate
+ * ACK while the timer backs off (retries > 0) is Python's (it ends the
+ * backoff and re-arms the timer sooner: ReadTransfer._revive).  An ACK C
+ * answers that leaves the timer due sooner than before (progress after a
+ * backoff, a smaller RTT) reports EV_REARM, so that Python's timer heap,
+ * which holds the later time, is brought forward.  Any other
  * datagram, or any datagram of a transfer without fast, is copied to pktbuf
  * and reported as EV_PACKET, and that socket is left for the next call, so
  * Python sees its datagrams in arrival order before C reads on.  A failed recv (but EAGAIN)
@@ -293,7 +299,9 @@ struct tftpd_request {
  * With `st` (NULL: none of this) a request can also start a transfer.  A
  * request from a peer that has a live transfer in st's peer table is PASSed
  * (Python merges or supersedes), except the exact request of a transfer C
- * started, which is reported MERGED and dropped.  A request matching an
+ * started, which is reported MERGED and dropped (and, when the OACK went out
+ * TFTPD_RTO_FLOOR_MS or longer ago, answered with the OACK again at once, as
+ * ReadTransfer.on_repeat does).  A request matching an
  * entry with oack set (and ifindex equal to the request's) takes a free slot
  * and a spare socket bound to the address the request was sent to (drained
  * of late datagrams first): the slot's struct is set from the entry's xfer,

@@ -416,7 +416,10 @@ def main(argv: list[str] | None = None) -> int:
         meta["total_s"] = time.monotonic() - t_start
         meta["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
         _save(out, meta, records)
-        subprocess.run(["rm", "-rf", str(work)], check=False)
+        if os.environ.get("TFTPBENCH_KEEP"):  # the servers' logs, for a post-mortem
+            print(f"kept: {work}")
+        else:
+            subprocess.run(["rm", "-rf", str(work)], check=False)
     table = report.text_table(records)
     (out / "table.txt").write_text(report.header(meta) + "\n" + table + "\n")
     print()

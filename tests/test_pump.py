@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 
 from tftpd import packet as P
 from tftpd import transfer as T
-from tftpd.datapath import EV_DONE, EV_PACKET, encode_sockaddr, ext_error, get_datapath
+from tftpd.datapath import (
+    EV_DONE,
+    EV_PACKET,
+    EV_REARM,
+    encode_sockaddr,
+    ext_error,
+    get_datapath,
+)
 
 pytestmark = pytest.mark.skipif(
     ext_error() is not None and not os.environ.get("TFTPD_REQUIRE_EXT"),
@@ -71,9 +78,9 @@ class Rig:
                 assert got == P.encode_data(T.wire_block(k, t.rollover),
                                             self.data[off:off + t.blksize])
 
-    def start(self) -> None:
-        acts = self.py.start(0.0)
-        assert self.c.start(0.0) == acts
+    def start(self, now: float = 0.0) -> None:
+        acts = self.py.start(now)
+        assert self.c.start(now) == acts
         first = acts[0]
         assert isinstance(first, T.SendBlocks)
         self.dp.send_window(self.server, self.peer, encode_sockaddr(self.peer), self.fd,
@@ -170,7 +177,7 @@ def test_the_pump_waits_and_serves_a_lockstep_client_alone(data_file: Path) -> N
     r, w = os.pipe()
     try:
         token = rig.pump.add_token(r)
-        rig.start()
+        rig.start(time.monotonic())
         got = bytearray(rig.data[:512])
 
         def client() -> None:  # bounded: one ACK per block, 2 s timeout on each read
@@ -188,13 +195,14 @@ def test_the_pump_waits_and_serves_a_lockstep_client_alone(data_file: Path) -> N
         events: list[tuple] = []
         calls = 0
         end = time.monotonic() + 10
-        while not events and time.monotonic() < end:
-            events = rig.pump.run(time.monotonic(), 5.0)
+        while EV_DONE not in [e[1] for e in events] and time.monotonic() < end:
+            events += rig.pump.run(time.monotonic(), 5.0)
             calls += 1
         th.join(5)
-        assert [e[1] for e in events] == [EV_DONE]
+        # The first RTT sample brings the timer forward from the initial 1 s, once.
+        assert [e[1] for e in events] in ([EV_DONE], [EV_REARM, EV_DONE])
         assert bytes(got) == rig.data
-        assert calls <= 3, f"{calls} calls for {rig.c.nblocks} blocks: C did not wait"
+        assert calls <= 4, f"{calls} calls for {rig.c.nblocks} blocks: C did not wait"
         assert rig.c.s.last_acked == rig.c.nblocks
         # A ready token ends the wait at once, idle waits end by their timeout.
         t0 = time.monotonic()
@@ -210,4 +218,62 @@ def test_the_pump_waits_and_serves_a_lockstep_client_alone(data_file: Path) -> N
     finally:
         os.close(r)
         os.close(w)
+        rig.close()
+
+
+def test_a_repeated_ack_while_backing_off_goes_to_python(data_file: Path) -> None:
+    """C ignores a duplicate ACK, except while the timer backs off: then the ACK ends
+    the backoff and re-arms the timer sooner, which only Python's heap can do."""
+    rig = Rig(data_file, 40_000, 512, 1, 0)
+    try:
+        rig.start()
+        rig.ack(1, 0.01)
+        rig.client.sendto(P.encode_ack(1), rig.server.getsockname())  # no backoff yet
+        for _ in range(100):
+            assert rig.pump.run(0.02) == []
+            if rig._consumed():
+                break
+        deadline = rig.c.deadline
+        assert deadline is not None
+        assert rig.c.on_timer(deadline) == [T.SendBlocks(2, 1)]  # a timeout: retries 1
+        assert rig.c.s.retries == 1
+        rig.client.sendto(P.encode_ack(1), rig.server.getsockname())
+        events: list = []
+        for _ in range(40):  # bounded: 2 s at most
+            events = rig.pump.run(deadline + 0.01, 0.05)
+            if events:
+                break
+        assert [(e[1], e[3]) for e in events] == [(EV_PACKET, P.encode_ack(1))]
+        assert rig.c.on_datagram(events[0][3], rig.peer, deadline + 0.01) == []
+        assert rig.c.s.retries == 0
+    finally:
+        rig.close()
+
+
+def test_progress_after_a_backoff_brings_the_timer_forward(data_file: Path) -> None:
+    """An ACK C answers after timeouts resets the backoff: the timer is due sooner
+    than the time Python's heap holds, and C says so (EV_REARM)."""
+    import time
+
+    rig = Rig(data_file, 40_000, 512, 1, 0)
+    try:
+        t0 = time.monotonic()  # C reads the clock itself after a wait
+        rig.start(t0)
+        rig.ack(1, t0 + 0.01)  # block 2 is out
+        for _ in range(2):
+            deadline = rig.c.deadline
+            assert deadline is not None
+            assert rig.c.on_timer(deadline) == [T.SendBlocks(2, 1)]
+        late = rig.c.deadline
+        assert late is not None and rig.c.rto == 4 * rig.c.base_rto
+        rig.client.sendto(P.encode_ack(2), rig.server.getsockname())
+        events: list = []
+        for _ in range(40):  # bounded: 2 s at most
+            events = rig.pump.run(time.monotonic(), 0.05)
+            if events:
+                break
+        assert [e[:2] for e in events] == [(rig.slot, EV_REARM)]
+        assert rig.c.s.last_acked == 2 and rig.c.s.retries == 0
+        assert rig.c.rto == rig.c.base_rto and rig.c.deadline < late - 0.05
+    finally:
         rig.close()

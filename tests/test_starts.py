@@ -439,3 +439,29 @@ def test_probes_over_ipv6_start_in_c(root: Path, bind: str) -> None:
     finally:
         d.stop()
     assert t["probe"] == 6 and t["c_starts"] == 5, t  # the first one was Python's
+
+
+@pytest.mark.parametrize("c_started", [False, True])
+def test_a_repeated_rrq_of_an_unanswered_transfer_gets_the_oack_again(
+        cdaemon: Daemon, c_started: bool) -> None:
+    """A client that did not get the OACK (or a rebooted ROM on the same port) sends
+    the same RRQ again: the OACK comes again at once, not at the backed-off timer."""
+    (cdaemon.root / "u.bin").write_bytes(b"u" * 2000)
+    if c_started:
+        client.probe("127.0.0.1", cdaemon.port, "u.bin")
+        cdaemon.wait_for_log(r"file=u\.bin .*outcome=probe")  # its socket is a spare now
+    request = P.encode_rrq(b"u.bin", "octet", {"tsize": "0"})
+    s = _client()
+    server = ("127.0.0.1", cdaemon.port)
+    s.sendto(request, server)
+    first, tid = s.recvfrom(600)  # "lost": not answered
+    time.sleep(0.3)  # the client's own timeout, shorter than the server's 1 s
+    t0 = time.monotonic()
+    s.sendto(request, server)
+    again, tid2 = s.recvfrom(600)
+    assert (again, tid2) == (first, tid) and time.monotonic() - t0 < 0.5
+    s.sendto(P.encode_error(8, ""), tid)
+    cdaemon.wait_for_log(rf":{s.getsockname()[1]} file=u\.bin .*retransmits=1 outcome=probe")
+    t = _totals(cdaemon)
+    assert t["merged"] == 1 and t["c_starts"] == (1 if c_started else 0)
+    s.close()

@@ -73,6 +73,44 @@ def test_duplicate_ack_never_resends() -> None:
     assert t.retransmits == 0
 
 
+def test_a_repeated_ack_while_backing_off_ends_the_backoff_without_a_resend() -> None:
+    t = ReadTransfer(PEER, 5000, timeout=1.0, retries=3)
+    t.start(0.0)
+    t.on_datagram(ack(1), PEER, 0.1)  # RTT 0.1 s: base RTO 0.3 s
+    assert t.base_rto == pytest.approx(0.3)
+    assert t.on_timer(0.4) == [SendBlocks(2, 1)]
+    assert t.on_timer(1.0) == [SendBlocks(2, 1)]
+    assert t.deadline == pytest.approx(2.2) and t.retries == 2  # backed off to 1.2 s
+    # The client's own timer repeats its ACK: our resends are what gets lost.
+    assert t.on_datagram(ack(1), PEER, 1.5) == []  # still no resend on an ACK
+    assert t.deadline == pytest.approx(1.7) and t.retries == 0 and t.rto == t.base_rto
+    assert t.on_timer(1.7) == [SendBlocks(2, 1)]
+    # Without a backoff, a repeated ACK changes nothing.
+    t = ReadTransfer(PEER, 5000, timeout=1.0)
+    t.start(0.0)
+    t.on_datagram(ack(1), PEER, 0.1)
+    before = t.deadline
+    assert t.on_datagram(ack(1), PEER, 0.15) == [] and t.deadline == before
+
+
+def test_a_repeated_rrq_gets_the_first_packet_again_unless_answered() -> None:
+    t = ReadTransfer(PEER, 5000, timeout=1.0, oack={"tsize": "5000"})
+    oack = Send(P.encode_oack({"tsize": "5000"}))
+    assert t.start(0.0) == [oack]
+    assert t.on_repeat(0.00001) == []  # a legacy ROM's double RRQ: no second OACK
+    t.on_timer(1.0)  # the timer resent it; backed off to 2 s
+    assert t.on_repeat(1.5) == [oack]  # the client did not get it: again, at once
+    assert t.retransmits == 2 and t.retries == 0 and t.deadline == pytest.approx(2.5)
+    t.on_datagram(ack(0), PEER, 1.6)
+    assert t.on_repeat(3.0) == []  # answered: a repeat changes nothing
+    # Without options the first packet is DATA 1.
+    t = ReadTransfer(PEER, 5000, timeout=1.0)
+    t.start(0.0)
+    assert t.on_repeat(0.5) == [SendBlocks(1, 1)]
+    t.on_datagram(ack(1), PEER, 0.6)
+    assert t.on_repeat(2.0) == []
+
+
 def test_timeout_resends_with_backoff_then_gives_up() -> None:
     t = ReadTransfer(PEER, 5000, timeout=1.0, retries=3)
     t.start(0.0)

@@ -66,7 +66,7 @@ __all__ = [
 
 # The version of _ext/tftpd_datapath.h this module speaks; the compiled module
 # reports its own (TFTPD_DATAPATH_VERSION) and a mismatch means a stale build.
-EXT_VERSION = 5
+EXT_VERSION = 6
 
 # Blocks read and sent per batch; equal to TFTPD_MAX_BATCH in the C code
 # (checked at import) so both implementations stop at the same place.
@@ -665,7 +665,7 @@ class Refusals:
         e.hash = h  # last: the entry is whole before it can match
 
 
-EV_PACKET, EV_DONE, EV_ERROR, EV_READY, EV_PROBE = 1, 2, 3, 4, 5
+EV_PACKET, EV_DONE, EV_ERROR, EV_READY, EV_PROBE, EV_REARM = 1, 2, 3, 4, 5, 6
 PROBE_SPARE, PROBE_OFFERED = 1, 2  # what C took back itself when it ended a probe
 
 

@@ -203,6 +203,30 @@ class ReadTransfer:
         s.retransmits += action.count
         return [action]
 
+    def on_repeat(self, now: float) -> list[Action]:
+        """The same RRQ again, from the same address and port (merged, never a second
+        transfer). While the client has answered nothing, it did not get our first
+        packet: it is sent again at once, unless we sent it less than RTO_FLOOR ago
+        (legacy ROMs send every RRQ twice, microseconds apart). A PXE ROM that
+        reboots reuses its port too; a stale transfer must not swallow its requests
+        until the timer backs off to nothing."""
+        s = self.s
+        if now - s.armed_at < RTO_FLOOR or s.last_acked > 0:
+            return []
+        if self.state == OACK_SENT:
+            action: Action = Send(self._oack_bytes())
+            s.retransmits += 1
+        elif self.state == SENDING and not self.oack:  # (with one, ACK 0 answered it)
+            action = self._send_window(now, 1, fresh=False)
+            s.retransmits += action.count
+        else:
+            return []
+        s.retries = 0
+        s.rto = s.base_rto
+        s.resent = 1
+        s.armed_at = now
+        return [action]
+
     def fail(self, detail: str) -> Finish:
         """The worker could not go on (a send failed, the file shrank)."""
         return self._finish("failed", detail)
@@ -276,6 +300,8 @@ class ReadTransfer:
         k = self._absolute(n)
         if k is None or k == s.last_acked:
             # A duplicate or stale ACK: never resend on it (Sorcerer's Apprentice).
+            if k is not None and s.retries:
+                self._revive(now)
             return []
         complete = k == s.sent_upto
         if complete:
@@ -289,6 +315,19 @@ class ReadTransfer:
             # the next window starts there.
             s.retransmits += s.sent_upto - k
         return [self._send_window(now, k + 1)]
+
+    def _revive(self, now: float) -> None:
+        """The client repeats its ACK while we back off: it is there and still waits,
+        so our retransmissions are what gets lost. The backoff ends, and so does the
+        count of timeouts (a client that keeps asking is not given up on); the timer
+        comes within RTO_FLOOR, not at once: only a timer retransmits (RFC 1123
+        4.2.3.1). A storm's RTT samples can put the base RTO at seconds; under 5 %
+        loss its backoff outlasted a PXE client's 6 s of patience."""
+        s = self.s
+        deadline = min(s.armed_at + s.rto, now + RTO_FLOOR)
+        s.retries = 0
+        s.rto = s.base_rto
+        s.armed_at = deadline - s.rto
 
     def _on_error(self, pkt: P.Error) -> list[Action]:
         if self.state == OACK_SENT and pkt.code in (0, 8, 9):

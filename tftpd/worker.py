@@ -32,6 +32,7 @@ from tftpd.datapath import (
     EV_PACKET,
     EV_PROBE,
     EV_READY,
+    EV_REARM,
     IP_PKTINFO,
     IPV6_RECVPKTINFO,
     PROBE_OFFERED,
@@ -644,6 +645,8 @@ class Worker:
                 c[S.INDEX["merged"]] += 1
                 if self.cfg.verbose >= 1:
                     log.info("merged repeated request from %s for %s", _peer(src), name)
+                if isinstance(live.transfer, ReadTransfer):
+                    self._apply(live, live.transfer.on_repeat(now), now)
                 return False
             self._supersede(live, now)
         if self.cfg.verbose >= 1:
@@ -1030,6 +1033,8 @@ class Worker:
             self._apply(session, t.on_datagram(data, src, now), now)
         elif kind == EV_DONE:
             self._apply(session, t.on_pumped_done(), now)
+        elif kind == EV_REARM:
+            self._apply(session, [], now)  # the timer heap learns the sooner deadline
         elif err == -1:
             self._abort(session, P.E_UNDEFINED, "File changed during transfer",
                         "file shrank under the transfer", now)
