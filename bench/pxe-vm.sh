@@ -8,10 +8,11 @@
 # (MTU 1500), dnsmasq for DHCP only (its DNS and TFTP off; next-server and bootfile
 # point at tftpd), tftpd on 0.0.0.0:69 with a 1 MiB nbp.efi, and OVMF (EDK2's own
 # UEFI PXE client on virtio-net). The firmware probes nbp.efi (tsize), downloads it,
-# and fails to start it (it is random bytes): the point is the TFTP. The VM boots
-# twice: the second boot sends the same requests again, which tftpd's C data path
-# answers by itself (c_starts in the totals). Prints what the firmware said and
-# tftpd's log; exits 0 when the log shows two probes and two whole downloads.
+# and fails to start it (it is random bytes): the point is the TFTP. Two VMs boot
+# at once, a storm of two: the second to ask sends the requests the first sent, which
+# tftpd's C data path answers by itself (c_starts in the totals). Prints what the
+# firmware said and tftpd's log; exits 0 when the log shows two probes and two whole
+# downloads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NS=tftpd-pxe-$$
@@ -34,9 +35,11 @@ ip -n "$NS" link set lo up
 ip -n "$NS" link add br0 type bridge
 ip -n "$NS" addr add 192.168.77.1/24 dev br0
 ip -n "$NS" link set br0 up
-ip -n "$NS" tuntap add tap0 mode tap
-ip -n "$NS" link set tap0 master br0
-ip -n "$NS" link set tap0 up
+for tap in tap0 tap1; do
+    ip -n "$NS" tuntap add "$tap" mode tap
+    ip -n "$NS" link set "$tap" master br0
+    ip -n "$NS" link set "$tap" up
+done
 
 ip netns exec "$NS" dnsmasq --no-daemon --port=0 --interface=br0 --bind-interfaces \
     --dhcp-range=192.168.77.10,192.168.77.50,1h --dhcp-boot=nbp.efi,,192.168.77.1 \
@@ -48,15 +51,19 @@ pids+=($!)
 for _ in $(seq 50); do grep -q "listening on" "$WORK/tftpd.log" && break; sleep 0.1; done
 
 # Bounded: the firmware tries PXE first; 150 s covers it even without KVM.
-for boot in 1 2; do
+vms=()
+for i in 0 1; do
     timeout 150 ip netns exec "$NS" qemu-system-x86_64 -m 512 -nographic -no-reboot \
-        -bios "$OVMF" -netdev tap,id=n0,ifname=tap0,script=no,downscript=no \
-        -device virtio-net-pci,netdev=n0,romfile=,bootindex=1 -serial mon:stdio \
-        < /dev/null >> "$WORK/vm.log" 2>&1 || true
-    for _ in $(seq 50); do  # the last transfer's log line
-        [ "$(grep -c 'file=nbp.efi .*outcome=ok' "$WORK/tftpd.log")" -ge "$boot" ] && break
-        sleep 0.1
-    done
+        -bios "$OVMF" -netdev tap,id=n0,ifname=tap$i,script=no,downscript=no \
+        -device virtio-net-pci,netdev=n0,romfile=,bootindex=1,mac=52:54:00:77:00:1$i \
+        -serial mon:stdio < /dev/null > "$WORK/vm$i.log" 2>&1 &
+    vms+=($!)
+done
+wait "${vms[@]}" || true
+cat "$WORK/vm0.log" "$WORK/vm1.log" > "$WORK/vm.log"
+for _ in $(seq 50); do  # the last transfer's log line
+    [ "$(grep -c 'file=nbp.efi .*outcome=ok' "$WORK/tftpd.log")" -ge 2 ] && break
+    sleep 0.1
 done
 kill "${pids[1]}"  # tftpd: its totals
 for _ in $(seq 50); do grep -q "totals:" "$WORK/tftpd.log" && break; sleep 0.1; done

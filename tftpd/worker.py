@@ -76,8 +76,9 @@ NOISE_INTERVAL, NOISE_LINES = 10.0, 100  # bad-input log lines per interval, at 
 MEMO_SIZE = 4096  # remembered parses and negotiations
 SPARE_SOCKETS = 64  # sockets of finished transfers kept for new ones, per local address
 # How long C may answer a request with the OACK Python negotiated for it (while the
-# file keeps its identity): the bound on a changed MTU or a reload going unseen.
-START_TTL = 5.0  # s
+# file keeps its identity, checked on every use): as long as Python itself trusts a
+# cached MTU, the one other input of that OACK (MtuCache.REFRESH).
+START_TTL = 10.0  # s
 
 
 
