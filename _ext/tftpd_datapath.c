@@ -73,7 +73,7 @@ static int tftpd_read_full(int fd, char *buf, size_t len, unsigned long long off
  * back-pressure, -errno, -ESHRANK, or -TFTPD_ENOGSO when the kernel or the
  * route refuses segmentation (the caller then stops asking). */
 static int tftpd_send_gso(int sock, const char *addr, unsigned int addrlen, int fd,
-                          unsigned long long filesize, unsigned int blksize,
+                          const char *mem, unsigned long long filesize, unsigned int blksize,
                           unsigned long long k0, unsigned int n, unsigned int rollover,
                           char *scratch)
 {
@@ -108,6 +108,11 @@ static int tftpd_send_gso(int sock, const char *addr, unsigned int addrlen, int 
         rd[i].iov_base = h + 4;
         rd[i].iov_len = len;
         total = i * seg + 4 + len;
+    }
+    if (mem != NULL) { /* the file's image: copied, not read */
+        for (i = 0; i < n; i++)
+            memcpy(rd[i].iov_base, mem + off + (size_t)i * blksize, rd[i].iov_len);
+        got = want;
     }
     /* One preadv() for the batch; a short read means the file shrank. */
     while (got < want) {
@@ -162,8 +167,8 @@ static int tftpd_send_gso(int sock, const char *addr, unsigned int addrlen, int 
 }
 
 int tftpd_send_window(int sock, const char *addr, unsigned int addrlen,
-                      int fd, unsigned long long filesize, unsigned int blksize,
-                      unsigned long long first, unsigned int count,
+                      int fd, const char *mem, unsigned long long filesize,
+                      unsigned int blksize, unsigned long long first, unsigned int count,
                       unsigned int rollover,
                       char *scratch, size_t scratch_len, unsigned int *gso)
 {
@@ -174,7 +179,7 @@ int tftpd_send_window(int sock, const char *addr, unsigned int addrlen,
     size_t batch;
     unsigned int sent = 0;
 
-    if (sock < 0 || fd < 0 || addr == NULL || addrlen == 0
+    if (sock < 0 || (fd < 0 && mem == NULL) || addr == NULL || addrlen == 0
         || addrlen > sizeof(struct sockaddr_storage) || scratch == NULL
         || blksize < TFTPD_MIN_BLKSIZE || blksize > TFTPD_MAX_BLKSIZE
         || rollover > 1 || first < 1 || count < 1 || count > INT_MAX
@@ -211,7 +216,7 @@ int tftpd_send_window(int sock, const char *addr, unsigned int addrlen,
             if (g > room)
                 g = (unsigned int)room;
             if (g >= 2) {
-                rc = tftpd_send_gso(sock, addr, addrlen, fd, filesize, blksize, k0, g,
+                rc = tftpd_send_gso(sock, addr, addrlen, fd, mem, filesize, blksize, k0, g,
                                     rollover, scratch);
                 if (rc > 0) {
                     sent += (unsigned int)rc;
@@ -229,10 +234,13 @@ int tftpd_send_window(int sock, const char *addr, unsigned int addrlen,
         end = off + (unsigned long long)n * blksize;
         if (end > filesize)
             end = filesize;
-        /* off <= filesize because every block asked for exists. */
-        rc = tftpd_read_full(fd, scratch, (size_t)(end - off), off);
-        if (rc < 0)
-            return rc;
+        /* off <= filesize because every block asked for exists.  From an
+         * image the payloads are sent where they lie: no read, no copy. */
+        if (mem == NULL) {
+            rc = tftpd_read_full(fd, scratch, (size_t)(end - off), off);
+            if (rc < 0)
+                return rc;
+        }
 
         for (i = 0; i < n; i++) {
             unsigned long long boff = off + (unsigned long long)i * blksize;
@@ -245,7 +253,8 @@ int tftpd_send_window(int sock, const char *addr, unsigned int addrlen,
             hdr[i][3] = (unsigned char)(wire & 0xff);
             iov[i][0].iov_base = hdr[i];
             iov[i][0].iov_len = 4;
-            iov[i][1].iov_base = scratch + (size_t)i * blksize;
+            iov[i][1].iov_base = mem != NULL ? (void *)(uintptr_t)(mem + boff)
+                                             : scratch + (size_t)i * blksize;
             iov[i][1].iov_len = left < blksize ? (size_t)left : blksize;
             memset(&msgs[i], 0, sizeof(msgs[i]));
             /* sendmsg() never writes through msg_name; the cast drops const. */
@@ -348,7 +357,8 @@ static int tftpd_next_window(struct tftpd_xfer *x, unsigned long long first, dou
     x->sent_at = now;
     x->armed_at = now;
     x->resent = 0;
-    rc = tftpd_send_window(x->sock, x->addr, x->addrlen, x->fd, x->filesize, x->blksize,
+    rc = tftpd_send_window(x->sock, x->addr, x->addrlen, x->fd, x->mem, x->filesize,
+                           x->blksize,
                            first, (unsigned int)count, x->rollover, scratch, scratch_len, gso);
     return rc < 0 ? rc : 0;
 }

@@ -18,7 +18,7 @@
 
 /* Bump on any change of a signature or of a meaning below; tftpd/datapath.py
  * refuses a compiled module whose version differs from the one it expects. */
-#define TFTPD_DATAPATH_VERSION 6
+#define TFTPD_DATAPATH_VERSION 7
 
 /* Most datagrams handed to one sendmmsg() call, and the most blocks read in
  * one go: a window is read and sent in batches of at most this many blocks
@@ -43,7 +43,10 @@
  * (opcode 3, wire block number, both big-endian) and the payload, gathered
  * from two iovecs.  Wire numbers roll over past 65535 to `rollover` (0 or 1).
  *
- * The payload is pread() into `scratch` (scratch_len bytes, at least one
+ * With `mem` (the file's filesize bytes in memory, an image taken when it was
+ * opened; fd is then not read and may be -1) the payloads are sent from there:
+ * no read, and no copy but the kernel's (a segmented batch is copied into
+ * scratch).  Otherwise the payload is pread() into `scratch` (scratch_len bytes, at least one
  * block); blocks go out in batches of min(scratch_len / blksize,
  * TFTPD_MAX_BATCH), each batch read completely before any of it is sent.
  *
@@ -59,7 +62,8 @@
  * arguments.  EINTR is retried.
  */
 int tftpd_send_window(int sock, const char *addr, unsigned int addrlen,
-                      int fd, unsigned long long filesize, unsigned int blksize,
+                      int fd, const char *mem, unsigned long long filesize,
+                      unsigned int blksize,
                       unsigned long long first, unsigned int count,
                       unsigned int rollover,
                       char *scratch, size_t scratch_len, unsigned int *gso);
@@ -81,6 +85,7 @@ unsigned int tftpd_wire_block(unsigned long long k, unsigned int rollover);
 struct tftpd_xfer {
     int sock;                      /* the transfer's socket, non-blocking */
     int fd;                        /* the file */
+    const char *mem;               /* its image (filesize bytes), or NULL: read fd */
     unsigned int addrlen;          /* the peer: a struct sockaddr_in or _in6 */
     char addr[28];
     unsigned long long filesize;

@@ -225,6 +225,22 @@ def test_file_grew_sends_only_filesize(datapath: DataPath, receiver: Receiver,
     assert receiver.take(2) == expected(data, len(data), 512, 1, 2)
 
 
+@pytest.mark.parametrize("gso", [True, False])
+@pytest.mark.parametrize(("blksize", "count"), [(512, 6), (64, 2 * BATCH + 10), (1456, 16)])
+def test_an_image_is_sent_as_the_file_would_be(datapath: DataPath, receiver: Receiver,
+                                                sender: socket.socket, gso: bool,
+                                                blksize: int, count: int) -> None:
+    """From a file's image (OpenFile.image), not its descriptor: none is given."""
+    data = os.urandom(blksize * count - 7)
+    datapath.gso = gso
+    assert datapath.send_window(sender, receiver.addr, receiver.sockaddr, -1, 1, count,
+                                blksize, len(data), 0, data) == count
+    assert receiver.take(count) == expected(data, len(data), blksize, 1, count)
+    with pytest.raises(ValueError):
+        datapath.send_window(sender, receiver.addr, receiver.sockaddr, -1, 1, 1, blksize,
+                             len(data) + 1, 0, data)
+
+
 @pytest.mark.parametrize("rollover", [0, 1])
 def test_send_across_rollover(datapath: DataPath, receiver: Receiver, sender: socket.socket,
                               make_file: Any, rollover: int) -> None:

@@ -127,6 +127,27 @@ def test_replaced_file_is_served_whole_old_or_new(tree: Path) -> None:
     new.close()
 
 
+def test_small_files_are_served_from_an_image_taken_once(tree: Path) -> None:
+    (tree / "big.bin").write_bytes(b"b" * 5000)
+    (tree / "mid.bin").write_bytes(b"m" * 3000)
+    cache = FileCache(Root(str(tree)), image_max=4096, image_budget=3000)
+    small = cache.open(b"sub/f.txt")
+    assert small.image == b"inside"
+    assert cache.open(b"big.bin").image is None  # larger than image_max
+    assert cache.open(b"mid.bin").image is None  # 6 + 3000 bytes: past the budget
+    assert cache._image_bytes == 6
+    # Rewritten in place (same inode): a transfer that has the image keeps sending
+    # the whole old file; the next open takes a new image.
+    with open(tree / "sub" / "f.txt", "r+b") as f:
+        f.write(b"INSIDE")
+    os.utime(tree / "sub" / "f.txt", ns=(1, 1))
+    assert small.image == b"inside"
+    again = cache.open(b"sub/f.txt")
+    assert again.image == b"INSIDE" and cache._image_bytes == 6
+    for f in (small, again):
+        f.close()
+
+
 def test_negative_cache_and_its_invalidation(tree: Path) -> None:
     clock = Clock()
     cache = FileCache(Root(str(tree)), miss_ttl=2.0, clock=clock)

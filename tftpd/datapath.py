@@ -66,7 +66,7 @@ __all__ = [
 
 # The version of _ext/tftpd_datapath.h this module speaks; the compiled module
 # reports its own (TFTPD_DATAPATH_VERSION) and a mismatch means a stale build.
-EXT_VERSION = 6
+EXT_VERSION = 7
 
 # Blocks read and sent per batch; equal to TFTPD_MAX_BATCH in the C code
 # (checked at import) so both implementations stop at the same place.
@@ -183,6 +183,7 @@ class DataPath(abc.ABC):
         blksize: int,
         filesize: int,
         rollover: int = 0,
+        image: bytes | None = None,
     ) -> int:
         """Send blocks ``first`` .. ``first+count-1`` of the file to the client.
 
@@ -195,13 +196,16 @@ class DataPath(abc.ABC):
         socket pushed back (EAGAIN/ENOBUFS), possibly 0.  Raises ``FileShrank``
         when the file is shorter than ``filesize``, ``OSError`` on other
         errors and ``ValueError`` on bad arguments.
+
+        ``image``, when given, is the file's ``filesize`` bytes, taken when it was
+        opened (``OpenFile.image``): blocks come from it, not from the descriptor.
         """
-        _check(sockaddr, file_fd, first, count, blksize, filesize, rollover)
+        _check(sockaddr, file_fd, first, count, blksize, filesize, rollover, image)
         need = min(count, BATCH) * (blksize + 4)  # room for a segmented batch too
         if need > self._scratch_len:
             self._grow(need)
         return self._send(sock, addr, sockaddr, file_fd, first, count, blksize, filesize,
-                          rollover)
+                          rollover, image)
 
     @abc.abstractmethod
     def _grow(self, size: int) -> None:
@@ -236,7 +240,8 @@ class DataPath(abc.ABC):
 
     @abc.abstractmethod
     def _send(self, sock: socket.socket, addr: tuple[Any, ...], sockaddr: bytes, file_fd: int,
-              first: int, count: int, blksize: int, filesize: int, rollover: int) -> int:
+              first: int, count: int, blksize: int, filesize: int, rollover: int,
+              image: bytes | None) -> int:
         """Send the blocks; the arguments are checked already."""
 
     def __repr__(self) -> str:
@@ -244,12 +249,15 @@ class DataPath(abc.ABC):
 
 
 def _check(sockaddr: bytes, file_fd: int, first: int, count: int, blksize: int, filesize: int,
-           rollover: int) -> None:
+           rollover: int, image: bytes | None = None) -> None:
     # Any raw sockaddr up to sizeof(struct sockaddr_storage); normally one
     # from encode_sockaddr().
     if not isinstance(sockaddr, bytes) or not 0 < len(sockaddr) <= _SOCKADDR_STORAGE:
         raise ValueError("sockaddr must be the bytes of a struct sockaddr")
-    if file_fd < 0:
+    if image is not None:
+        if len(image) != filesize:
+            raise ValueError(f"an image of {len(image)} bytes for a file of {filesize}")
+    elif file_fd < 0:
         raise ValueError(f"bad file descriptor {file_fd}")
     if not MIN_BLKSIZE <= blksize <= MAX_BLKSIZE:
         raise ValueError(f"blksize {blksize} outside {MIN_BLKSIZE}..{MAX_BLKSIZE}")
@@ -282,7 +290,8 @@ class _PythonDataPath(DataPath):
         self._scratch_len = size
 
     def _send(self, sock: socket.socket, addr: tuple[Any, ...], sockaddr: bytes, file_fd: int,
-              first: int, count: int, blksize: int, filesize: int, rollover: int) -> int:
+              first: int, count: int, blksize: int, filesize: int, rollover: int,
+              image: bytes | None) -> int:
         buf = self._buf
         batch = min(self._scratch_len // blksize, BATCH)
         seg = blksize + 4
@@ -291,7 +300,8 @@ class _PythonDataPath(DataPath):
             k0 = first + sent
             g = min(count - sent, BATCH, self._scratch_len // seg, _GSO_MAX_BYTES // seg)
             if self.gso and g >= 2:
-                r = self._send_gso(sock, addr, file_fd, k0, g, blksize, filesize, rollover)
+                r = self._send_gso(sock, addr, file_fd, k0, g, blksize, filesize, rollover,
+                                   image)
                 if r is not None:
                     if r == 0:
                         return sent  # back-pressure
@@ -301,7 +311,10 @@ class _PythonDataPath(DataPath):
             n = min(batch, count - sent)
             off = (k0 - 1) * blksize
             length = min(off + n * blksize, filesize) - off
-            _read_full(file_fd, buf, length, off, filesize)
+            if image is not None:  # the file's image: copied, as C points at it
+                buf[:length] = image[off:off + length]
+            else:
+                _read_full(file_fd, buf, length, off, filesize)
             for i in range(n):
                 start = i * blksize
                 left = filesize - off - start
@@ -320,7 +333,8 @@ class _PythonDataPath(DataPath):
 
 
     def _send_gso(self, sock: socket.socket, addr: tuple[Any, ...], file_fd: int, k0: int,
-                  n: int, blksize: int, filesize: int, rollover: int) -> int | None:
+                  n: int, blksize: int, filesize: int, rollover: int,
+                  image: bytes | None = None) -> int | None:
         """C's tftpd_send_gso: n blocks, header and payload back to back, one
         sendmsg with UDP_SEGMENT. n, 0 on back-pressure, None if refused."""
         buf, seg = self._buf, blksize + 4
@@ -335,6 +349,10 @@ class _PythonDataPath(DataPath):
             total = i * seg + 4 + length
         want = sum(len(v) for v in views)
         done = 0
+        if image is not None:
+            for i, v in enumerate(views):
+                v[:] = image[off + i * blksize:off + i * blksize + len(v)]
+            done = want
         while done < want:  # one preadv for the batch, as in C
             skip, first_view = done, 0
             while skip >= len(views[first_view]):
@@ -420,11 +438,13 @@ class _CDataPath(DataPath):
         return Pump(self, transfers)
 
     def _send(self, sock: socket.socket, addr: tuple[Any, ...], sockaddr: bytes, file_fd: int,
-              first: int, count: int, blksize: int, filesize: int, rollover: int) -> int:
+              first: int, count: int, blksize: int, filesize: int, rollover: int,
+              image: bytes | None) -> int:
         self._gso[0] = 1 if self.gso else 0
+        mem = self._ffi.from_buffer(image) if image is not None else self._ffi.NULL
         rc: int = self._lib.tftpd_send_window(
-            sock.fileno(), sockaddr, len(sockaddr), file_fd, filesize, blksize, first, count,
-            rollover, self._buf, self._scratch_len, self._gso,
+            sock.fileno(), sockaddr, len(sockaddr), file_fd, mem, filesize, blksize, first,
+            count, rollover, self._buf, self._scratch_len, self._gso,
         )
         self.gso = bool(self._gso[0])
         if rc >= 0:
@@ -711,6 +731,7 @@ class Pump:
         st.free_slots, st.spares = self._offered, self._spares
         st.free_cap, st.spares_cap = self.FREE_CAP, self.SPARES
         self._socks: dict[int, tuple[socket.socket, bytes]] = {}  # spares and lent ones
+        self._images: dict[int, Any] = {}  # slot -> the cdata its struct's mem points into
         self._overdue = ffi.new("unsigned int[]", 256)
         self._next = ffi.new("double *")
         self._pktbuf = ffi.new("char[]", self.PKTBUF)
@@ -744,12 +765,14 @@ class Pump:
         self._free.extend(range(self._cap - 1, cap - 1, -1))
         self.starts.table, self.starts.table_len = self._table, self._cap
 
-    def watch(self, slot: int, sock: socket.socket, sockaddr: bytes, file_fd: int) -> None:
-        """Register a transfer: its socket, its peer (from encode_sockaddr), its file."""
+    def watch(self, slot: int, sock: socket.socket, sockaddr: bytes, file_fd: int,
+              image: bytes | None = None) -> None:
+        """Register a transfer: its socket, its peer (from encode_sockaddr), its file
+        (and the file's image, if it has one)."""
         x = self._states[slot]
         raw = sockaddr
         x.sock = sock.fileno()
-        x.fd = file_fd
+        self.set_file(slot, file_fd, image)
         x.addrlen = len(raw)
         self._ffi.memmove(x.addr, raw, len(raw))
         rc = self._lib.tftpd_epoll_set(self.epoll.fileno(), self._lib.TFTPD_EPOLL_ADD,
@@ -769,6 +792,7 @@ class Pump:
             return
         self._lib.tftpd_peer_del(self.starts, slot)
         del self._states[slot]
+        self._images.pop(slot, None)
         if not closing and sock is not None and sock.fileno() >= 0:
             self._lib.tftpd_epoll_set(self.epoll.fileno(), self._lib.TFTPD_EPOLL_DEL,
                                       sock.fileno(), slot)
@@ -821,6 +845,19 @@ class Pump:
 
     def state(self, slot: int) -> Any:
         return self._states[slot]
+
+    def set_file(self, slot: int, file_fd: int, image: bytes | None) -> None:
+        """The file C sends the slot's blocks from: its image when it has one (kept
+        alive here while the slot is), else the descriptor."""
+        x = self._states[slot]
+        x.fd = file_fd
+        if image is not None:
+            mem = self._ffi.from_buffer(image)
+            self._images[slot] = mem
+            x.mem = mem
+        else:
+            self._images.pop(slot, None)
+            x.mem = self._ffi.NULL
 
     # -- transfers C starts ----------------------------------------------------------
 
@@ -878,6 +915,7 @@ class Pump:
         x = self._ffi.new("struct tftpd_xfer *")
         self._ffi.memmove(x, state, self._ffi.sizeof("struct tftpd_xfer"))
         x.sock, x.fd, x.addrlen, x.probe, x.answer = -1, -1, 0, 0, 0
+        x.mem = self._ffi.NULL  # another transfer's image: Python sets the file on adoption
         return x
 
     def peer(self, slot: int) -> tuple[Any, ...]:

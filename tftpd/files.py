@@ -43,6 +43,7 @@ class OpenFile:
     path: str  # relative to the root, for logs
     ident: tuple = ()  # (dev, ino, size, mtime_ns) of the file as opened
     release: Callable[[], None] | None = None  # a shared descriptor: give it back
+    image: bytes | None = None  # its `size` bytes, read once when it was opened
 
     def close(self) -> None:
         if self.fd < 0:
@@ -168,6 +169,27 @@ class Root:
             raise
 
 
+def _image(fd: int, size: int) -> bytes | None:
+    """The file's `size` bytes, or None if it changed while being read (a file
+    rewritten in place: then its blocks are read from the descriptor as they go)."""
+    try:
+        before = os.fstat(fd)
+        parts, off = [], 0
+        while off < size:
+            chunk = os.pread(fd, min(size - off, 1 << 20), off)
+            if not chunk:
+                return None
+            parts.append(chunk)
+            off += len(chunk)
+        after = os.fstat(fd)
+    except OSError:
+        return None
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) \
+            or after.st_size < size:
+        return None
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 def identity(st: os.stat_result) -> tuple[int, int, int, int]:
     """What says a file is still the one we opened: a replaced or rewritten file
     changes its inode, size or mtime."""
@@ -190,6 +212,7 @@ class _Shared:
     ident: tuple
     refs: int = 0
     current: bool = True  # still what the cache hands out for its name
+    image: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -218,7 +241,8 @@ class FileCache:
 
     def __init__(self, root: Root, *, max_open: int = 256, miss_ttl: float = 2.0,
                  max_misses: int = 4096, clock: Callable[[], float] = time.monotonic,
-                 gz: GzCache | None = None) -> None:
+                 gz: GzCache | None = None, image_max: int = 8 << 20,
+                 image_budget: int = 32 << 20) -> None:
         self.root = root
         self.gz = gz  # set: `.gz` lookup both ways
         self.max_open = max_open
@@ -232,6 +256,12 @@ class FileCache:
         # holds it: (expires, the directory, its identity or None), else None.
         self.last_miss: tuple[float, str, tuple | None] | None = None
         self._rel: dict[bytes, tuple[str, str]] = {}  # normalize() and the path, remembered
+        # Images: a file of up to image_max bytes is read once into memory when it is
+        # opened, and its blocks are sent from there (no pread per block); the
+        # current images of a worker hold image_budget bytes at most.
+        self.image_max = image_max
+        self.image_budget = image_budget
+        self._image_bytes = 0
 
     def path_of(self, filename: bytes) -> str | None:
         """The path a name opened last resolved to (None if it was not opened)."""
@@ -317,6 +347,10 @@ class FileCache:
         if stale is not None:
             self._retire(stale)
             del self._open[key]
+        if fresh.size <= self.image_max and self._image_bytes + fresh.size <= self.image_budget:
+            fresh.image = _image(fresh.fd, fresh.size)
+            if fresh.image is not None:
+                self._image_bytes += fresh.size
         self._open[key] = fresh
         self._evict()
         return self._lend(fresh, rel)
@@ -334,10 +368,13 @@ class FileCache:
             if shared.refs == 0 and not shared.current:
                 os.close(shared.fd)
 
-        return OpenFile(shared.fd, shared.size, rel, shared.ident, release)
+        return OpenFile(shared.fd, shared.size, rel, shared.ident, release, shared.image)
 
     def _retire(self, shared: _Shared) -> None:
         shared.current = False
+        if shared.image is not None:  # the transfers that lent it keep theirs
+            self._image_bytes -= len(shared.image)
+            shared.image = None
         if shared.refs == 0:
             os.close(shared.fd)
 

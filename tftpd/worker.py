@@ -718,7 +718,7 @@ class Worker:
         self.counters[S.INDEX["active"]] = len(self.sessions)
         if self.pump is not None:
             self.by_slot[slot] = session
-            self.pump.watch(slot, sock, session.sockaddr, f.fd)
+            self.pump.watch(slot, sock, session.sockaddr, f.fd, f.image)
             if oack_packet is not None and self.refusals is not None and not lst.shared \
                     and ifindex and req.mode == "octet" and len(f.ident) == 4:
                 # The next identical request gets this OACK from C, with no Python.
@@ -979,7 +979,10 @@ class Worker:
                          client_timeout=bool(x.fixed_rto), retries=self.cfg.retries,
                          rollover=x.rollover, state=x, oack_packet=entry.reply)
         x.sent_at, x.armed_at = started, armed
-        x.fd = f.fd if f is not None else -1
+        if f is not None:
+            self.pump.set_file(slot, f.fd, f.image)
+        else:
+            x.fd = -1
         session = Session(t, sock, f, peer, encode_sockaddr(peer), entry.request, note.name,
                           note.mode, started, slot, note.asked, dict(note.granted),
                           local=note.local)
@@ -1059,7 +1062,8 @@ class Worker:
                     # retransmission timer sends the rest, as it would after a loss.
                     self.datapath.send_window(session.sock, session.peer, session.sockaddr,
                                               session.file.fd, action.first, action.count,
-                                              t.blksize, t.size, t.rollover)
+                                              t.blksize, t.size, t.rollover,
+                                              session.file.image)
                 elif isinstance(action, Send):
                     session.sock.sendto(action.data, session.peer)
                 elif isinstance(action, SendTo):
