@@ -106,6 +106,24 @@ def start_daemon(root: Path, *args: str, env: dict[str, str] | None = None,
     return d
 
 
+# CI builds the extension and sets this: a test that needs it fails rather than skips.
+REQUIRE_EXT = os.environ.get("TFTPD_REQUIRE_EXT", "").strip().lower() not in (
+    "", "0", "no", "false"
+)
+
+
+def need_ext(why: str = "") -> None:
+    """Skip, saying why, when the C data path is not built; fail instead under CI."""
+    from tftpd.datapath import ext_error
+
+    reason = ext_error()
+    if reason is None:
+        return
+    if REQUIRE_EXT:
+        pytest.fail(f"TFTPD_REQUIRE_EXT is set but {reason}")
+    pytest.skip(f"{why}{reason}")
+
+
 def datapaths() -> list[str]:
     """The data paths to run the protocol over: both when the extension is built."""
     from tftpd.datapath import ext_error

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import need_ext
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,24 +35,11 @@ from tftpd.datapath import (
     wire_block,
 )
 
-REQUIRE_EXT = os.environ.get("TFTPD_REQUIRE_EXT", "").strip().lower() not in (
-    "", "0", "no", "false"
-)
-
-
-def _need_ext() -> None:
-    reason = ext_error()
-    if reason is None:
-        return
-    if REQUIRE_EXT:
-        pytest.fail(f"TFTPD_REQUIRE_EXT is set but {reason}")
-    pytest.skip(reason)
-
 
 @pytest.fixture(params=["c", "python"])
 def datapath(request: pytest.FixtureRequest) -> DataPath:
     if request.param == "c":
-        _need_ext()
+        need_ext()
     return get_datapath(request.param)
 
 
@@ -297,7 +285,7 @@ def test_ipv6_loopback(datapath: DataPath, make_file: Any) -> None:
 
 def test_c_and_python_identical(receiver: Receiver, sender: socket.socket,
                                 make_file: Any) -> None:
-    _need_ext()
+    need_ext()
     data = os.urandom(600_003)
     fd = make_file(data)
     runs = []
@@ -546,7 +534,7 @@ def test_force_python(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_default_prefers_c(monkeypatch: pytest.MonkeyPatch) -> None:
-    _need_ext()
+    need_ext()
     monkeypatch.delenv("TFTPD_DATAPATH", raising=False)
     assert get_datapath().name == "c"
     monkeypatch.setenv("TFTPD_DATAPATH", "c")
@@ -621,7 +609,7 @@ def windows(draw: st.DrawFn) -> tuple[int, int, int, int, int]:
 @given(window=windows())
 def test_property_c_equals_python(shared: tuple[Receiver, socket.socket, int],
                                   window: tuple[int, int, int, int, int]) -> None:
-    _need_ext()
+    need_ext()
     r, s, fd = shared
     filesize, blksize, first, count, rollover = window
     want = expected(_BIG, filesize, blksize, first, count, rollover)

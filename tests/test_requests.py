@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import need_ext
 
 from tftpd import packet as P
 from tftpd.datapath import (
@@ -23,13 +24,9 @@ from tftpd.datapath import (
     DataPath,
     Refusals,
     dir_identity,
-    ext_error,
     get_datapath,
 )
 
-REQUIRE_EXT = os.environ.get("TFTPD_REQUIRE_EXT", "").strip().lower() not in (
-    "", "0", "no", "false"
-)
 WAIT = 2.0  # s, for a datagram on loopback
 MISSING = P.encode_rrq(b"pxelinux.cfg/01-52-54-00-12-34-56", "octet", {"tsize": "0"})
 NOT_FOUND = P.encode_error(P.E_NOT_FOUND, "File not found")
@@ -37,10 +34,8 @@ NOT_FOUND = P.encode_error(P.E_NOT_FOUND, "File not found")
 
 @pytest.fixture(params=["c", "python"])
 def datapath(request: pytest.FixtureRequest) -> DataPath:
-    if request.param == "c" and ext_error() is not None:
-        if REQUIRE_EXT:
-            pytest.fail(f"TFTPD_REQUIRE_EXT is set but {ext_error()}")
-        pytest.skip(ext_error() or "")
+    if request.param == "c":
+        need_ext()
     return get_datapath(request.param)
 
 
@@ -267,10 +262,7 @@ def test_c_and_twin_report_and_answer_alike(tmp_path: Path) -> None:
     C reader and its Python twin: the same events and the same replies, in order."""
     import random
 
-    if ext_error() is not None:
-        if REQUIRE_EXT:
-            pytest.fail(f"TFTPD_REQUIRE_EXT is set but {ext_error()}")
-        pytest.skip(ext_error() or "")
+    need_ext("the twin is compared with C: ")
     from tftpd.worker import enable_pktinfo
 
     rng = random.Random(7)

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Daemon, need_ext, start_daemon
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import Daemon, start_daemon
 from tftpd import client
 from tftpd import packet as P
 from tftpd.datapath import (
@@ -37,24 +37,17 @@ from tftpd.datapath import (
     Pump,
     Refusals,
     encode_sockaddr,
-    ext_error,
     get_datapath,
 )
 from tftpd.files import dir_identity
 from tftpd.transfer import ReadTransfer
 
-REQUIRE_EXT = os.environ.get("TFTPD_REQUIRE_EXT", "").strip().lower() not in (
-    "", "0", "no", "false"
-)
 WAIT = 2.0  # s, for a datagram on loopback
 
 
 @pytest.fixture(autouse=True)
 def _need_ext() -> None:
-    if ext_error() is not None:
-        if REQUIRE_EXT:
-            pytest.fail(f"TFTPD_REQUIRE_EXT is set but {ext_error()}")
-        pytest.skip(f"transfers start in C only with the C data path: {ext_error()}")
+    need_ext("transfers start in C only with the C data path: ")
 
 
 class Rig:
