@@ -537,6 +537,8 @@ int tftpd_overdue(const struct tftpd_starts *st, double now, unsigned int *out,
         else if (next != NULL && due < *next)
             *next = due;
     }
+    if (n == max && slot < st->table_len && next != NULL)
+        *next = now; /* cut short: scan again at once for the rest */
     return (int)n;
 }
 
@@ -550,16 +552,15 @@ static unsigned int tftpd_end_probe(struct tftpd_starts *st, int epfd, unsigned 
 
     memset(&ev, 0, sizeof(ev));
     x->probe = 2;
-    /* The socket leaves the set now: a spare is in no epoll set.  Should that
-     * fail, it is not reused (Python closes it). */
-    if (epoll_ctl(epfd, EPOLL_CTL_DEL, x->sock, &ev) < 0)
-        return 0;
     if (st == NULL)
         return 0;
     tftpd_peer_del(st, slot);
     if (st->live > 0)
         st->live--;
-    if (st->spares != NULL && st->nspares < st->spares_cap
+    /* The socket leaves the set now: a spare is in no epoll set.  Should that
+     * fail, it is not reused (Python closes it, which takes it out). */
+    if (epoll_ctl(epfd, EPOLL_CTL_DEL, x->sock, &ev) == 0
+        && st->spares != NULL && st->nspares < st->spares_cap
         && (x->locallen == 4 || x->locallen == 16)) {
         struct tftpd_spare *sp = &st->spares[st->nspares++];
         sp->sock = x->sock;

@@ -340,7 +340,8 @@ int tftpd_peer_find(const struct tftpd_starts *st, const char *addr, unsigned in
 /*
  * The transfers C started whose OACK timer is due at `now` (armed_at + rto):
  * up to max slots into out.  *next gets the earliest deadline of the others
- * (unchanged when there is none).  Python adopts the due ones and retransmits.
+ * (unchanged when there is none; `now` when max cut the scan short).  Python
+ * adopts the due ones and retransmits.
  */
 int tftpd_overdue(const struct tftpd_starts *st, double now, unsigned int *out,
                   unsigned int max, double *next);

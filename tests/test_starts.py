@@ -235,7 +235,19 @@ def test_overdue_reports_an_unanswered_oack(rig: Rig) -> None:
     assert due == [] and t0 + 0.3 <= nxt <= time.monotonic() + 0.3
     due, _ = rig.pump.overdue(nxt + 0.001)
     assert due == [slot]
+    # A second one: a scan cut short by its room says "again at once".
+    rig.add_spare()
+    c2 = _client()
+    c2.sendto(rig.request, rig.lsock.getsockname())
+    assert rig.read(1)[0][0] == REQ_STARTED
+    ffi, lib = rig.dp._ffi, rig.dp._lib
+    out, nxt_p = ffi.new("unsigned int[]", 1), ffi.new("double *", float("inf"))
+    later = time.monotonic() + 1.0
+    assert lib.tftpd_overdue(rig.pump.starts, later, out, 1, nxt_p) == 1
+    assert nxt_p[0] == later
+    assert len(rig.pump.overdue(later)[0]) == 2
     c.close()
+    c2.close()
 
 
 @settings(max_examples=300)
