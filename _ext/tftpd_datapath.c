@@ -859,17 +859,18 @@ static socklen_t tftpd_reply_cmsg(const struct tftpd_request *q, char *buf)
 static int tftpd_drain(int sock)
 {
     char b;
-    int soerr, i;
-    socklen_t l = sizeof(soerr);
+    int i;
 
-    if (getsockopt(sock, SOL_SOCKET, SO_ERROR, &soerr, &l) < 0)
-        return -1;
+    /* One recv() when it is empty, the common case.  A pending error (ICMP
+     * port unreachable from the last client) is returned, and cleared, by a
+     * recv() like a datagram is. */
     for (i = 0; i < 64; i++) {
         if (recv(sock, &b, 1, MSG_DONTWAIT) >= 0)
             continue; /* a UDP recv drops the whole datagram */
         if (errno == EAGAIN || errno == EWOULDBLOCK)
             return 0;
-        if (errno != EINTR)
+        if (errno != EINTR && errno != ECONNREFUSED && errno != EHOSTUNREACH
+            && errno != ENETUNREACH)
             return -1;
     }
     return -1;
