@@ -142,3 +142,52 @@ def test_daemon_serves_both_ways_to_curl(tmp_path: Path) -> None:
         assert r.data == plain * 3 and r.oack["tsize"] == str(len(plain) * 3)
     finally:
         assert d.stop() == 0
+
+
+@pytest.mark.parametrize("gz_present", [True, False])
+def test_the_loaders_eleven_requests(tmp_path: Path, datapath: str, gz_present: bool) -> None:
+    """The FreeBSD loader of the disk-imaging MFS, as bench/workloads/mfs.json has it:
+    with the `.gz` files on disk they are served as they are; with only the plain
+    files, `--gz` makes each `.gz` asked for, its tsize true before the download."""
+    import json
+
+    from conftest import REPO
+
+    seq = json.loads((REPO / "bench" / "workloads" / "mfs.json").read_text())["sequence"]
+    assert len(seq) == 11
+    root = tmp_path / "root"
+    (root / "boot" / "defaults").mkdir(parents=True)
+    plain: dict[str, bytes] = {}
+    for i, step in enumerate(seq):
+        name = step["file"]
+        if step["expect"] == "notfound" or name in plain:
+            continue
+        body = (f"{name} {i}\n".encode() + os.urandom(3000)) * (40 if "kernel" in name else 3)
+        plain[name] = body
+        if name.endswith(".gz"):
+            path = root / (name if gz_present else name[:-3])
+            path.write_bytes(gzip.compress(body) if gz_present else body)
+        else:
+            (root / name).write_bytes(body)
+    d = start_daemon(root, "--workers", "2", "--gz", "--gz-cache", str(tmp_path / "c"),
+                     env={"TFTPD_DATAPATH": datapath})
+    try:
+        size: dict[str, int] = {}
+        for step in seq:
+            name, opts = step["file"], {k: str(v) for k, v in step["options"].items()}
+            if step["expect"] == "notfound":
+                with pytest.raises(client.TftpError) as exc:
+                    client.get("127.0.0.1", d.port, name, options=opts)
+                assert exc.value.code == P.E_NOT_FOUND
+            elif step["expect"] == "probe":
+                size[name] = int(client.probe("127.0.0.1", d.port, name).oack["tsize"])
+            else:
+                got = client.get("127.0.0.1", d.port, name, options=opts).data
+                want = plain[name]
+                assert (gzip.decompress(got) if name.endswith(".gz") else got) == want
+                if name in size:
+                    assert size[name] == len(got)  # the probe's tsize was the truth
+                if gz_present and name.endswith(".gz"):
+                    assert got == (root / name).read_bytes()  # served as it is on disk
+    finally:
+        assert d.stop() == 0
