@@ -876,6 +876,37 @@ static int tftpd_drain(int sock)
     return -1;
 }
 
+/* The known answer's OACK to the request's client, from `sock`: 0 or errno.
+ * A lost OACK is the timer's to resend, as after a loss on the wire. */
+static int tftpd_send_oack(int sock, const struct tftpd_refusal *r,
+                           const struct tftpd_request *q)
+{
+    ssize_t sent;
+
+    do {
+        sent = sendto(sock, r->reply, r->replylen, 0, (const struct sockaddr *)q->src,
+                      q->srclen);
+    } while (sent < 0 && errno == EINTR);
+    return sent < 0 ? errno : 0;
+}
+
+/* The same request again while the transfer C started has heard nothing: when
+ * the OACK went out TFTPD_RTO_FLOOR_MS or longer ago, the client did not get it
+ * (or is a new one on a reused port), so it goes again at once
+ * (ReadTransfer.on_repeat). */
+static void tftpd_repeat(struct tftpd_xfer *x, const struct tftpd_refusal *r,
+                         struct tftpd_request *q, double now)
+{
+    if (now - x->armed_at < TFTPD_RTO_FLOOR_MS / 1000.0)
+        return;
+    q->err = tftpd_send_oack(x->sock, r, q);
+    x->retransmits++;
+    x->retries = 0;
+    x->rto = x->base_rto;
+    x->resent = 1;
+    x->armed_at = now;
+}
+
 /* Start the transfer of a known OACK answer: see tftpd_requests in the header.
  * 0 when the OACK went out (or its send failed: q->err), -1 when nothing was
  * taken and Python must serve the request. */
@@ -885,7 +916,6 @@ static int tftpd_start(struct tftpd_starts *st, const struct tftpd_refusal *r,
     struct tftpd_xfer *x;
     struct tftpd_spare sp;
     unsigned int slot;
-    ssize_t sent;
     int j;
 
     if (r->xfer == NULL || r->ifindex != q->ifindex || q->dstlen == 0 || st->nfree == 0
@@ -932,12 +962,7 @@ static int tftpd_start(struct tftpd_starts *st, const struct tftpd_refusal *r,
     st->spares[j] = st->spares[st->nspares - 1];
     st->nspares--;
     st->live++;
-    do {
-        sent = sendto(sp.sock, r->reply, r->replylen, 0, (const struct sockaddr *)q->src,
-                      q->srclen);
-    } while (sent < 0 && errno == EINTR);
-    /* A lost OACK is the timer's to resend, as after a loss on the wire. */
-    q->err = sent < 0 ? errno : 0;
+    q->err = tftpd_send_oack(sp.sock, r, q);
     q->slot = slot;
     return 0;
 }
@@ -1009,22 +1034,7 @@ int tftpd_requests(int lsock, int errsock, int pktinfo,
                     q->kind = TFTPD_REQ_MERGED;
                     q->id = r->id;
                     q->slot = (unsigned int)live;
-                    /* Unanswered since RTO_FLOOR or longer: the client did not get
-                     * the OACK (or is a new one on a reused port): again, at once
-                     * (ReadTransfer.on_repeat). */
-                    if (now - x->armed_at >= TFTPD_RTO_FLOOR_MS / 1000.0) {
-                        ssize_t sent;
-                        do {
-                            sent = sendto(x->sock, r->reply, r->replylen, 0,
-                                          (const struct sockaddr *)q->src, q->srclen);
-                        } while (sent < 0 && errno == EINTR);
-                        q->err = sent < 0 ? errno : 0;
-                        x->retransmits++;
-                        x->retries = 0;
-                        x->rto = x->base_rto;
-                        x->resent = 1;
-                        x->armed_at = now;
-                    }
+                    tftpd_repeat(x, r, q, now);
                 } else {
                     q->kind = TFTPD_REQ_PASS;
                 }

@@ -84,15 +84,19 @@ class ProcessGroup:
             return []
         return _tree(self.root_pid)
 
+    def _cpu_stat(self, key: str) -> float | None:
+        """A cgroup v2 `cpu.stat` figure, in seconds."""
+        assert self.path is not None
+        for line in (self.path / "cpu.stat").read_text().splitlines():
+            k, _, v = line.partition(" ")
+            if k == key:
+                return int(v) / 1e6
+        return None
+
     def cpu_seconds(self) -> float:
         """CPU (user + system) used so far by every process that ever ran in the group."""
         if self.kind == "cgroup2":
-            assert self.path is not None
-            for line in (self.path / "cpu.stat").read_text().splitlines():
-                k, _, v = line.partition(" ")
-                if k == "usage_usec":
-                    return int(v) / 1e6
-            return 0.0
+            return self._cpu_stat("usage_usec") or 0.0
         if self.kind == "cgroup1-cpuacct":
             assert self.path is not None
             return int((self.path / "cpuacct.usage").read_text()) / 1e9
@@ -105,12 +109,7 @@ class ProcessGroup:
         """Kernel-mode CPU of the group so far (cgroup v2 only; None elsewhere)."""
         if self.kind != "cgroup2":
             return None
-        assert self.path is not None
-        for line in (self.path / "cpu.stat").read_text().splitlines():
-            k, _, v = line.partition(" ")
-            if k == "system_usec":
-                return int(v) / 1e6
-        return None
+        return self._cpu_stat("system_usec")
 
     def remove(self) -> None:
         if self.path is None:

@@ -214,17 +214,15 @@ class ReadTransfer:
         if now - s.armed_at < RTO_FLOOR or s.last_acked > 0:
             return []
         if self.state == OACK_SENT:
-            action: Action = Send(self._oack_bytes())
+            action: Action = self._arm(now, Send(self._oack_bytes()), fresh=False)
             s.retransmits += 1
         elif self.state == SENDING and not self.oack:  # (with one, ACK 0 answered it)
             action = self._send_window(now, 1, fresh=False)
             s.retransmits += action.count
         else:
             return []
-        s.retries = 0
-        s.rto = s.base_rto
         s.resent = 1
-        s.armed_at = now
+        self._progress()
         return [action]
 
     def fail(self, detail: str) -> Finish:
@@ -325,8 +323,7 @@ class ReadTransfer:
         loss its backoff outlasted a PXE client's 6 s of patience."""
         s = self.s
         deadline = min(s.armed_at + s.rto, now + RTO_FLOOR)
-        s.retries = 0
-        s.rto = s.base_rto
+        self._progress()
         s.armed_at = deadline - s.rto
 
     def _on_error(self, pkt: P.Error) -> list[Action]:
