@@ -88,7 +88,7 @@ static int tftpd_send_gso(int sock, const char *addr, unsigned int addrlen, int 
     unsigned long long off = (k0 - 1) * blksize, end, want;
     size_t seg = (size_t)blksize + 4, total = 0, got = 0;
     uint16_t gso_size = (uint16_t)seg;
-    unsigned int i;
+    unsigned int i, cur = 0;
 
     end = off + (unsigned long long)n * blksize;
     if (end > filesize)
@@ -114,19 +114,14 @@ static int tftpd_send_gso(int sock, const char *addr, unsigned int addrlen, int 
             memcpy(rd[i].iov_base, mem + off + (size_t)i * blksize, rd[i].iov_len);
         got = want;
     }
-    /* One preadv() for the batch; a short read means the file shrank. */
-    while (got < want) {
-        ssize_t r;
-        unsigned int first_iov = 0;
-        size_t skip = got;
+    /* One preadv() for the batch.  A read may come up short (a network file
+     * system, a signal): the next one resumes in the iovec where it stopped,
+     * so `cur` and the trimmed iovec always describe bytes got .. want.  A
+     * read of nothing before `want` means the file shrank. */
+    while (got < want && cur < n) {
+        ssize_t r = preadv(fd, rd + cur, (int)(n - cur), (off_t)(off + got));
+        size_t left;
 
-        while (first_iov < n && skip >= rd[first_iov].iov_len) {
-            skip -= rd[first_iov].iov_len;
-            first_iov++;
-        }
-        rd[first_iov].iov_base = (char *)rd[first_iov].iov_base + skip;
-        rd[first_iov].iov_len -= skip;
-        r = preadv(fd, rd + first_iov, (int)(n - first_iov), (off_t)(off + got));
         if (r < 0) {
             if (errno == EINTR)
                 continue;
@@ -135,7 +130,15 @@ static int tftpd_send_gso(int sock, const char *addr, unsigned int addrlen, int 
         if (r == 0)
             return -TFTPD_ESHRANK;
         got += (size_t)r;
+        for (left = (size_t)r; cur < n && left >= rd[cur].iov_len; cur++)
+            left -= rd[cur].iov_len;
+        if (cur < n) {
+            rd[cur].iov_base = (char *)rd[cur].iov_base + left;
+            rd[cur].iov_len -= left;
+        }
     }
+    if (got < want)
+        return -EIO; /* the kernel said it read more than was asked */
 
     iov.iov_base = scratch;
     iov.iov_len = total;
