@@ -764,7 +764,8 @@ static double tftpd_realtime(void)
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-/* The directory still is as it was when the name was missing. */
+/* The directory (or file) still is as it was when the entry was made: the
+ * fields of identity() in tftpd/files.py, its Python twin. */
 static int tftpd_dir_holds(const struct tftpd_refusal *r)
 {
     struct stat st;
@@ -776,7 +777,10 @@ static int tftpd_dir_holds(const struct tftpd_refusal *r)
     return r->dir_known && (unsigned long long)st.st_dev == r->dev
         && (unsigned long long)st.st_ino == r->ino
         && (unsigned long long)st.st_size == r->size
-        && (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec == r->mtime_ns;
+        && (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec == r->mtime_ns
+        && (long long)st.st_ctim.tv_sec * 1000000000LL + st.st_ctim.tv_nsec == r->ctime_ns
+        && (unsigned int)st.st_mode == r->mode && (unsigned int)st.st_uid == r->uid
+        && (unsigned int)st.st_gid == r->gid;
 }
 
 static const struct tftpd_refusal *tftpd_lookup(const struct tftpd_refusal *table,

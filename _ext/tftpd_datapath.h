@@ -18,7 +18,7 @@
 
 /* Bump on any change of a signature or of a meaning below; tftpd/datapath.py
  * refuses a compiled module whose version differs from the one it expects. */
-#define TFTPD_DATAPATH_VERSION 7
+#define TFTPD_DATAPATH_VERSION 8
 
 /* Most datagrams handed to one sendmmsg() call, and the most blocks read in
  * one go: a window is read and sent in batches of at most this many blocks
@@ -238,8 +238,10 @@ int tftpd_epoll_set(int epfd, int op, int fd, unsigned int slot);
  * entry whose hash is 0 is free and ends a probe.  Python fills and rebuilds
  * it (entries are never removed one by one) and keeps the bytes it points to
  * alive.  An entry answers only a byte-identical request, only until
- * `expires`, and only while the directory `dir` still has the identity it had
- * when the name was missing (stat() of it fails again if dir_known is 0).
+ * `expires`, and only while `dir` (the directory of a missing name, or the
+ * file an OACK is for) still has the identity it had (stat() of it fails
+ * again if dir_known is 0): a file rewritten, replaced or made unreadable
+ * since goes back to Python, which judges it afresh.
  */
 struct tftpd_refusal {
     unsigned long long hash;       /* tftpd_hash(req, reqlen); 0: free */
@@ -253,11 +255,17 @@ struct tftpd_refusal {
     unsigned int id;               /* Python's handle, for the log line */
     double expires;                /* CLOCK_MONOTONIC seconds */
     const char *dir;               /* NUL-terminated path */
-    int dir_known;                 /* 1: dev/ino/size/mtime_ns below; 0: missing */
+    int dir_known;                 /* 1: the identity below; 0: missing */
+    /* The identity (tftpd/files.py's identity(), field for field): a replaced or
+     * rewritten file changes the first four; a permission revoked the rest. */
     unsigned long long dev;
     unsigned long long ino;
     unsigned long long size;
     long long mtime_ns;
+    long long ctime_ns;
+    unsigned int mode;
+    unsigned int uid;
+    unsigned int gid;
 };
 
 /* FNV-1a, 64 bits, never 0 (0 marks a free entry). */

@@ -38,7 +38,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from tftpd.files import dir_identity  # one definition: the negative cache's
+from tftpd.files import Identity, dir_identity  # one definition: the negative cache's
 from tftpd.transfer import wire_block  # one definition: the state machine's
 
 __all__ = [
@@ -66,7 +66,7 @@ __all__ = [
 
 # The version of _ext/tftpd_datapath.h this module speaks; the compiled module
 # reports its own (TFTPD_DATAPATH_VERSION) and a mismatch means a stale build.
-EXT_VERSION = 7
+EXT_VERSION = 8
 
 # Blocks read and sent per batch; equal to TFTPD_MAX_BATCH in the C code
 # (checked at import) so both implementations stop at the same place.
@@ -562,7 +562,7 @@ class Refusal:
     reply: bytes
     expires: float  # time.monotonic()
     dir: str
-    ident: tuple[int, int, int, int] | None
+    ident: Identity | None
     note: Any = None  # the caller's, for its log line
     index: int = -1  # the entry in C's table
     ifindex: int = 0  # an OACK: for requests that arrived on this interface only
@@ -601,7 +601,7 @@ class Refusals:
         return r if r is not None else self._retired.get(ident)
 
     def put(self, request: bytes, reply: bytes, expires: float, dir: str,
-            ident: tuple[int, int, int, int] | None, note: Any = None, *,
+            ident: Identity | None, note: Any = None, *,
             ifindex: int = 0, xfer: Any = None) -> Refusal:
         """Enter a known answer: an ERROR, or with `xfer` (C only) an OACK."""
         old = self._by_request.get(request)
@@ -678,7 +678,8 @@ class Refusals:
         e.req, e.reqlen, e.reply, e.replylen = req, len(r.request), reply, len(r.reply)
         e.id, e.expires, e.dir = r.id, r.expires, path
         e.dir_known = 1 if r.ident is not None else 0
-        e.dev, e.ino, e.size, e.mtime_ns = r.ident if r.ident is not None else (0, 0, 0, 0)
+        (e.dev, e.ino, e.size, e.mtime_ns, e.ctime_ns, e.mode, e.uid,
+         e.gid) = r.ident if r.ident is not None else (0,) * 8
         e.oack = 1 if r.xfer is not None else 0
         e.ifindex = r.ifindex
         e.xfer = r.xfer if r.xfer is not None else ffi.NULL

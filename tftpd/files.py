@@ -41,9 +41,14 @@ class OpenFile:
     fd: int
     size: int  # bytes the client will receive (after netascii conversion)
     path: str  # relative to the root, for logs
-    ident: tuple = ()  # (dev, ino, size, mtime_ns) of the file as opened
+    ident: tuple = ()  # identity() of the file as opened (a derived file's: + a tag)
     release: Callable[[], None] | None = None  # a shared descriptor: give it back
     image: bytes | None = None  # its `size` bytes, read once when it was opened
+
+    @property
+    def derived(self) -> bool:
+        """Made from another file (`.gz` both ways): its identity is the source's."""
+        return bool(self.ident) and isinstance(self.ident[-1], str)
 
     def close(self) -> None:
         if self.fd < 0:
@@ -190,13 +195,19 @@ def _image(fd: int, size: int) -> bytes | None:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    """What says a file is still the one we opened: a replaced or rewritten file
-    changes its inode, size or mtime."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+Identity = tuple[int, int, int, int, int, int, int, int]
 
 
-def dir_identity(path: str) -> tuple[int, int, int, int] | None:
+def identity(st: os.stat_result) -> Identity:
+    """What says a file is still the one we opened, with the rights it had then: a
+    replaced or rewritten file changes its inode, size or mtime; a change of mode or
+    owner (a permission revoked) changes those and the ctime. C's tftpd_dir_holds
+    compares the same fields (struct tftpd_refusal)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode,
+            st.st_uid, st.st_gid)
+
+
+def dir_identity(path: str) -> Identity | None:
     """The identity of a directory, None when it is missing: what says a name that
     was missing there still is (an entry added or removed changes its mtime)."""
     try:

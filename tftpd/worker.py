@@ -720,7 +720,7 @@ class Worker:
             self.by_slot[slot] = session
             self.pump.watch(slot, sock, session.sockaddr, f.fd, f.image)
             if oack_packet is not None and self.refusals is not None and not lst.shared \
-                    and ifindex and req.mode == "octet" and len(f.ident) == 4:
+                    and ifindex and req.mode == "octet" and not f.derived:
                 # The next identical request gets this OACK from C, with no Python.
                 self._remember_start(data, req, name, f, state, oack_packet, ifindex,
                                      local, dict(neg.oack), now)

@@ -1,0 +1,64 @@
+"""What an attacker on the network can try, against the real daemon on loopback.
+
+Each test is one finding of an attack on the server: revoked permissions served from a
+warm cache, transfer ports an attacker could predict, a silent address sent more than it
+asked for, and log lines a stranger can multiply. Traffic is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from conftest import start_daemon
+
+from tftpd import client
+from tftpd import packet as P
+
+PROBE = {"tsize": "0", "blksize": "1468", "windowsize": "64"}
+
+
+def _udp(host: str = "127.0.0.1") -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((host, 0))
+    s.settimeout(2.0)
+    return s
+
+
+def _probe_port(port: int, name: str = "f", options: dict[str, str] | None = None) -> int:
+    """Send a probe (RRQ with tsize 0, then ERROR 8 on the OACK); the transfer port."""
+    s = _udp()
+    try:
+        s.sendto(P.encode_rrq(name, "octet", options or PROBE), ("127.0.0.1", port))
+        data, src = s.recvfrom(65536)
+        assert isinstance(P.parse(data), P.OAck), data
+        s.sendto(P.encode_error(P.E_OPTIONS, "probe done"), src)
+        return int(src[1])
+    finally:
+        s.close()
+
+
+# -- permissions are honoured at the moment of the request ------------------------------
+
+
+@pytest.mark.parametrize("datapath", ["c", "python"])
+def test_revoked_permission_is_honoured_by_a_warm_worker(root: Path, datapath: str) -> None:
+    # -s: chrooted and serving as nobody, as in.tftpd does when started as root.
+    f = root / "f"
+    f.write_bytes(b"boot file " * 300)
+    f.chmod(0o644)
+    d = start_daemon(root, "-s", "--workers", "1", env={"TFTPD_DATAPATH": datapath})
+    try:
+        for _ in range(3):  # warm: the open-file cache and, on the C path, C's starts
+            assert client.get("127.0.0.1", d.port, "f", options=PROBE).data == f.read_bytes()
+            assert client.get("127.0.0.1", d.port, "f").data == f.read_bytes()
+        f.chmod(0o600)  # root's alone now: nobody may not read it
+        for options in (PROBE, None):
+            with pytest.raises(client.TftpError) as err:
+                client.get("127.0.0.1", d.port, "f", options=options)
+            assert err.value.code == P.E_ACCESS
+        f.chmod(0o644)  # given back: served again
+        assert client.get("127.0.0.1", d.port, "f", options=PROBE).data == f.read_bytes()
+    finally:
+        d.stop()
