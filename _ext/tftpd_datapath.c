@@ -546,7 +546,9 @@ int tftpd_overdue(const struct tftpd_starts *st, double now, unsigned int *out,
 }
 
 /* A transfer C started heard ERROR 0, 8 or 9: its probe is over.  Returns
- * what went back where (TFTPD_PROBE_SPARE, TFTPD_PROBE_OFFERED). */
+ * TFTPD_PROBE_OFFERED when its slot is offered again.  Its socket leaves the
+ * epoll set and is Python's to close: a port that served one client never
+ * serves the next (an attacker who learns it learns nothing). */
 static unsigned int tftpd_end_probe(struct tftpd_starts *st, int epfd, unsigned int slot,
                                     struct tftpd_xfer *x)
 {
@@ -560,17 +562,9 @@ static unsigned int tftpd_end_probe(struct tftpd_starts *st, int epfd, unsigned 
     tftpd_peer_del(st, slot);
     if (st->live > 0)
         st->live--;
-    /* The socket leaves the set now: a spare is in no epoll set.  Should that
-     * fail, it is not reused (Python closes it, which takes it out). */
-    if (epoll_ctl(epfd, EPOLL_CTL_DEL, x->sock, &ev) == 0
-        && st->spares != NULL && st->nspares < st->spares_cap
-        && (x->locallen == 4 || x->locallen == 16)) {
-        struct tftpd_spare *sp = &st->spares[st->nspares++];
-        sp->sock = x->sock;
-        sp->dstlen = x->locallen;
-        memcpy(sp->dst, x->local, x->locallen);
-        back |= TFTPD_PROBE_SPARE;
-    }
+    /* Out of the set now, so that nothing it still receives is taken for the
+     * slot's next transfer.  Should that fail, closing it takes it out. */
+    (void)epoll_ctl(epfd, EPOLL_CTL_DEL, x->sock, &ev);
     if (st->free_slots != NULL && st->nfree < st->free_cap) {
         st->free_slots[st->nfree++] = slot;
         back |= TFTPD_PROBE_OFFERED;
@@ -615,7 +609,8 @@ again:
         now = tftpd_monotonic(); /* the wait took time: RTT samples need the truth */
 
     for (i = 0; i < nready; i++) {
-        unsigned int slot = ready[i].data.u32;
+        unsigned int slot = (unsigned int)(ready[i].data.u64 & 0xffffffffu);
+        int fd = (int)(ready[i].data.u64 >> 32);
         struct tftpd_xfer *x;
         int d;
 
@@ -628,8 +623,13 @@ again:
             nev++;
             continue;
         }
-        if (slot >= table_len || (x = table[slot]) == NULL)
+        if (slot >= table_len || (x = table[slot]) == NULL || x->sock != fd) {
+            /* A socket still in the set whose slot no longer serves it: out of
+             * the set, or level-triggered epoll reports it again at once and
+             * the pump spins.  (A closed socket leaves the set by itself.) */
+            (void)tftpd_epoll_set(epfd, TFTPD_EPOLL_DEL, fd, slot);
             continue;
+        }
         for (d = 0; d < TFTPD_PUMP_PER_SOCKET; d++) {
             struct sockaddr_storage src;
             socklen_t srclen = sizeof(src);
@@ -726,7 +726,7 @@ int tftpd_epoll_set(int epfd, int op, int fd, unsigned int slot)
         return -EINVAL;
     memset(&ev, 0, sizeof(ev));
     ev.events = EPOLLIN;
-    ev.data.u32 = slot;
+    ev.data.u64 = ((uint64_t)(uint32_t)fd << 32) | slot;
     if (epoll_ctl(epfd, op, fd, &ev) < 0)
         return -errno;
     return 0;

@@ -18,7 +18,7 @@
 
 /* Bump on any change of a signature or of a meaning below; tftpd/datapath.py
  * refuses a compiled module whose version differs from the one it expects. */
-#define TFTPD_DATAPATH_VERSION 8
+#define TFTPD_DATAPATH_VERSION 9
 
 /* Most datagrams handed to one sendmmsg() call, and the most blocks read in
  * one go: a window is read and sent in batches of at most this many blocks
@@ -119,8 +119,7 @@ struct tftpd_xfer {
 #define TFTPD_EV_READY 4    /* a descriptor of Python's is ready: slot is its token */
 #define TFTPD_EV_PROBE 5    /* a transfer C started ended with ERROR 0, 8 or 9 (err) */
 #define TFTPD_EV_REARM 6    /* an ACK C answered brought the transfer's timer forward */
-/* EV_PROBE's off: its socket is among the spares again; its slot is offered again. */
-#define TFTPD_PROBE_SPARE 1
+/* EV_PROBE's off: its slot is offered again. */
 #define TFTPD_PROBE_OFFERED 2
 
 /* Epoll data at or above this is not a transfer's slot but a token: one of
@@ -142,7 +141,8 @@ struct tftpd_event {
  * probes among them (tftpd_pump): memory Python owns, numbers both sides move.
  */
 struct tftpd_spare {
-    int sock;                      /* a bound, non-blocking UDP socket */
+    int sock;                      /* a new non-blocking UDP socket, bound to a
+                                      random port: each serves one transfer */
     unsigned int dstlen;           /* 4 or 16: its local address */
     unsigned char dst[16];
 };
@@ -168,13 +168,15 @@ struct tftpd_starts {
 #define TFTPD_RTO_CEILING_MS 10000
 
 /*
- * Serve the ready sockets of the epoll set `epfd` (whose event data.u32 is
- * the slot of a transfer in `table`; table_len entries, NULL for none): at
- * most `max_ready` sockets per epoll_wait(), at most 16 datagrams each.
+ * Serve the ready sockets of the epoll set `epfd` (each added by
+ * tftpd_epoll_set with the slot of its transfer in `table`; table_len
+ * entries, NULL for none): at most `max_ready` sockets per epoll_wait(), at
+ * most 16 datagrams each.  A ready socket that its slot no longer names
+ * (empty, or another socket's now) is taken out of the set.
  *
  * The pump waits up to timeout_ms (0: not at all) for something to do, and
  * keeps serving ACKs until there is something for Python: it returns as soon
- * as a call has produced events, when a token (data.u32 >= TFTPD_TOKEN_BASE)
+ * as a call has produced events, when a token (a slot >= TFTPD_TOKEN_BASE)
  * is ready (reported as EV_READY with slot = the token; a signal handler's
  * wake-up pipe among them ends the wait), or when timeout_ms has passed.  A
  * lock-step stream is thus served in C alone, ACK after ACK, with the clock
@@ -202,9 +204,10 @@ struct tftpd_starts {
  * peer answers the OACK with ERROR 0, 8 or 9, an existence probe: the socket
  * leaves the epoll set, the peer leaves st's peer table, st->live drops, probe
  * becomes 2 and EV_PROBE reports the slot (err: the error code, src: the peer).
- * Where there is room, C puts the socket back among the spares and the slot
- * among the free slots itself, and says so in the event's off (PROBE_SPARE,
- * PROBE_OFFERED); Python logs the probe and takes back what C could not.  The
+ * Where there is room, C puts the slot back among the free slots itself, and
+ * says so in the event's off (PROBE_OFFERED); Python logs the probe, closes
+ * the socket (a transfer port serves one client only) and takes back the
+ * slot if C could not.  The
  * slot's struct keeps its numbers until Python has seen the event (the next
  * start that takes the slot sets them anew).  Anything else such a
  * transfer receives is an EV_PACKET like any other: Python adopts the transfer
@@ -220,7 +223,8 @@ int tftpd_pump(int epfd, struct tftpd_xfer **table, unsigned int table_len,
                struct tftpd_starts *st);
 
 /* Add (op 1, EPOLL_CTL_ADD) or remove (op 2, EPOLL_CTL_DEL) socket `fd` in
- * the pump's epoll set, its events carrying `slot`.  0 or -errno. */
+ * the pump's epoll set, its events carrying `slot` (and `fd`, in the upper 32
+ * bits of the event's data).  0 or -errno. */
 #define TFTPD_EPOLL_ADD 1
 #define TFTPD_EPOLL_DEL 2
 int tftpd_epoll_set(int epfd, int op, int fd, unsigned int slot);

@@ -7,6 +7,7 @@ asked for, and log lines a stranger can multiply. Traffic is bounded in count an
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -62,3 +63,31 @@ def test_revoked_permission_is_honoured_by_a_warm_worker(root: Path, datapath: s
         assert client.get("127.0.0.1", d.port, "f", options=PROBE).data == f.read_bytes()
     finally:
         d.stop()
+
+
+# -- transfer ports are unpredictable ---------------------------------------------------
+
+
+@pytest.mark.parametrize("datapath", ["c", "python"])
+@pytest.mark.parametrize("port_range", [None, "20000:59999"])
+def test_transfer_ports_are_random_and_never_the_one_just_freed(
+        root: Path, datapath: str, port_range: str | None) -> None:
+    (root / "f").write_bytes(os.urandom(5000))
+    args = ["--workers", "1"] + (["-R", port_range] if port_range else [])
+    d = start_daemon(root, *args, env={"TFTPD_DATAPATH": datapath})
+    try:
+        ports = [_probe_port(d.port) for _ in range(20)]
+        # The transfer that follows a probe is served from a port of its own too.
+        got = client.get("127.0.0.1", d.port, "f", options={"blksize": "1468"})
+        ports.append(got.server[1])
+    finally:
+        d.stop()
+    assert all(a != b for a, b in zip(ports, ports[1:], strict=False)), ports
+    # 21 draws from thousands of ports: two alike is a ~1 % chance, three a vanishing one.
+    assert len(set(ports)) >= 19, ports
+    if port_range:
+        lo, hi = map(int, port_range.split(":"))
+        assert all(lo <= p <= hi for p in ports), ports
+    # Not a counter either: successive ports are not a step apart.
+    steps = {b - a for a, b in zip(ports, ports[1:], strict=False)}
+    assert len(steps) > 10, ports

@@ -428,11 +428,10 @@ def test_ipv6_transfers_probes_and_known_misses(root: Path, datapath: str, bind:
         d.stop()
 
 
-def test_a_reused_transfer_socket_forgets_its_last_client(root: Path, datapath: str) -> None:
-    """Sockets of finished transfers are reused for new ones (one worker: the next
-    transfer gets the same TID). A late datagram queued on it from the last client is
-    dropped: a ROM that probes and then reads from the same port, and repeats its
-    ERROR 8, must not have the repeat end its download."""
+def test_a_transfer_port_serves_one_client_only(root: Path, datapath: str) -> None:
+    """A finished transfer's port is never the next one's (one worker: the next
+    transfer gets another TID). A ROM that probes and then reads from the same port,
+    and repeats its ERROR 8, cannot end its download with the repeat."""
     from conftest import start_daemon
 
     (root / "a.bin").write_bytes(b"a" * 700)
@@ -444,12 +443,12 @@ def test_a_reused_transfer_socket_forgets_its_last_client(root: Path, datapath: 
             assert P.parse(reply) == P.OAck({"tsize": "700"})
             rom.sendto(P.encode_error(8, "probe"), tid)
             d.wait_for_log(r"file=a\.bin .*outcome=probe")
-            rom.sendto(P.encode_error(8, "probe"), tid)  # the repeat, queued on the spare
+            rom.sendto(P.encode_error(8, "probe"), tid)  # the repeat, to a closed port
             rom.sendto(P.encode_rrq(b"a.bin", "octet", {}), (d.host, d.port))
             reply, tid2 = rom.recvfrom(P.MAX_DATAGRAM)
-            assert tid2 == tid, "the spare socket was not reused"
+            assert tid2 != tid, "a probe's port was handed to the next transfer"
             assert P.parse(reply) == P.Data(1, b"a" * 512)
-            other.sendto(P.encode_ack(1), tid)  # a stranger on the new transfer's port
+            other.sendto(P.encode_ack(1), tid2)  # a stranger on the new transfer's port
             assert P.parse(other.recvfrom(P.MAX_DATAGRAM)[0]).code == P.E_UNKNOWN_TID
             rom.sendto(P.encode_ack(1), tid2)
             assert P.parse(rom.recvfrom(P.MAX_DATAGRAM)[0]) == P.Data(2, b"a" * 188)

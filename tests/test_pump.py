@@ -60,7 +60,7 @@ class Rig:
         self.data = path.read_bytes()[:size]  # the transfer serves `size` bytes
 
     def close(self) -> None:
-        self.pump.release(self.slot, self.server)
+        self.pump.release(self.slot)
         self.pump.close()
         for s in (self.server, self.client):
             s.close()
@@ -275,5 +275,32 @@ def test_progress_after_a_backoff_brings_the_timer_forward(data_file: Path) -> N
         assert [e[:2] for e in events] == [(rig.slot, EV_REARM)]
         assert rig.c.s.last_acked == 2 and rig.c.s.retries == 0
         assert rig.c.rto == rig.c.base_rto and rig.c.deadline < late - 0.05
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_a_ready_socket_its_slot_no_longer_names_leaves_the_set(tmp_path: Path,
+                                                                 reuse: bool) -> None:
+    # A socket still open whose slot was let go (or given to another transfer's
+    # socket) must not stay in the level-triggered set: the pump would wake for it
+    # at once, every time, and spin until its deadline.
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(4096))
+    rig = Rig(path, 4096, 512, 1, 0)
+    try:
+        rig.pump.release(rig.slot)  # the socket stays open
+        if reuse:  # the slot serves another socket now
+            other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+            other.bind(("127.0.0.1", 0))
+            slot, state = rig.pump.new_state()
+            T.ReadTransfer(rig.peer, 4096, state=state)
+            rig.pump.watch(slot, other, encode_sockaddr(rig.peer), rig.fd)
+        rig.client.sendto(P.encode_ack(1), rig.server.getsockname())
+        assert rig.pump.epoll.poll(1.0)  # ready: the datagram waits, unread
+        assert rig.pump.run(0.0, timeout=0.05) == []
+        assert rig.pump.epoll.poll(0) == []  # out of the set (nothing else is ready)
+        if reuse:
+            other.close()
     finally:
         rig.close()

@@ -30,7 +30,6 @@ from tftpd.datapath import (
     EV_PACKET,
     EV_PROBE,
     PROBE_OFFERED,
-    PROBE_SPARE,
     REQ_MERGED,
     REQ_PASS,
     REQ_STARTED,
@@ -138,18 +137,24 @@ def test_a_known_oack_starts_in_c_and_the_probe_ends_in_c(rig: Rig) -> None:
     assert rig.pump.starts.nspares == 0 and rig.pump.starts.nfree == 3
     c.sendto(P.encode_error(8, "probe only"), src)
     [ev] = rig.events()
-    assert ev[:4] == (slot, EV_PROBE, 8, PROBE_SPARE | PROBE_OFFERED)
+    assert ev[:4] == (slot, EV_PROBE, 8, PROBE_OFFERED)
     assert ev[4] == c.getsockname()
-    # Everything went back: the peer, the socket (out of the epoll set), the slot.
+    # The peer and the slot went back; the socket did not: its port served one client.
     assert rig.pump.live == 0 and not rig.pump.is_started(slot)
     assert rig.pump.find(encode_sockaddr(c.getsockname())) == -1
-    assert rig.pump.starts.nspares == 1 and rig.pump.starts.nfree == 4
-    # The socket serves the next start, emptied first of what the last client sent late.
-    c.sendto(P.encode_error(8, "probe only"), src)
+    assert rig.pump.starts.nspares == 0 and rig.pump.starts.nfree == 4
+    port = spare.getsockname()
+    rig.pump.ended(slot, ev[3])
+    assert spare.fileno() == -1  # closed
+    # The next start needs a spare of its own, and its port is another.
     c2 = _client()
     c2.sendto(rig.request, rig.lsock.getsockname())
+    assert rig.read(1)[0][0] == REQ_PASS
+    spare2 = rig.add_spare()
+    c2.sendto(rig.request, rig.lsock.getsockname())
     assert rig.read(1)[0][0] == REQ_STARTED
-    assert c2.recvfrom(600) == (rig.oack, spare.getsockname())
+    data, src = c2.recvfrom(600)
+    assert data == rig.oack and src == spare2.getsockname() != port
     c2.sendto(P.encode_error(0, ""), src)
     [ev] = rig.events()
     assert ev[1:3] == (EV_PROBE, 0) and ev[4] == c2.getsockname()

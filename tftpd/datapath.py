@@ -66,7 +66,7 @@ __all__ = [
 
 # The version of _ext/tftpd_datapath.h this module speaks; the compiled module
 # reports its own (TFTPD_DATAPATH_VERSION) and a mismatch means a stale build.
-EXT_VERSION = 8
+EXT_VERSION = 9
 
 # Blocks read and sent per batch; equal to TFTPD_MAX_BATCH in the C code
 # (checked at import) so both implementations stop at the same place.
@@ -687,7 +687,7 @@ class Refusals:
 
 
 EV_PACKET, EV_DONE, EV_ERROR, EV_READY, EV_PROBE, EV_REARM = 1, 2, 3, 4, 5, 6
-PROBE_SPARE, PROBE_OFFERED = 1, 2  # what C took back itself when it ended a probe
+PROBE_OFFERED = 2  # C offered the slot of a probe it ended again itself
 
 
 class Pump:
@@ -704,7 +704,7 @@ class Pump:
     SCRATCH = 1 << 20
     OFFER = 32  # free slots C is offered before each read: the most one read can start
     FREE_CAP = 1024  # room for slots C gives back itself when it ends a probe
-    SPARES = 256  # sockets of finished transfers, for the next ones (all addresses)
+    SPARES = 256  # new sockets for the next transfers (all local addresses)
 
     def __init__(self, datapath: _CDataPath, transfers: int = 1024) -> None:
         self._dp = datapath
@@ -784,19 +784,15 @@ class Pump:
         # nothing more (tftpd_start), so a failure here loses no merge.
         self._lib.tftpd_peer_put(self.starts, slot)
 
-    def release(self, slot: int, sock: socket.socket | None = None,
-                closing: bool = True) -> None:
-        """Forget a slot. A socket about to be closed leaves the epoll set by itself
-        (its only descriptor goes), which saves an epoll_ctl per transfer."""
+    def release(self, slot: int) -> None:
+        """Forget a slot. Its socket is about to be closed, which takes it out of
+        the epoll set (its only descriptor goes): no epoll_ctl per transfer."""
         x = self._states.get(slot)
         if x is None:
             return
         self._lib.tftpd_peer_del(self.starts, slot)
         del self._states[slot]
         self._images.pop(slot, None)
-        if not closing and sock is not None and sock.fileno() >= 0:
-            self._lib.tftpd_epoll_set(self.epoll.fileno(), self._lib.TFTPD_EPOLL_DEL,
-                                      sock.fileno(), slot)
         self._table[slot] = self._ffi.NULL
         self._free.append(slot)
 
@@ -901,12 +897,12 @@ class Pump:
         return x, sock
 
     def ended(self, slot: int, back: int) -> None:
-        """A transfer C started and ended (EV_PROBE): what C could not put back
-        itself (`back`: PROBE_SPARE, PROBE_OFFERED) is done here."""
-        if not back & PROBE_SPARE:
-            kept = self._socks.pop(self._states[slot].sock, None)
-            if kept is not None:
-                kept[0].close()
+        """A transfer C started and ended (EV_PROBE): its socket is closed (a port
+        serves one client), and its slot taken back unless C offered it again
+        itself (`back` has PROBE_OFFERED)."""
+        kept = self._socks.pop(self._states[slot].sock, None)
+        if kept is not None:
+            kept[0].close()
         if not back & PROBE_OFFERED:
             self._unoffer(slot)
 
@@ -959,8 +955,20 @@ class Pump:
             return sock
         return None
 
+    def spare_counts(self) -> dict[bytes, int]:
+        """How many spares each local address (packed) has."""
+        counts: dict[bytes, int] = {}
+        arr = self._spares
+        for i in range(self.starts.nspares):
+            e = arr[i]
+            if e.dstlen:
+                key = bytes(e.dst[0:e.dstlen])
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
     def put_spare(self, sock: socket.socket, local: bytes) -> bool:
-        """Keep a finished transfer's socket for the next one; False when full."""
+        """Keep a new socket, bound to `local` (packed), for a transfer to come;
+        False when full."""
         if self.starts.nspares >= self.SPARES:
             return False
         self._socks[sock.fileno()] = (sock, local)
@@ -999,8 +1007,7 @@ def _load_ext() -> tuple[Any, str | None]:
             f"the C data path batches {_datapath.lib.TFTPD_MAX_BATCH} blocks, "
             f"the Python twin {BATCH}: rebuild it"
         )
-    if (_datapath.lib.TFTPD_PROBE_SPARE, _datapath.lib.TFTPD_PROBE_OFFERED) \
-            != (PROBE_SPARE, PROBE_OFFERED):
+    if _datapath.lib.TFTPD_PROBE_OFFERED != PROBE_OFFERED:
         return None, "the C data path reports probes otherwise: rebuild it"
     if (_datapath.lib.TFTPD_REQ_MAX, _datapath.lib.TFTPD_REQ_BATCH) != (REQ_MAX, REQ_BATCH):
         return None, "the C data path reads requests in other batches than the twin: rebuild it"

@@ -35,8 +35,6 @@ from tftpd.datapath import (
     EV_REARM,
     IP_PKTINFO,
     IPV6_RECVPKTINFO,
-    PROBE_OFFERED,
-    PROBE_SPARE,
     REQ_ANSWERED,
     REQ_BATCH,
     REQ_MERGED,
@@ -47,7 +45,6 @@ from tftpd.datapath import (
     Pump,
     Refusal,
     Refusals,
-    drained,
     encode_sockaddr,
     pktinfo_cmsg,
 )
@@ -74,7 +71,9 @@ EXIT_BOOT_FAILED = 3  # the master does not respawn a worker that exits with thi
 BUSY_LOG_INTERVAL = 10.0  # s between "server full" reports
 NOISE_INTERVAL, NOISE_LINES = 10.0, 100  # bad-input log lines per interval, at most
 MEMO_SIZE = 4096  # remembered parses and negotiations
-SPARE_SOCKETS = 64  # sockets of finished transfers kept for new ones, per local address
+# New sockets kept ready, per local address, for the transfers C starts (each bound to a
+# random port, each used once): C starts no more than this many between two turns.
+SPARE_SOCKETS = 16
 # How long C may answer a request with the OACK Python negotiated for it (while the
 # file keeps its identity, checked on every use): as long as Python itself trusts a
 # cached MTU, the one other input of that OACK (MtuCache.REFRESH).
@@ -313,8 +312,10 @@ class Worker:
         self._c_due = float("inf")  # the earliest OACK timer of a transfer C started
         self._uploads = 0  # live uploads: not in C's peer table, so C starts nothing
         self._pending: dict[Session, tuple] = {}  # this turn's pump events, by session
-        # Sockets of finished transfers, by local address, for the next ones.
-        self._spare: dict[str, list[socket.socket]] = {}
+        # The local addresses transfers are served from (packed: (family, text)),
+        # each kept SPARE_SOCKETS new sockets for C to start transfers from.
+        self._locals: dict[bytes, tuple[int, str]] = {}
+        self._spares_used = False  # since they were last topped up
         # Known misses, answered by the data path. Only where the answer depends on
         # the request's bytes alone: no map rules (they see the client's address), no
         # per-client limit, no per-request log line (-v).
@@ -505,6 +506,8 @@ class Worker:
             # there is room, from spares bound to the address the client asked.
             starts = None
             if refusals is not None and self.pump is not None and not self._uploads:
+                if self._spares_used:
+                    self._fill_spares()
                 room = self.max_sessions - len(self.sessions) - self.pump.live
                 self.pump.offer(room)
                 if room > 0:
@@ -520,6 +523,7 @@ class Worker:
                 return False
             for kind, refusal, err, data, src, dst, ifindex, arrival, answered in batch:
                 if kind == REQ_STARTED:
+                    self._spares_used = True
                     self._started(refusal, err, arrival, answered)
                     continue
                 if kind == REQ_MERGED:
@@ -790,18 +794,21 @@ class Worker:
         self._apply(session, t.start(now), now)
 
     def _transfer_socket(self, family: int, local: str) -> socket.socket:
-        if self.pump is not None:  # the spares are C's too
-            sock = self.pump.take_spare(socket.inet_pton(family, local))
+        """A socket for one transfer, on a port of its own that no one could guess:
+        a new socket bound to a random port (the kernel's choice, or ours within
+        --port-range), closed when the transfer ends. A port is never handed on to
+        the next client: one who learned it could spoof that client's ACKs."""
+        if self.pump is not None:  # C starts transfers from the same spares
+            packed = socket.inet_pton(family, local)
+            if packed not in self._locals and len(self._locals) < 64:
+                self._locals[packed] = (family, local)
+            self._spares_used = True
+            sock = self.pump.take_spare(packed)
             if sock is not None:
                 return sock
-        spare = self._spare.get(local)  # an address names its family too
-        while spare:
-            # A socket of a finished transfer: its port is a new TID to a new client
-            # (RFC 1350 asks no more), and it saves socket(), bind() and close().
-            sock = spare.pop()
-            if drained(sock):
-                return sock
-            sock.close()
+        return self._new_socket(family, local)
+
+    def _new_socket(self, family: int, local: str) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
                              | socket.SOCK_CLOEXEC)
         try:
@@ -813,6 +820,23 @@ class Worker:
             sock.close()
             raise
         return sock
+
+    def _fill_spares(self) -> None:
+        """Top up the spare sockets of each local address for the transfers C may
+        start before the next turn."""
+        assert self.pump is not None
+        self._spares_used = False
+        have = self.pump.spare_counts()
+        for packed, (family, local) in self._locals.items():
+            for _ in range(SPARE_SOCKETS - have.get(packed, 0)):
+                if not self.pump.spare_room():
+                    return
+                try:
+                    sock = self._new_socket(family, local)
+                except OSError as err:  # out of descriptors or ports: serve without
+                    self._log_limited(time.monotonic(), "spare socket: %s", err)
+                    return
+                self.pump.put_spare(sock, packed)
 
     def _bind_in_range(self, sock: socket.socket, local: str) -> None:
         assert self.cfg.port_range is not None
@@ -922,8 +946,7 @@ class Worker:
         entry = self.refusals.get(x.answer)
         duration = now - x.sent_at
         blksize, window, retransmits = x.blksize, x.windowsize, x.retransmits
-        if back != PROBE_SPARE | PROBE_OFFERED:  # C took back all but this
-            self.pump.ended(slot, back)
+        self.pump.ended(slot, back)  # closes its socket, takes back what C did not
         c = self.counters
         c[S.INDEX["probe"]] += 1
         S.observe(c, "duration", duration)
@@ -1154,34 +1177,15 @@ class Worker:
                 self.per_client.pop(host, None)
             if session.upload is not None:
                 self._uploads -= 1
-            reusable = session.local is not None and session.sock.fileno() >= 0
-        else:
-            reusable = False  # finished before: never put one socket in the pool twice
-        spare: list[socket.socket] | None = None
-        packed = b""
-        if not reusable:
-            keep = False
-        elif self.pump is not None:  # one pool, shared with C
-            packed = socket.inet_pton(session.sock.family, session.local)
-            keep = self.pump.spare_room()
-        else:
-            spare = self._spare.setdefault(session.local, [])
-            keep = len(spare) < SPARE_SOCKETS
         if session.slot >= 0 and self.pump is not None:
-            self.pump.release(session.slot, session.sock, closing=not keep)
+            self.pump.release(session.slot)
             self.by_slot.pop(session.slot, None)
         else:
             try:
                 self.sel.unregister(session.sock)
             except (KeyError, ValueError):
                 pass
-        if not keep:
-            session.sock.close()
-        elif spare is not None:
-            spare.append(session.sock)
-        else:
-            assert self.pump is not None
-            self.pump.put_spare(session.sock, packed)
+        session.sock.close()  # its port served this client only (_transfer_socket)
         if session.file is not None:
             session.file.close()
         if session.upload is not None:
