@@ -91,3 +91,62 @@ def test_transfer_ports_are_random_and_never_the_one_just_freed(
     # Not a counter either: successive ports are not a step apart.
     steps = {b - a for a, b in zip(ports, ports[1:], strict=False)}
     assert len(steps) > 10, ports
+
+
+# -- an address that has not proved it is there is sent little --------------------------
+
+
+@pytest.mark.parametrize("datapath", ["c", "python"])
+def test_a_peer_that_acknowledges_no_data_gets_about_two_windows(root: Path,
+                                                                 datapath: str) -> None:
+    # The attack: spoof an RRQ and its ACK 0 from a victim, then let the victim stay
+    # silent. Here the "victim" is a socket that reads and never answers.
+    (root / "big").write_bytes(os.urandom(4 << 20))
+    d = start_daemon(root, "--workers", "1", "--retries", "4",
+                     env={"TFTPD_DATAPATH": datapath})
+    window, blksize = 64, 1468
+    victim = _udp()
+    try:
+        victim.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        asked = {"blksize": str(blksize), "windowsize": str(window), "timeout": "1"}
+        victim.sendto(P.encode_rrq("big", "octet", asked), ("127.0.0.1", d.port))
+        oack, tid = victim.recvfrom(65536)
+        assert P.parse(oack) == P.OAck(asked)
+        victim.sendto(P.encode_ack(0), tid)
+        d.wait_for_log(r"file=big .*outcome=failed", timeout=30)
+        received = 0
+        victim.settimeout(0)
+        while True:
+            try:
+                data = victim.recv(65536)
+            except BlockingIOError:
+                break
+            received += max(0, len(data) - 4)
+    finally:
+        victim.close()
+        d.stop()
+    # The window, the window again, then block 1 on each of the (4 - 1) later tries.
+    sent = window * blksize
+    assert received == 2 * sent + 3 * blksize, (received, sent)
+
+
+def test_a_silent_lock_step_peer_gets_a_few_blocks(root: Path) -> None:
+    (root / "big").write_bytes(os.urandom(1 << 20))
+    d = start_daemon(root, "--workers", "1", "-T", "100000")
+    victim = _udp()
+    try:
+        victim.sendto(P.encode_rrq("big", "octet", {}), ("127.0.0.1", d.port))
+        d.wait_for_log(r"file=big .*outcome=failed", timeout=30)
+        blocks = 0
+        victim.settimeout(0)
+        while True:
+            try:
+                data = victim.recv(65536)
+            except BlockingIOError:
+                break
+            assert P.parse(data) == P.Data(1, data[4:])
+            blocks += 1
+    finally:
+        victim.close()
+        d.stop()
+    assert 1 <= blocks <= 4

@@ -98,9 +98,12 @@ def test_a_repeated_rrq_gets_the_first_packet_again_unless_answered() -> None:
     oack = Send(P.encode_oack({"tsize": "5000"}))
     assert t.start(0.0) == [oack]
     assert t.on_repeat(0.00001) == []  # a legacy ROM's double RRQ: no second OACK
-    t.on_timer(1.0)  # the timer resent it; backed off to 2 s
+    t.on_timer(1.0)  # the timer resent it (unanswered: no backoff)
     assert t.on_repeat(1.5) == [oack]  # the client did not get it: again, at once
-    assert t.retransmits == 2 and t.retries == 0 and t.deadline == pytest.approx(2.5)
+    # A try like the timer's: a repeated (perhaps spoofed) RRQ buys no more of them.
+    assert t.retransmits == 2 and t.retries == 2 and t.deadline == pytest.approx(2.5)
+    assert t.on_repeat(2.0) == [oack] and t.retries == 3
+    assert t.on_repeat(2.5) == []  # out of tries: the timer ends it
     t.on_datagram(ack(0), PEER, 1.6)
     assert t.on_repeat(3.0) == []  # answered: a repeat changes nothing
     # Without options the first packet is DATA 1.
@@ -114,21 +117,24 @@ def test_a_repeated_rrq_gets_the_first_packet_again_unless_answered() -> None:
 def test_timeout_resends_with_backoff_then_gives_up() -> None:
     t = ReadTransfer(PEER, 5000, timeout=1.0, retries=3)
     t.start(0.0)
-    assert t.on_timer(0.5) == []  # not yet
-    assert t.on_timer(1.0) == [SendBlocks(1, 1)]
-    assert t.deadline == 3.0  # backed off: 2 s
-    assert t.on_timer(3.0) == [SendBlocks(1, 1)]
-    assert t.deadline == 7.0  # 4 s
-    assert t.on_timer(7.0) == [SendBlocks(1, 1)]
-    assert t.on_timer(15.0) == [Finish("failed", "timeout: client stopped answering")]
+    t.on_datagram(ack(1), PEER, 0.0)  # answered; a loopback RTT: the RTO floor, 0.2 s
+    assert t.on_timer(0.1) == []  # not yet
+    assert t.deadline == pytest.approx(0.2)
+    assert t.on_timer(0.2) == [SendBlocks(2, 1)]
+    assert t.deadline == pytest.approx(0.6)  # backed off: 0.4 s
+    assert t.on_timer(t.deadline) == [SendBlocks(2, 1)]
+    assert t.deadline == pytest.approx(1.4)  # 0.8 s
+    assert t.on_timer(t.deadline) == [SendBlocks(2, 1)]
+    assert t.on_timer(3.0) == [Finish("failed", "timeout: client stopped answering")]
     assert t.retransmits == 3
 
 
 def test_unanswered_transfers_give_up_early() -> None:
     # A spoofed RRQ: the "client" never answers; three resends, not the full retries.
+    # Nor does it back off: its slot is held four RTOs, not fifteen.
     t = ReadTransfer(PEER, 5000, timeout=1.0, retries=8, oack={"tsize": "5000"})
     t.start(0.0)
-    sent = [a for now in (1.0, 3.0, 7.0, 15.0) for a in t.on_timer(now)]
+    sent = [a for now in (1.0, 2.0, 3.0, 4.0) for a in t.on_timer(now)]
     assert sent[:3] == [Send(P.encode_oack({"tsize": "5000"}))] * 3
     assert sent[3] == Finish("failed", "timeout: client stopped answering")
     # Once the client has answered, it gets the whole patience.
@@ -143,13 +149,44 @@ def test_unanswered_transfers_give_up_early() -> None:
 
 
 def test_progress_ends_the_backoff() -> None:
-    t = ReadTransfer(PEER, 5000, timeout=1.0)
+    t = ReadTransfer(PEER, 50_000, timeout=1.0)
     t.start(0.0)
-    t.on_timer(1.0)
-    t.on_timer(3.0)
-    assert t.rto == 4.0
-    t.on_datagram(ack(1), PEER, 3.5)
+    t.on_datagram(ack(1), PEER, 0.0)
+    t.on_timer(t.deadline or 0.0)
+    t.on_timer(t.deadline or 0.0)
+    assert t.rto == pytest.approx(0.8)
+    t.on_datagram(ack(2), PEER, 0.7)
     assert t.rto == t.base_rto and t.retries == 0
+
+
+def test_a_peer_that_acknowledged_no_data_is_sent_two_windows_then_single_blocks() -> None:
+    # ACK 0 alone proves nothing: anyone who knows the transfer's port can send it
+    # for someone else. Until a DATA block is acknowledged, the window goes out twice
+    # at most; later tries carry its first block only, and a repeated ACK 0 brings
+    # the next try sooner but buys no more of them.
+    t = ReadTransfer(PEER, 1 << 20, blksize=1024, windowsize=16, timeout=1.0, retries=5,
+                     oack={"blksize": "1024", "windowsize": "16"})
+    t.start(0.0)
+    assert t.on_datagram(ack(0), PEER, 0.0) == [SendBlocks(1, 16)]
+    sent = [t.on_timer(t.deadline or 0.0)[0] for _ in range(2)]
+    assert sent == [SendBlocks(1, 16), SendBlocks(1, 1)]
+    assert t.on_datagram(ack(0), PEER, 1.0) == []  # the repeat: no send on an ACK
+    assert t.retries == 2 and t.deadline == pytest.approx(1.0 + 0.2)
+    now = 0.0
+    for _ in range(3):
+        now = t.deadline or now
+        assert t.on_timer(now) == [SendBlocks(1, 1)]
+    assert t.on_timer(t.deadline or now)[0] == Finish("failed",
+                                                      "timeout: client stopped answering")
+    assert t.retransmits == 16 + 4
+    # Once block 1 is acknowledged the client has proved it is there: whole windows.
+    t = ReadTransfer(PEER, 1 << 20, blksize=1024, windowsize=16, timeout=1.0,
+                     oack={"blksize": "1024", "windowsize": "16"})
+    t.start(0.0)
+    t.on_datagram(ack(0), PEER, 0.0)
+    t.on_datagram(ack(1), PEER, 0.1)
+    for _ in range(3):
+        assert t.on_timer(t.deadline or 0.0) == [SendBlocks(2, 16)]
 
 
 def test_client_timeout_is_used_as_is() -> None:

@@ -19,9 +19,14 @@ from tftpd import packet as P
 RTO_FLOOR = 0.2  # s; loopback RTTs are microseconds, but a storm's queueing is not
 RTO_CEILING = 10.0  # s
 DEFAULT_RETRIES = 8
-# A transfer the client has never acknowledged gives up sooner: a spoofed RRQ must not
-# turn the server into an amplifier that keeps sending to someone who never asked.
+# An address that has not proved it is there must not be sent much: a spoofed RRQ (and
+# a spoofed ACK 0) must not turn the server into an amplifier aimed at its owner.
+# - A transfer the client has never answered gives up after this many tries, without
+#   backing off (its slot is held seconds, not the 15 s a backoff from 1 s makes).
 UNANSWERED_RETRIES = 3
+# - One that has acknowledged no DATA block yet (ACK 0 at most) is sent its first
+#   window, that window once more, then only its first block on each later timeout:
+#   two windows and a few blocks in all, whatever the windowsize.
 
 
 def wire_block(k: int, rollover: int = 0) -> int:
@@ -184,22 +189,21 @@ class ReadTransfer:
         if deadline is None or now < deadline:
             return []
         s = self.s
-        limit = self.retries_max
-        answered = s.last_acked > 0 or (self.oack is not None and self.state != OACK_SENT)
-        if not answered:
-            limit = min(limit, UNANSWERED_RETRIES)
+        answered = self._answered()
+        limit = self.retries_max if answered else min(self.retries_max, UNANSWERED_RETRIES)
         if s.retries >= limit:
             return [self._finish("failed", "timeout: client stopped answering")]
         s.retries += 1
         s.resent = 1
-        if not s.fixed_rto:
+        if not s.fixed_rto and answered:
             # Exponential backoff; it lasts until the client shows progress again
             # (see _progress), so one loss does not slow the rest of the transfer.
             s.rto = min(s.base_rto * 2 ** s.retries, RTO_CEILING)
         if self.state == OACK_SENT:
             s.retransmits += 1
             return [self._arm(now, Send(self._oack_bytes()), fresh=False)]
-        action = self._send_window(now, s.last_acked + 1, fresh=False)
+        count = s.windowsize if s.last_acked > 0 or s.retries <= 1 else 1
+        action = self._send_window(now, s.last_acked + 1, fresh=False, count=count)
         s.retransmits += action.count
         return [action]
 
@@ -211,7 +215,8 @@ class ReadTransfer:
         reboots reuses its port too; a stale transfer must not swallow its requests
         until the timer backs off to nothing."""
         s = self.s
-        if now - s.armed_at < RTO_FLOOR or s.last_acked > 0:
+        if now - s.armed_at < RTO_FLOOR or s.last_acked > 0 \
+                or s.retries >= UNANSWERED_RETRIES:
             return []
         if self.state == OACK_SENT:
             action: Action = self._arm(now, Send(self._oack_bytes()), fresh=False)
@@ -221,8 +226,9 @@ class ReadTransfer:
             s.retransmits += action.count
         else:
             return []
+        # A try like a timer's: a spoofed RRQ repeated does not hold the slot longer.
         s.resent = 1
-        self._progress()
+        s.retries += 1
         return [action]
 
     def fail(self, detail: str) -> Finish:
@@ -248,9 +254,10 @@ class ReadTransfer:
         s.armed_at = now
         return action
 
-    def _send_window(self, now: float, first: int, fresh: bool = True) -> SendBlocks:
+    def _send_window(self, now: float, first: int, fresh: bool = True,
+                     count: int | None = None) -> SendBlocks:
         s = self.s
-        count = min(s.windowsize, s.nblocks - first + 1)
+        count = min(s.windowsize if count is None else count, s.nblocks - first + 1)
         s.sent_upto = first + count - 1
         action = SendBlocks(first, count)
         self._arm(now, action, fresh)
@@ -278,6 +285,10 @@ class ReadTransfer:
             s.srtt = 0.875 * s.srtt + 0.125 * r
         s.base_rto = min(max(s.srtt + 4 * s.rttvar, RTO_FLOOR), RTO_CEILING)
         s.rto = s.base_rto
+
+    def _answered(self) -> bool:
+        """The client has answered something of ours: a DATA block, or the OACK."""
+        return self.s.last_acked > 0 or (self.oack is not None and self.state != OACK_SENT)
 
     def _progress(self) -> None:
         s = self.s
@@ -323,7 +334,12 @@ class ReadTransfer:
         loss its backoff outlasted a PXE client's 6 s of patience."""
         s = self.s
         deadline = min(s.armed_at + s.rto, now + RTO_FLOOR)
-        self._progress()
+        if s.last_acked > 0:
+            self._progress()
+        else:
+            # Until a DATA block is acknowledged the tries keep counting: a repeated
+            # ACK 0, which anyone who knows the port can spoof, buys no more of them.
+            s.rto = s.base_rto
         s.armed_at = deadline - s.rto
 
     def _on_error(self, pkt: P.Error) -> list[Action]:
