@@ -9,6 +9,10 @@ makes it, the other waits and then opens the finished file. A file is written to
 temporary name and renamed into place only when complete, so nobody ever opens a
 half-written one. Everything goes through a directory descriptor opened before any
 chroot, so the cache works in secure mode and is never inside the served root.
+
+Making a file is the one long step a worker takes outside its loop (a large image
+compresses at tens of MB/s), so it calls `beat` after every chunk, and while it waits
+for another worker's lock: the master takes a worker that stops beating for hung.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import time
 import zlib
+from collections.abc import Callable
 
 CHUNK = 1 << 20
+LOCK_POLL = 0.05  # s between tries for a lock another worker holds while it makes a file
 GZIP_LEVEL = 6  # gzip's default; the file is made once and served many times
 
 
@@ -33,6 +40,7 @@ class GzCache:
         self.max_bytes = max_bytes  # the cache directory's bound
         self.max_expand = max_expand  # a decompressed file's bound (gzip bombs)
         self.made = 0  # files this worker made (the rest it found made)
+        self.beat: Callable[[], None] = _alive  # set by each worker: its heartbeat
 
     @classmethod
     def open_dir(cls, path: str, **kw: int) -> GzCache:
@@ -48,7 +56,7 @@ class GzCache:
         lock = os.open(name + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600,
                        dir_fd=self.dir_fd)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker, if any, is making it
+            self._lock(lock)  # the other worker, if any, is making it
             fd = self._open(name)
             if fd >= 0:
                 return fd
@@ -65,6 +73,15 @@ class GzCache:
             except OSError:
                 pass
             os.close(lock)
+
+    def _lock(self, fd: int) -> None:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                self.beat()
+                time.sleep(LOCK_POLL)
 
     def _open(self, name: str) -> int:
         try:
@@ -106,6 +123,7 @@ class GzCache:
         while chunk := os.pread(src_fd, CHUNK, off):
             off += len(chunk)
             self._write(out, z.compress(chunk))
+            self.beat()
         self._write(out, z.flush())
 
     def _decompress(self, src_fd: int, out: int) -> None:
@@ -121,6 +139,7 @@ class GzCache:
                         raise DeriveError("decompressed file exceeds the size limit")
                     self._write(out, data)
                     chunk = z.unconsumed_tail
+                    self.beat()
                 if z.eof:
                     break
             if not z.eof:
@@ -155,3 +174,7 @@ class GzCache:
                 total -= size
             except OSError:
                 pass
+
+
+def _alive() -> None:
+    pass

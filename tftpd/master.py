@@ -9,12 +9,18 @@ hashes a client's address and port to one socket, so a retransmitted RRQ lands o
 the worker already serving it and is merged there, never served twice. The master
 keeps each slot's sockets, so a replacement worker takes over the very socket (and
 the requests queued on it) of the worker it replaces.
+
+Heartbeats: a worker stamps its stats row on every loop turn (at least every
+worker.IDLE_WAIT). One that stops turning (SIGSTOPped, stuck in C or in a syscall)
+does not exit, yet its socket keeps its share of the clients; the master kills it
+once it has been silent for HUNG_AFTER and replaces it like a dead one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import pwd
@@ -33,7 +39,7 @@ from tftpd.files import Root
 from tftpd.gz import GzCache
 from tftpd.metrics import MetricsServer, render
 from tftpd.remap import RemapError, Rules
-from tftpd.stats import INDEX, Stats
+from tftpd.stats import BEAT, INDEX, Stats, beat
 from tftpd.systemd import Notifier
 from tftpd.worker import (
     EXIT_BOOT_FAILED,
@@ -65,6 +71,16 @@ STATUS_EVERY = 5.0  # s between STATUS= lines to systemd
 ACTIVE = INDEX["active"]
 LISTENING = INDEX["listening"]
 RELOAD_HANDOVER = 2.0  # s an old worker gets to stop reading before its successor starts
+# A worker silent this long is killed and replaced. A PXE ROM gives its RRQ 1-4 s and
+# tries four or five times (the pxe workload: 1+2+3+4 s), so a client whose request
+# queued on a stopped worker is answered by the replacement (which takes over its
+# socket and queue) within ~2.5 s: before its second retry, long before it gives up.
+# A live worker beats every 0.5 s at least (worker.IDLE_WAIT; C's pump returns by
+# then however busy), and during its one long step, making a .gz file (gz.GzCache.beat):
+# 2 s is four beats missed. TFTPD_HANG_CHECK=0 turns the check off (a debugger that
+# stops a worker).
+HUNG_AFTER = 2.0  # s
+CHECK_EVERY = 0.5  # s between the master's looks at the beats
 
 
 class StartupError(Exception):
@@ -106,6 +122,11 @@ class Master:
     _wake_r: int = -1
     _last_requests: int = -1
     _idle_since: float = 0.0
+    hung_after: float = HUNG_AFTER
+    watched: dict[int, tuple[memoryview, float]] = field(default_factory=dict)  # pid ->
+    #   (its stats row, when it was forked): every worker alive, retired ones too
+    _checked_at: float = 0.0
+    _watch_from: float = 0.0
 
     # -- startup ---------------------------------------------------------------------
 
@@ -232,6 +253,8 @@ class Master:
     def run(self) -> int:
         if self._wake_r < 0:
             self.install_signals()
+        if os.environ.get("TFTPD_HANG_CHECK") == "0":
+            self.hung_after = 0.0
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         if self.metrics:
@@ -247,6 +270,7 @@ class Master:
             self._handle_signals()
             self.reap_workers()
             now = time.monotonic()
+            self.check_beats(now)
             if self.stopping:
                 alive = [s for s in self.slots if s.pid] + list(self.retired.values())
                 if not alive:
@@ -265,7 +289,7 @@ class Master:
                 if now >= next_status:
                     next_status = now + STATUS_EVERY
                     self.notifier.status(self._status())
-            self._wait(1.0)
+            self._wait(CHECK_EVERY)
 
     def _queue_signal(self, signum: int, frame: object) -> None:
         self.signals.append(signum)  # the loop does the work
@@ -439,6 +463,7 @@ class Master:
                 return
             if pid == 0:
                 return
+            self.watched.pop(pid, None)
             old = self.retired.pop(pid, None)
             if old is not None:
                 self._zero_active(old, old.generation - 1)
@@ -459,17 +484,55 @@ class Master:
                 self.stopping = "now"
                 self._signal_workers(signal.SIGQUIT)
                 continue
-            self.restarts += 1
-            now = time.monotonic()
-            slot.quick_deaths = slot.quick_deaths + 1 if now - slot.started < RESPAWN_WINDOW \
-                else 0
-            # Replace at once; a worker that keeps dying young waits longer each time,
-            # so a crash loop does not spin.
-            delay = 0.0 if slot.quick_deaths < 3 else min(
-                MAX_BACKOFF, 0.5 * 2 ** (slot.quick_deaths - 3))
-            slot.respawn_at = now + delay
-            log.warning("worker %d (pid %d) %s; replacing%s", slot.index, pid, how,
-                        f" in {delay:.1f}s" if delay else "")
+            self._replace(slot, pid, how, time.monotonic())
+
+    def _replace(self, slot: Slot, pid: int, how: str, now: float) -> None:
+        self.restarts += 1
+        slot.quick_deaths = slot.quick_deaths + 1 if now - slot.started < RESPAWN_WINDOW \
+            else 0
+        # Replace at once; a worker that keeps dying young waits longer each time,
+        # so a crash loop does not spin.
+        delay = 0.0 if slot.quick_deaths < 3 else min(
+            MAX_BACKOFF, 0.5 * 2 ** (slot.quick_deaths - 3))
+        slot.respawn_at = now + delay
+        log.warning("worker %d (pid %d) %s; replacing%s", slot.index, pid, how,
+                    f" in {delay:.1f}s" if delay else "")
+
+    def check_beats(self, now: float) -> None:
+        """Kill a worker that has not beaten for hung_after seconds, and replace it."""
+        if self.hung_after <= 0:
+            return
+        if now - self._checked_at > 2 * CHECK_EVERY:
+            # The master itself did not run (stopped with its process group, or held
+            # up by a reload's handover): it cannot tell how long a worker was silent,
+            # so silence counts from now.
+            self._watch_from = now
+        self._checked_at = now
+        for pid, (row, started) in list(self.watched.items()):
+            silent = now - max(row[BEAT] / 1e9, started, self._watch_from)
+            if silent >= self.hung_after:
+                self._kill_hung(pid, silent, now)
+
+    def _kill_hung(self, pid: int, silent: float, now: float) -> None:
+        del self.watched[pid]
+        how = f"silent for {silent:.1f}s (stopped or stuck): killed with SIGKILL"
+        os.kill(pid, signal.SIGKILL)  # a stopped process dies too; unreaped, pid is ours
+        slot = next((s for s in self.slots if s.pid == pid), None)
+        if slot is None:
+            # Retired by a reload and draining: its successor serves already; it is
+            # reaped as any retired worker.
+            old = self.retired.get(pid)
+            log.warning("worker %d (pid %d) %s", old.index if old else -1, pid, how)
+            return
+        # Replaced now, not once reaped: a process in uninterruptible sleep dies only
+        # when its syscall returns. Killed, it runs no code of its own again, so its
+        # socket and stats row pass to the successor at once.
+        slot.pid = 0
+        self._zero_active(slot, slot.generation)
+        if self.stopping:
+            log.warning("worker %d (pid %d) %s", slot.index, pid, how)
+            return
+        self._replace(slot, pid, how, now)
 
     def _zero_active(self, slot: Slot, generation: int) -> None:
         # A worker that died mid-transfer cannot lower its own gauges.
@@ -494,6 +557,9 @@ class Master:
             slot.pid = pid
             slot.started = time.monotonic()
             slot.respawn_at = 0.0
+            if self.stats is not None:
+                self.watched[pid] = (self.stats.row(slot.index, slot.generation),
+                                     slot.started)
             return
         code = EXIT_BOOT_FAILED
         try:
@@ -528,9 +594,11 @@ class Master:
             forward = Forward(slot.index, slot.forward[0],
                               [s.forward[1] for s in self.slots if s.forward is not None])
         assert self.root is not None and self.stats is not None
+        row = self.stats.row(slot.index, slot.generation)
+        if self.gz is not None:
+            self.gz.beat = functools.partial(beat, row)  # it beats while making a file
         try:
-            worker = Worker(self.cfg, listeners, self.root, self.datapath,
-                            self.stats.row(slot.index, slot.generation), self.gz,
+            worker = Worker(self.cfg, listeners, self.root, self.datapath, row, self.gz,
                             forward=forward, rules=self.rules)
         except Exception:
             log.exception("worker %d failed to start", slot.index)

@@ -56,7 +56,7 @@ def render(t: dict[str, int], restarts: int, workers: int) -> str:
         "# HELP tftpd_active_transfers Transfers running now.",
         "# TYPE tftpd_active_transfers gauge",
         f"tftpd_active_transfers {t['active']}",
-        "# HELP tftpd_worker_restarts_total Workers replaced after dying.",
+        "# HELP tftpd_worker_restarts_total Workers replaced after dying or hanging.",
         "# TYPE tftpd_worker_restarts_total counter",
         f"tftpd_worker_restarts_total {restarts}",
         "# HELP tftpd_workers Worker processes configured.",

@@ -5,12 +5,17 @@ a row of 64-bit counters and is the only writer of it: a replacement for a dead
 worker continues its row, and after a reload the new generation of a slot writes a
 row of its own while the old one drains, so no two processes ever add to the same
 cell. Totals are sums over all rows, and survive worker restarts and reloads.
+
+The last cell of a row is no counter but the worker's heartbeat: the monotonic clock
+(ns) at its last loop turn, which the master reads to find a worker that has stopped
+turning (master.HUNG_AFTER).
 """
 
 from __future__ import annotations
 
 import bisect
 import mmap
+import time
 
 # Histogram bounds, seconds (Prometheus "le" buckets; +Inf is the count).
 BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -22,8 +27,9 @@ COUNTERS = ("requests", "ok", "probe", "aborted", "failed", "notfound", "denied"
 GAUGES = ("active", "listening")
 FIELDS = COUNTERS + GAUGES + tuple(
     f"{h}_{suffix}" for h in HISTOGRAMS
-    for suffix in [*(f"b{i}" for i in range(len(BUCKETS))), "count", "sum_us"])
+    for suffix in [*(f"b{i}" for i in range(len(BUCKETS))), "count", "sum_us"]) + ("beat",)
 INDEX = {name: i for i, name in enumerate(FIELDS)}
+BEAT = INDEX["beat"]  # not summed
 # Outcome of a finished transfer or refusal -> its counter.
 OUTCOME = {name: INDEX[name] for name in ("ok", "probe", "aborted", "failed", "notfound",
                                          "denied")}
@@ -33,6 +39,11 @@ GENERATIONS = 4  # rows per worker slot: generations alive at once across reload
 # A histogram's cells are contiguous: its buckets, then count, then sum_us.
 _FIRST = {h: INDEX[f"{h}_b0"] for h in HISTOGRAMS}
 _NB = len(BUCKETS)
+
+
+def beat(row: memoryview) -> None:
+    """The worker owning `row` is alive now (for long steps outside its loop)."""
+    row[BEAT] = time.monotonic_ns()
 
 
 def observe(row: memoryview, histogram: str, seconds: float) -> None:
@@ -60,10 +71,10 @@ class Stats:
 
     def totals(self) -> dict[str, int]:
         n = len(FIELDS)
-        out = dict.fromkeys(FIELDS, 0)
+        out = dict.fromkeys(FIELDS[:BEAT], 0)
         for r in range(self.rows):
             base = r * n
-            for i, name in enumerate(FIELDS):
+            for i, name in enumerate(FIELDS[:BEAT]):
                 out[name] += self._all[base + i]
         return out
 

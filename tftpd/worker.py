@@ -66,7 +66,7 @@ log = logging.getLogger("tftpd")
 
 LISTEN_BATCH = 256  # requests read per turn before transfers get their share
 TRANSFER_BATCH = 16  # datagrams read from one transfer socket per turn
-IDLE_WAIT = 1.0  # s; the longest the loop sleeps with nothing scheduled
+IDLE_WAIT = 0.5  # s; the longest the loop sleeps with nothing scheduled (and beats)
 EXIT_BOOT_FAILED = 3  # the master does not respawn a worker that exits with this
 BUSY_LOG_INTERVAL = 10.0  # s between "server full" reports
 NOISE_INTERVAL, NOISE_LINES = 10.0, 100  # bad-input log lines per interval, at most
@@ -378,6 +378,7 @@ class Worker:
         self.init_process()
         drain_started = False
         while True:
+            self.counters[S.BEAT] = time.monotonic_ns()  # alive: master.HUNG_AFTER
             if self.stop_now:
                 return 0
             if self.draining and not drain_started:
