@@ -8,7 +8,9 @@ asked for, and log lines a stranger can multiply. Traffic is bounded in count an
 from __future__ import annotations
 
 import os
+import re
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -150,3 +152,55 @@ def test_a_silent_lock_step_peer_gets_a_few_blocks(root: Path) -> None:
         victim.close()
         d.stop()
     assert 1 <= blocks <= 4
+
+
+# -- a stranger cannot multiply our log lines -------------------------------------------
+
+
+def _lines(d: object, pattern: str) -> int:
+    rx = re.compile(pattern)
+    return sum(1 for ln in d.log_text().splitlines() if rx.search(ln))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("datapath", ["c", "python"])
+def test_log_lines_one_address_can_cause_are_bounded(root: Path, datapath: str) -> None:
+    (root / "big").write_bytes(os.urandom(8 << 20))
+    d = start_daemon(root, "--workers", "1", env={"TFTPD_DATAPATH": datapath})
+    flood = 3000
+    try:
+        # A transfer to aim at, kept going: its port gets datagrams from foreign TIDs.
+        real = _udp()
+        real.sendto(P.encode_rrq("big", "octet", {"blksize": "512"}), ("127.0.0.1", d.port))
+        _, tid = real.recvfrom(65536)
+        real.sendto(P.encode_ack(0), tid)
+        real.settimeout(0)
+        stranger = _udp()
+        deadline = time.monotonic() + 30
+        for i in range(flood):
+            assert time.monotonic() < deadline
+            stranger.sendto(P.encode_ack(1), tid)                       # ERROR 5
+            stranger.sendto(b"\x00\x09garbage", ("127.0.0.1", d.port))   # malformed
+            stranger.sendto(P.encode_rrq(f"missing-{i}", "octet", {}),  # misses
+                            ("127.0.0.1", d.port))
+            stranger.sendto(P.encode_rrq("x", "mail", {}), ("127.0.0.1", d.port))
+            try:
+                while True:
+                    data = real.recv(65536)
+                    real.sendto(P.encode_ack(int.from_bytes(data[2:4], "big")), tid)
+            except BlockingIOError:
+                pass
+            if i % 500 == 499:  # let the worker catch up: the flood is read, not dropped
+                assert client.get("127.0.0.1", d.port, "big", timeout=5).data
+        d.wait_for_log(r"more like this from 127\.0\.0\.1", timeout=30)
+        real.close()
+        stranger.close()
+    finally:
+        d.stop()
+    text = d.log_text()
+    total = len(text.splitlines())
+    # 12,000 datagrams of bad input from one address: a bounded number of lines, the
+    # rest summarised as counts.
+    assert total < 1500, (total, text[-3000:])
+    summarised = sum(int(n) for n in re.findall(r"(\d+) more like this from 127\.0\.0\.1",
+                                                text))
+    assert summarised > 3 * flood - 1500, (summarised, text[-3000:])

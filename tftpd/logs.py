@@ -113,3 +113,66 @@ def info_line(message: str) -> None:
             h.flush()
 
 
+
+
+class Throttle:
+    """A bound on the log lines that strangers can make a worker write.
+
+    Anyone can send a datagram, so every line that input from the network causes
+    goes through one of these: at most `per_address` lines from one address and
+    `total` in all per `interval` seconds. What is held back is counted, by address,
+    and said once the interval is over ("N more like this from ADDR"), so a flood
+    costs a few lines and the counters (metrics) still see every event. Memory is
+    bounded too: past `track` addresses in one interval, the rest share one count.
+    """
+
+    SUMMARY_LINES = 10  # addresses named in a summary; the rest are counted together
+
+    def __init__(self, what: str, per_address: int, total: int, interval: float = 10.0,
+                 track: int = 4096) -> None:
+        self.what = what
+        self.per_address = per_address
+        self.total = total
+        self.interval = interval
+        self.track = track
+        self.window_end = 0.0
+        self.lines: dict[str, int] = {}  # lines written this interval, by address
+        self.held: dict[str, int] = {}  # lines held back this interval, by address
+        self.written = 0
+        self.held_untracked = 0
+
+    def allow(self, addr: str, now: float) -> bool:
+        """Whether a line caused by `addr` may be written now (counted if not)."""
+        if now >= self.window_end:
+            self.roll(now)
+        n = self.lines.get(addr, 0)
+        if n < self.per_address and self.written < self.total:
+            if n or len(self.lines) < self.track:
+                self.lines[addr] = n + 1
+            self.written += 1
+            return True
+        if addr in self.held or len(self.held) < self.track:
+            self.held[addr] = self.held.get(addr, 0) + 1
+        else:
+            self.held_untracked += 1
+        return False
+
+    def roll(self, now: float) -> None:
+        """End the interval if it is over: say what was held back, start afresh."""
+        if now < self.window_end:
+            return
+        if self.held or self.held_untracked:
+            top = sorted(self.held.items(), key=lambda kv: -kv[1])
+            for addr, n in top[:self.SUMMARY_LINES]:
+                log.warning("%d more like this from %s (%s, last %.0fs)", n, addr,
+                            self.what, self.interval)
+            rest = top[self.SUMMARY_LINES:]
+            others = sum(n for _, n in rest) + self.held_untracked
+            if others:
+                log.warning("%d more like this from %d other address(es) (%s, last %.0fs)",
+                            others, len(rest) + (1 if self.held_untracked else 0),
+                            self.what, self.interval)
+        self.lines.clear()
+        self.held.clear()
+        self.written = self.held_untracked = 0
+        self.window_end = now + self.interval

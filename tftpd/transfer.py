@@ -133,6 +133,14 @@ class ReadTransfer:
         self.state = OACK_SENT if oack else SENDING
         self.outcome: str | None = None
         self.detail = ""
+        # The peer has sent us a well-formed datagram at the transfer's port, one it
+        # could only learn from our answer: the address is its own (logs.Throttle).
+        self.heard = False
+
+    @property
+    def answered(self) -> bool:
+        """The peer answered from its address (C's pump counts its ACKs here)."""
+        return self.heard or self.s.last_acked > 0
 
     # -- read-only views for the worker, logs and tests -------------------------------
 
@@ -178,6 +186,7 @@ class ReadTransfer:
             pkt = P.parse(data)
         except P.PacketError:
             return []  # garbage from our own peer: ignore, the timer covers loss
+        self.heard = True
         if isinstance(pkt, P.Ack):
             return self._on_ack(pkt.block, now)
         if isinstance(pkt, P.Error):
@@ -408,6 +417,11 @@ class WriteTransfer:
         self.outcome: str | None = None
         self.detail = ""
         self._last: bytes = b""  # the last packet we sent (OACK or ACK), for timeouts
+        self.heard = False  # as ReadTransfer.heard
+
+    @property
+    def answered(self) -> bool:
+        return self.heard
 
     @property
     def bytes_sent(self) -> int:  # the log's byte count, whichever way they went
@@ -426,6 +440,7 @@ class WriteTransfer:
             pkt = P.parse(data)
         except P.PacketError:
             return []
+        self.heard = True
         if isinstance(pkt, P.Error):
             return [self._finish("aborted", f"client error {pkt.code}: {pkt.message}")]
         if not isinstance(pkt, P.Data):

@@ -69,7 +69,15 @@ TRANSFER_BATCH = 16  # datagrams read from one transfer socket per turn
 IDLE_WAIT = 0.5  # s; the longest the loop sleeps with nothing scheduled (and beats)
 EXIT_BOOT_FAILED = 3  # the master does not respawn a worker that exits with this
 BUSY_LOG_INTERVAL = 10.0  # s between "server full" reports
-NOISE_INTERVAL, NOISE_LINES = 10.0, 100  # bad-input log lines per interval, at most
+# Log lines that input from the network causes, per worker and 10 s (logs.Throttle):
+# - from requests and datagrams that proved nothing (refusals, misses, malformed or
+#   stray datagrams, foreign TIDs, transfers never answered): anyone can send them,
+#   from any address, so per address and in all;
+NOISE_PER_ADDRESS, NOISE_TOTAL = 100, 1000
+# - records of transfers whose client answered from its address (a round trip to a
+#   port no one could guess): per address only, for a storm's thousands of real
+#   clients are each entitled to their lines.
+RECORDS_PER_ADDRESS = 200
 MEMO_SIZE = 4096  # remembered parses and negotiations
 # New sockets kept ready, per local address, for the transfers C starts (each bound to a
 # random port, each used once): C starts no more than this many between two turns.
@@ -275,9 +283,8 @@ class Worker:
         self.per_client: dict[str, int] = {}
         self.busy_refusals = 0
         self.busy_logged_at = 0.0
-        self.noise_window = 0.0
-        self.noise_lines = 0
-        self.noise_suppressed = 0
+        self.noise = logs.Throttle("unproven input", NOISE_PER_ADDRESS, NOISE_TOTAL)
+        self.records = logs.Throttle("transfer records", RECORDS_PER_ADDRESS, 1 << 62)
         self._asked: dict[str, str] = {}
         self._hits_reported = 0
         self._misses_reported = 0
@@ -401,7 +408,10 @@ class Worker:
                 self._turn_in_c(wait)
             else:
                 self._turn(self.sel.select(wait))
-            self._run_timers(time.monotonic())
+            now = time.monotonic()
+            self._run_timers(now)
+            self.noise.roll(now)  # what the throttles held back, said once a while
+            self.records.roll(now)
             logs.flush_logs()  # this turn's records, in one write
 
     def _turn(self, events: list) -> None:
@@ -572,9 +582,12 @@ class Worker:
         if live is not None:  # the client moved on (as _on_request has it)
             self._supersede(live, now)
         if err:
-            log.warning("error reply to %s: %s", _peer(src), os.strerror(err))
+            if self.noise.allow(src[0], now):
+                log.warning("error reply to %s: %s", _peer(src), os.strerror(err))
         elif arrival:
             S.observe(c, "first_answer", max(0.0, answered - arrival))
+        if not self.noise.allow(src[0], now):
+            return
         name, mode, code, reason, options = refusal.note
         if not self.json_log:
             logs.info_line(f"{_peer(src)} file={name} mode={mode} outcome=notfound "
@@ -619,11 +632,11 @@ class Worker:
                 parsed = P.parse(data)
             except P.PacketError as err:
                 c[S.INDEX["malformed"]] += 1
-                self._log_limited(now, "dropped malformed packet from %s: %s", _peer(src),
-                                  err)
+                if self.noise.allow(src[0], now):
+                    log.info("dropped malformed packet from %s: %s", _peer(src), err)
                 return False
             if not isinstance(parsed, P.Request):
-                if self.cfg.verbose >= 3:
+                if self.cfg.verbose >= 3 and self.noise.allow(src[0], now):
                     log.debug("ignored %s on the listen port from %s", type(parsed).__name__,
                               _peer(src))
                 return False
@@ -649,13 +662,13 @@ class Worker:
                 # A repeated RRQ (legacy ROMs send it twice, 10 us apart; a Raspberry
                 # Pi three times): the transfer already answers it.
                 c[S.INDEX["merged"]] += 1
-                if self.cfg.verbose >= 1:
+                if self.cfg.verbose >= 1 and self.noise.allow(src[0], now):
                     log.info("merged repeated request from %s for %s", _peer(src), name)
                 if isinstance(live.transfer, ReadTransfer):
                     self._apply(live, live.transfer.on_repeat(now), now)
                 return False
             self._supersede(live, now)
-        if self.cfg.verbose >= 1:
+        if self.cfg.verbose >= 1 and self.noise.allow(src[0], now):
             log.info("request %s %s %s from %s %s", "WRQ" if req.is_write else "RRQ", name,
                      req.mode, _peer(src), _opts(req.options))
         if req.is_write and not self.cfg.create:
@@ -835,7 +848,8 @@ class Worker:
                 try:
                     sock = self._new_socket(family, local)
                 except OSError as err:  # out of descriptors or ports: serve without
-                    self._log_limited(time.monotonic(), "spare socket: %s", err)
+                    if self.noise.allow("", time.monotonic()):
+                        log.warning("spare socket: %s", err)
                     return
                 self.pump.put_spare(sock, packed)
 
@@ -879,7 +893,8 @@ class Worker:
             else:
                 sock.sendto(pkt, src)
         except OSError as err:
-            log.warning("error reply to %s: %s", _peer(src), err)
+            if self.noise.allow(src[0], now):
+                log.warning("error reply to %s: %s", _peer(src), err)
         if outcome == "busy":
             # A flood of refusals is counted, and logged once per interval.
             self.counters[S.INDEX["refused_busy"]] += 1
@@ -892,6 +907,8 @@ class Worker:
                 self.busy_logged_at = now
             return
         self.counters[S.OUTCOME.get(outcome, S.INDEX["failed"])] += 1
+        if not self.noise.allow(src[0], now):
+            return
         if not self.json_log:
             logs.info_line(f"{_peer(src)} file={name} mode={mode} outcome={outcome} "
                            f"error={code} reason={reason or message}")
@@ -901,19 +918,6 @@ class Worker:
                               "error": code, "reason": reason or message}}
         log.info("%s file=%s mode=%s outcome=%s error=%d reason=%s", _peer(src), name, mode,
                  outcome, code, reason or message, extra=extra)
-
-    def _log_limited(self, now: float, fmt: str, *args: object) -> None:
-        """Log bad input, but a flood of it only as a count per interval."""
-        if now - self.noise_window >= NOISE_INTERVAL:
-            if self.noise_suppressed:
-                log.warning("suppressed %d more log lines about bad input",
-                            self.noise_suppressed)
-            self.noise_window, self.noise_lines, self.noise_suppressed = now, 0, 0
-        if self.noise_lines < NOISE_LINES:
-            self.noise_lines += 1
-            log.info(fmt, *args)
-        else:
-            self.noise_suppressed += 1
 
     def _full(self, src: tuple, now: float) -> bool:
         if len(self.sessions) >= self.max_sessions:
@@ -956,7 +960,7 @@ class Worker:
             return
         note: Start = entry.note
         self._log_end(peer, note.name, note.mode, 0, blksize, window, duration,
-                      retransmits, "probe", "", note.asked, note.granted, "RRQ")
+                      retransmits, "probe", "", note.asked, note.granted, "RRQ", True)
 
     def _live(self, src: tuple) -> Session | None:
         """The transfer serving this peer: Python's, or one C started (taken over)."""
@@ -1038,7 +1042,7 @@ class Worker:
                 self._finish(session, Finish("failed", f"socket error: {err.strerror}"), now)
                 return
             now = time.monotonic()
-            if self.cfg.verbose >= 3:
+            if self.cfg.verbose >= 3 and self.noise.allow(src[0], now):
                 log.debug("recv %d bytes from %s for %s", len(data), _peer(src), session.name)
             self._apply(session, session.transfer.on_datagram(data, src, now), now)
 
@@ -1055,7 +1059,7 @@ class Worker:
         _, kind, err, data, src = event
         t = session.transfer
         if kind == EV_PACKET:
-            if self.cfg.verbose >= 3:
+            if self.cfg.verbose >= 3 and self.noise.allow(src[0], now):
                 log.debug("recv %d bytes from %s for %s", len(data), _peer(src),
                           session.name)
             self._apply(session, t.on_datagram(data, src, now), now)
@@ -1092,7 +1096,9 @@ class Worker:
                     session.sock.sendto(action.data, session.peer)
                 elif isinstance(action, SendTo):
                     session.sock.sendto(action.data, action.addr)
-                    log.info("%s: ERROR 5 to foreign TID %s", session.name, _peer(action.addr))
+                    if self.noise.allow(action.addr[0], now):
+                        log.info("%s: ERROR 5 to foreign TID %s", session.name,
+                                 _peer(action.addr))
                 elif isinstance(action, Finish):
                     self._finish(session, action, now)
                     return
@@ -1206,12 +1212,16 @@ class Worker:
         self._log_end(session.peer, session.name, session.mode, t.bytes_sent, t.blksize,
                       t.windowsize, now - session.started, t.retransmits, fin.outcome,
                       fin.detail, session.asked, session.granted,
-                      "WRQ" if session.upload else "RRQ")
+                      "WRQ" if session.upload else "RRQ", t.answered)
 
     def _log_end(self, peer: tuple, name: str, mode: str, nbytes: int, blksize: int,
                  window: int, duration: float, retransmits: int, outcome: str,
-                 detail: str, asked: dict, granted: dict, op: str) -> None:
-        """One line per finished transfer, whatever its end."""
+                 detail: str, asked: dict, granted: dict, op: str, answered: bool) -> None:
+        """One line per finished transfer, whatever its end; a client who never
+        answered from its address gets the lines of unproven input."""
+        throttle = self.records if answered else self.noise
+        if not throttle.allow(peer[0], time.monotonic()):
+            return
         if not self.json_log:
             reason = f" reason={sanitize(detail, 200)}" if detail else ""
             logs.info_line(f"{_peer(peer)} file={name} mode={mode} bytes={nbytes} "
