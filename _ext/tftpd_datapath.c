@@ -356,13 +356,17 @@ static int tftpd_next_window(struct tftpd_xfer *x, unsigned long long first, dou
 
     if (count > x->windowsize)
         count = x->windowsize;
+    unsigned int seg = gso != NULL && *gso && x->gso;
+
     x->sent_upto = first + count - 1;
     x->sent_at = now;
     x->armed_at = now;
     x->resent = 0;
     rc = tftpd_send_window(x->sock, x->addr, x->addrlen, x->fd, x->mem, x->filesize,
                            x->blksize,
-                           first, (unsigned int)count, x->rollover, scratch, scratch_len, gso);
+                           first, (unsigned int)count, x->rollover, scratch, scratch_len, &seg);
+    if (gso != NULL && *gso && x->gso && !seg)
+        x->gso = 0; /* its route refused: plain datagrams for this transfer alone */
     return rc < 0 ? rc : 0;
 }
 
@@ -925,7 +929,8 @@ static int tftpd_start(struct tftpd_starts *st, const struct tftpd_refusal *r,
     unsigned int slot;
     int j;
 
-    if (r->xfer == NULL || r->ifindex != q->ifindex || q->dstlen == 0 || st->nfree == 0
+    if (r->xfer == NULL || r->ifindex != q->ifindex || r->dstlen != q->dstlen
+        || q->dstlen == 0 || st->nfree == 0
         || st->free_slots == NULL || st->spares == NULL || st->table == NULL)
         return -1;
     if (2 * (st->npeers + 1) > st->peers_len)

@@ -18,7 +18,7 @@
 
 /* Bump on any change of a signature or of a meaning below; tftpd/datapath.py
  * refuses a compiled module whose version differs from the one it expects. */
-#define TFTPD_DATAPATH_VERSION 9
+#define TFTPD_DATAPATH_VERSION 10
 
 /* Most datagrams handed to one sendmmsg() call, and the most blocks read in
  * one go: a window is read and sent in batches of at most this many blocks
@@ -52,8 +52,8 @@
  *
  * With *gso set, a batch of two or more blocks goes out as one segmented
  * sendmsg() (UDP_SEGMENT, Linux >= 4.18): the same datagrams on the wire for
- * one syscall.  If the kernel refuses segmentation, *gso is cleared and the
- * batch goes out by sendmmsg(); gso may be NULL.
+ * one syscall.  If the kernel (or the route to addr) refuses segmentation,
+ * *gso is cleared and the batch goes out by sendmmsg(); gso may be NULL.
  *
  * Returns the number of datagrams sent, 0..count.  Fewer than count means
  * back-pressure: sendmmsg() failed with EAGAIN/EWOULDBLOCK/ENOBUFS (0 if it
@@ -106,6 +106,7 @@ struct tftpd_xfer {
     double base_rto;               /* from RTT samples */
     double srtt;                   /* < 0: no sample yet */
     double rttvar;
+    unsigned int gso;              /* 1: its route takes UDP segmentation (so far) */
     int probe;                     /* 1: C sent the OACK and owns the transfer (below) */
     unsigned int answer;           /* probe: the id of the known answer that started it */
     unsigned int locallen;         /* probe: the socket's local address (4 or 16 bytes) */
@@ -213,6 +214,9 @@ struct tftpd_starts {
  * transfer receives is an EV_PACKET like any other: Python adopts the transfer
  * (clears probe, lowers st->live) and goes on with it.  st may be NULL.
  *
+ * Windows go out segmented while *gso and the transfer's gso are set; a
+ * route that refuses it clears the transfer's gso, not *gso.
+ *
  * Returns the number of events written, or -errno if epoll_wait failed.
  */
 int tftpd_pump(int epfd, struct tftpd_xfer **table, unsigned int table_len,
@@ -250,7 +254,9 @@ int tftpd_epoll_set(int epfd, int op, int fd, unsigned int slot);
 struct tftpd_refusal {
     unsigned long long hash;       /* tftpd_hash(req, reqlen); 0: free */
     int oack;                      /* 1: the reply is an OACK that starts a transfer */
-    int ifindex;                   /* oack: only for requests that came in here */
+    int ifindex;                   /* oack: only for requests that came in here, */
+    unsigned int dstlen;           /* oack: sent to an address of this length (4, 16):
+                                      the family its blksize was capped for */
     const struct tftpd_xfer *xfer; /* oack: the transfer's numbers (sock, addr: unset) */
     const char *req;               /* the request datagram */
     unsigned int reqlen;

@@ -77,7 +77,7 @@ class Rig:
         xfer = self.pump.template(state)
         self.pump.release(slot)
         return self.refusals.put(request, oack, time.monotonic() + 30, str(self.path),
-                                 dir_identity(str(self.path)), "note", ifindex=ifindex,
+                                 dir_identity(str(self.path)), "note", ifindex=ifindex, dstlen=4,
                                  xfer=xfer)
 
     def add_spare(self) -> socket.socket:

@@ -66,7 +66,7 @@ __all__ = [
 
 # The version of _ext/tftpd_datapath.h this module speaks; the compiled module
 # reports its own (TFTPD_DATAPATH_VERSION) and a mismatch means a stale build.
-EXT_VERSION = 9
+EXT_VERSION = 10
 
 # Blocks read and sent per batch; equal to TFTPD_MAX_BATCH in the C code
 # (checked at import) so both implementations stop at the same place.
@@ -184,6 +184,7 @@ class DataPath(abc.ABC):
         filesize: int,
         rollover: int = 0,
         image: bytes | None = None,
+        state: Any = None,
     ) -> int:
         """Send blocks ``first`` .. ``first+count-1`` of the file to the client.
 
@@ -199,13 +200,22 @@ class DataPath(abc.ABC):
 
         ``image``, when given, is the file's ``filesize`` bytes, taken when it was
         opened (``OpenFile.image``): blocks come from it, not from the descriptor.
+
+        ``state``, the transfer's numbers (XferState or its C struct), says in its
+        ``gso`` whether the transfer's route still takes UDP segmentation; a route
+        that refuses it clears that, for this transfer alone. Segmentation is used
+        when both it and the data path's ``gso`` (TFTPD_GSO) allow it.
         """
         _check(sockaddr, file_fd, first, count, blksize, filesize, rollover, image)
         need = min(count, BATCH) * (blksize + 4)  # room for a segmented batch too
         if need > self._scratch_len:
             self._grow(need)
-        return self._send(sock, addr, sockaddr, file_fd, first, count, blksize, filesize,
-                          rollover, image)
+        gso = self.gso and (state is None or bool(state.gso))
+        sent, refused = self._send(sock, addr, sockaddr, file_fd, first, count, blksize,
+                                   filesize, rollover, image, gso)
+        if refused and state is not None:
+            state.gso = 0
+        return sent
 
     @abc.abstractmethod
     def _grow(self, size: int) -> None:
@@ -241,8 +251,9 @@ class DataPath(abc.ABC):
     @abc.abstractmethod
     def _send(self, sock: socket.socket, addr: tuple[Any, ...], sockaddr: bytes, file_fd: int,
               first: int, count: int, blksize: int, filesize: int, rollover: int,
-              image: bytes | None) -> int:
-        """Send the blocks; the arguments are checked already."""
+              image: bytes | None, gso: bool) -> tuple[int, bool]:
+        """Send the blocks (segmented if `gso`); the arguments are checked already.
+        Returns what send_window does, and whether the route refused segmentation."""
 
     def __repr__(self) -> str:
         return f"<DataPath {self.name}>"
@@ -291,23 +302,24 @@ class _PythonDataPath(DataPath):
 
     def _send(self, sock: socket.socket, addr: tuple[Any, ...], sockaddr: bytes, file_fd: int,
               first: int, count: int, blksize: int, filesize: int, rollover: int,
-              image: bytes | None) -> int:
+              image: bytes | None, gso: bool) -> tuple[int, bool]:
         buf = self._buf
+        refused = False
         batch = min(self._scratch_len // blksize, BATCH)
         seg = blksize + 4
         sent = 0
         while sent < count:
             k0 = first + sent
             g = min(count - sent, BATCH, self._scratch_len // seg, _GSO_MAX_BYTES // seg)
-            if self.gso and g >= 2:
+            if gso and g >= 2:
                 r = self._send_gso(sock, addr, file_fd, k0, g, blksize, filesize, rollover,
                                    image)
                 if r is not None:
                     if r == 0:
-                        return sent  # back-pressure
+                        return sent, refused  # back-pressure
                     sent += r
                     continue
-                self.gso = False  # refused: plain datagrams from now on, as C does
+                gso, refused = False, True  # plain datagrams from now on, as C does
             n = min(batch, count - sent)
             off = (k0 - 1) * blksize
             length = min(off + n * blksize, filesize) - off
@@ -326,10 +338,10 @@ class _PythonDataPath(DataPath):
                 except OSError as exc:
                     # Python retries EINTR itself (PEP 475).
                     if exc.errno in _BACK_PRESSURE:
-                        return sent + i
+                        return sent + i, refused
                     raise
             sent += n
-        return sent
+        return sent, refused
 
 
     def _send_gso(self, sock: socket.socket, addr: tuple[Any, ...], file_fd: int, k0: int,
@@ -427,7 +439,8 @@ class _CDataPath(DataPath):
         self._ffi = _ext.ffi
         self._lib = _ext.lib
         self._buf: Any = self._ffi.NULL
-        self._gso = self._ffi.new("unsigned int *", 1 if self.gso else 0)
+        self._gso = self._ffi.new("unsigned int *", 1 if self.gso else 0)  # the pump's
+        self._seg = self._ffi.new("unsigned int *", 0)  # one send_window call's
         self._reqbuf: Any = None
 
     def _grow(self, size: int) -> None:
@@ -439,16 +452,15 @@ class _CDataPath(DataPath):
 
     def _send(self, sock: socket.socket, addr: tuple[Any, ...], sockaddr: bytes, file_fd: int,
               first: int, count: int, blksize: int, filesize: int, rollover: int,
-              image: bytes | None) -> int:
-        self._gso[0] = 1 if self.gso else 0
+              image: bytes | None, gso: bool) -> tuple[int, bool]:
+        self._seg[0] = 1 if gso else 0
         mem = self._ffi.from_buffer(image) if image is not None else self._ffi.NULL
         rc: int = self._lib.tftpd_send_window(
             sock.fileno(), sockaddr, len(sockaddr), file_fd, mem, filesize, blksize, first,
-            count, rollover, self._buf, self._scratch_len, self._gso,
+            count, rollover, self._buf, self._scratch_len, self._seg,
         )
-        self.gso = bool(self._gso[0])
         if rc >= 0:
-            return rc
+            return rc, gso and not self._seg[0]
         if rc == -self._lib.TFTPD_ESHRANK:
             raise FileShrank(filesize)
         raise OSError(-rc, os.strerror(-rc))
@@ -566,6 +578,7 @@ class Refusal:
     note: Any = None  # the caller's, for its log line
     index: int = -1  # the entry in C's table
     ifindex: int = 0  # an OACK: for requests that arrived on this interface only
+    dstlen: int = 0  # an OACK: and were sent to an address of this family (4, 16)
     xfer: Any = None  # an OACK: the struct tftpd_xfer C copies into the slot
 
 
@@ -602,7 +615,7 @@ class Refusals:
 
     def put(self, request: bytes, reply: bytes, expires: float, dir: str,
             ident: Identity | None, note: Any = None, *,
-            ifindex: int = 0, xfer: Any = None) -> Refusal:
+            ifindex: int = 0, dstlen: int = 0, xfer: Any = None) -> Refusal:
         """Enter a known answer: an ERROR, or with `xfer` (C only) an OACK."""
         old = self._by_request.get(request)
         if old is not None:  # the same request again: refresh it in place
@@ -611,7 +624,7 @@ class Refusals:
             self._rebuild(time.monotonic())
         self._ids += 1
         r = Refusal(self._ids, request, reply, expires, dir, ident, note,
-                    old.index if old is not None else -1, ifindex, xfer)
+                    old.index if old is not None else -1, ifindex, dstlen, xfer)
         self._by_request[request] = r
         self._by_id[r.id] = r
         if self._c:
@@ -682,6 +695,7 @@ class Refusals:
          e.gid) = r.ident if r.ident is not None else (0,) * 8
         e.oack = 1 if r.xfer is not None else 0
         e.ifindex = r.ifindex
+        e.dstlen = r.dstlen
         e.xfer = r.xfer if r.xfer is not None else ffi.NULL
         e.hash = h  # last: the entry is whole before it can match
 
@@ -817,6 +831,7 @@ class Pump:
         (an event, a ready token), answering ACKs in C meanwhile."""
         dp = self._dp
         ms = min(int(timeout * 1000.0 + 0.999), 86_400_000) if timeout > 0 else 0
+        dp._gso[0] = 1 if dp.gso else 0
         n = self._lib.tftpd_pump(self.epoll.fileno(), self._table, self._cap, now, ms,
                                  max_ready, self._events, self.MAX_EVENTS, self._pktbuf,
                                  self.PKTBUF, dp._buf, dp._scratch_len, dp._gso,

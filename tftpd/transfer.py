@@ -88,7 +88,7 @@ class XferState:
     __slots__ = ("sock", "fd", "addrlen", "addr", "filesize", "nblocks", "last_acked",
                  "sent_upto", "retransmits", "blksize", "windowsize", "rollover", "fast",
                  "resent", "fixed_rto", "retries", "sent_at", "armed_at", "rto", "base_rto",
-                 "srtt", "rttvar")
+                 "srtt", "rttvar", "gso")
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -130,6 +130,7 @@ class ReadTransfer:
         s.armed_at = 0.0
         s.resent = 0  # Karn: no RTT sample from a retransmitted window
         s.fast = 0  # 1 while sending: C's pump may answer ACKs itself
+        s.gso = 1  # its route takes UDP segmentation, until it refuses (the data path's)
         self.state = OACK_SENT if oack else SENDING
         self.outcome: str | None = None
         self.detail = ""

@@ -752,8 +752,11 @@ class Worker:
                         granted: dict, now: float) -> None:
         assert self.refusals is not None and self.pump is not None
         known = self.refusals.current(data)
+        dstlen = len(socket.inet_pton(socket.AF_INET6 if ":" in local else socket.AF_INET,
+                                      local))
         if known is not None and known.xfer is not None and known.ident == f.ident \
-                and known.ifindex == ifindex and known.expires > now + START_TTL / 2:
+                and known.ifindex == ifindex and known.dstlen == dstlen \
+                and known.expires > now + START_TTL / 2:
             return  # C had no spare or slot for it: the entry stands
         path = self.files.path_of(req.filename)
         if path is None:
@@ -761,7 +764,7 @@ class Worker:
         xfer = self.pump.template(state)
         self.refusals.put(data, oack_packet, now + START_TTL, path, f.ident,
                           Start(req.filename, name, req.mode, req.options, granted, local),
-                          ifindex=ifindex, xfer=xfer)
+                          ifindex=ifindex, dstlen=dstlen, xfer=xfer)
 
     def _on_write(self, req: P.Request, data: bytes, src: tuple, local: str, lst: Listener,
                   ifindex: int, name: str, now: float) -> None:
@@ -1091,7 +1094,7 @@ class Worker:
                     self.datapath.send_window(session.sock, session.peer, session.sockaddr,
                                               session.file.fd, action.first, action.count,
                                               t.blksize, t.size, t.rollover,
-                                              session.file.image)
+                                              session.file.image, t.s)
                 elif isinstance(action, Send):
                     session.sock.sendto(action.data, session.peer)
                 elif isinstance(action, SendTo):
