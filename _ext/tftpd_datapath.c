@@ -503,25 +503,26 @@ void tftpd_peer_del(struct tftpd_starts *st, unsigned int slot)
          i = (i + 1) & mask)
         if (st->peers[i] == 0)
             return; /* not there */
-    /* Backward-shift deletion: no tombstones, probes stay short. */
     st->peers[i] = 0;
     st->npeers--;
+    /* The rest of the cluster is entered again, so that no probe for one of them
+     * stops at the hole (Knuth's deletion for linear probing; no tombstones).  A
+     * cell whose transfer is gone cannot be placed and is dropped: that cannot
+     * happen while Python keeps the rules, and leaves no hole if it does. */
     for (j = (i + 1) & mask; st->peers[j] != 0; j = (j + 1) & mask) {
-        unsigned int cell = st->peers[j], home;
+        unsigned int cell = st->peers[j], k;
         const struct tftpd_xfer *y;
 
-        if (cell - 1 >= st->table_len || (y = st->table[cell - 1]) == NULL) {
-            st->peers[j] = 0; /* cannot happen while Python keeps the rules */
-            st->npeers--;
+        st->peers[j] = 0;
+        st->npeers--;
+        if (cell - 1 >= st->table_len || (y = st->table[cell - 1]) == NULL
+            || y->addrlen == 0 || y->addrlen > sizeof(y->addr))
             continue;
-        }
-        home = tftpd_peer_home(st, y->addr, y->addrlen);
-        /* Move it into the hole unless its home lies cyclically in (i, j]. */
-        if (i <= j ? (home <= i || home > j) : (home <= i && home > j)) {
-            st->peers[i] = cell;
-            st->peers[j] = 0;
-            i = j;
-        }
+        for (k = tftpd_peer_home(st, y->addr, y->addrlen); st->peers[k] != 0;
+             k = (k + 1) & mask)
+            ;
+        st->peers[k] = cell;
+        st->npeers++;
     }
 }
 
@@ -747,15 +748,57 @@ int tftpd_epoll_set(int epfd, int op, int fd, unsigned int slot)
 /* Room for IPV6_PKTINFO (or IP_PKTINFO) and a struct timespec, aligned. */
 #define TFTPD_REQ_CMSG 128
 
+/* SipHash-2-4 (Aumasson and Bernstein), keyed by tftpd_hash_key. */
+static uint64_t tftpd_key[2];
+
+void tftpd_hash_key(unsigned long long k0, unsigned long long k1)
+{
+    tftpd_key[0] = k0;
+    tftpd_key[1] = k1;
+}
+
+#define TFTPD_ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define TFTPD_SIPROUND                                                                   \
+    do {                                                                                  \
+        v0 += v1; v1 = TFTPD_ROTL(v1, 13); v1 ^= v0; v0 = TFTPD_ROTL(v0, 32);           \
+        v2 += v3; v3 = TFTPD_ROTL(v3, 16); v3 ^= v2;                                    \
+        v0 += v3; v3 = TFTPD_ROTL(v3, 21); v3 ^= v0;                                    \
+        v2 += v1; v1 = TFTPD_ROTL(v1, 17); v1 ^= v2; v2 = TFTPD_ROTL(v2, 32);           \
+    } while (0)
+
 unsigned long long tftpd_hash(const char *buf, unsigned int len)
 {
-    unsigned long long h = 14695981039346656037ULL;
-    unsigned int i;
+    const unsigned char *p = (const unsigned char *)buf;
+    uint64_t v0 = 0x736f6d6570736575ULL ^ tftpd_key[0];
+    uint64_t v1 = 0x646f72616e646f6dULL ^ tftpd_key[1];
+    uint64_t v2 = 0x6c7967656e657261ULL ^ tftpd_key[0];
+    uint64_t v3 = 0x7465646279746573ULL ^ tftpd_key[1];
+    uint64_t b = (uint64_t)len << 56, m, h;
+    unsigned int i, left = len & 7;
 
-    for (i = 0; i < len; i++) {
-        h ^= (unsigned char)buf[i];
-        h *= 1099511628211ULL;
+    for (i = 0; i + 8 <= len; i += 8) {
+        int j;
+        for (m = 0, j = 7; j >= 0; j--) /* little-endian, whatever the host */
+            m = (m << 8) | p[i + (unsigned int)j];
+        v3 ^= m;
+        TFTPD_SIPROUND;
+        TFTPD_SIPROUND;
+        v0 ^= m;
     }
+    while (left > 0) {
+        left--;
+        b |= (uint64_t)p[i + left] << (8 * left);
+    }
+    v3 ^= b;
+    TFTPD_SIPROUND;
+    TFTPD_SIPROUND;
+    v0 ^= b;
+    v2 ^= 0xff;
+    TFTPD_SIPROUND;
+    TFTPD_SIPROUND;
+    TFTPD_SIPROUND;
+    TFTPD_SIPROUND;
+    h = v0 ^ v1 ^ v2 ^ v3;
     return h ? h : 1;
 }
 

@@ -18,7 +18,7 @@
 
 /* Bump on any change of a signature or of a meaning below; tftpd/datapath.py
  * refuses a compiled module whose version differs from the one it expects. */
-#define TFTPD_DATAPATH_VERSION 10
+#define TFTPD_DATAPATH_VERSION 11
 
 /* Most datagrams handed to one sendmmsg() call, and the most blocks read in
  * one go: a window is read and sent in batches of at most this many blocks
@@ -278,8 +278,12 @@ struct tftpd_refusal {
     unsigned int gid;
 };
 
-/* FNV-1a, 64 bits, never 0 (0 marks a free entry). */
+/* SipHash-2-4 of buf under the key set by tftpd_hash_key, never 0 (0 marks a
+ * free entry).  The tables C reads are indexed by it: with a key no client
+ * knows, no client can choose requests or addresses that collide.  Python
+ * sets a random key once, when it loads the module. */
 unsigned long long tftpd_hash(const char *buf, unsigned int len);
+void tftpd_hash_key(unsigned long long k0, unsigned long long k1);
 
 #define TFTPD_REQ_ANSWERED 1 /* a known refusal went out: id, err (send errno or 0) */
 #define TFTPD_REQ_PASS 2     /* Python must serve it: the datagram is pktbuf[off..off+len) */

@@ -312,3 +312,29 @@ def test_c_and_twin_report_and_answer_alike(tmp_path: Path) -> None:
     answered = [d for d in datagrams if d in known]
     assert [e[1] for e in results["c"][0] if e[0] == REQ_ANSWERED] == \
         [known.index(d) for d in answered]
+
+
+def test_the_tables_hash_is_siphash_under_a_random_key() -> None:
+    # The known-answer table and the peer table are indexed by tftpd_hash: keyed,
+    # a client cannot choose requests (or addresses) that all land in one chain.
+    need_ext()
+    import subprocess
+    import sys
+
+    from tftpd import _datapath  # type: ignore[attr-defined]
+
+    lib = _datapath.lib
+    # The reference vector of SipHash-2-4: key 00..0f, message 00..0e.
+    lib.tftpd_hash_key(0x0706050403020100, 0x0F0E0D0C0B0A0908)
+    try:
+        assert lib.tftpd_hash(bytes(range(15)), 15) == 0xA129CA6149BE45E5
+        assert lib.tftpd_hash(b"", 0) == 0x726FDB47DD0E0E31
+    finally:
+        lib.tftpd_hash_key(int.from_bytes(os.urandom(8), "little"),
+                           int.from_bytes(os.urandom(8), "little"))
+    # Each process that loads the data path draws its own key.
+    code = ("from tftpd import datapath, _datapath; "
+            "print(_datapath.lib.tftpd_hash(b'pxelinux.0', 10))")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True).stdout for _ in range(3)}
+    assert len(runs) == 3

@@ -66,7 +66,7 @@ __all__ = [
 
 # The version of _ext/tftpd_datapath.h this module speaks; the compiled module
 # reports its own (TFTPD_DATAPATH_VERSION) and a mismatch means a stale build.
-EXT_VERSION = 10
+EXT_VERSION = 11
 
 # Blocks read and sent per batch; equal to TFTPD_MAX_BATCH in the C code
 # (checked at import) so both implementations stop at the same place.
@@ -497,6 +497,8 @@ class _CDataPath(DataPath):
                             q.arrival, q.answered))
                 continue
             src = decode_sockaddr(bytes(ffi.buffer(q.src, q.srclen)))
+            if src is None:
+                continue  # no address to answer: dropped, as the twin's recvmsg would
             dst = socket.inet_ntop(family, bytes(q.dst[0:q.dstlen])) if q.dstlen else None
             if q.kind == REQ_ANSWERED:
                 assert refusals is not None
@@ -522,14 +524,21 @@ def drained(sock: socket.socket) -> bool:
     return False
 
 
-def decode_sockaddr(raw: bytes) -> tuple[Any, ...]:
-    """The socket-module address of a raw struct sockaddr_in / sockaddr_in6."""
+def decode_sockaddr(raw: bytes) -> tuple[Any, ...] | None:
+    """The socket-module address of a raw struct sockaddr_in / sockaddr_in6; None
+    for anything else (no address at all, another family, too short)."""
+    if len(raw) < 8:
+        return None
     family = struct.unpack_from("=H", raw)[0]
     port = struct.unpack_from("!H", raw, 2)[0]
     if family == socket.AF_INET6:
+        if len(raw) < 28:
+            return None
         flowinfo, = struct.unpack_from("!I", raw, 4)
         scope, = struct.unpack_from("=I", raw, 24)
         return (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, flowinfo, scope)
+    if family != socket.AF_INET:
+        return None
     return (socket.inet_ntop(socket.AF_INET, raw[4:8]), port)
 
 
@@ -845,7 +854,8 @@ class Pump:
             if e.kind == EV_PACKET:
                 data = self._buffer[e.off:e.off + e.len]
                 src = decode_sockaddr(bytes(self._ffi.buffer(e.src, e.srclen)))
-                out.append((e.slot, EV_PACKET, 0, data, src))
+                if src is not None:  # else no address to answer: dropped
+                    out.append((e.slot, EV_PACKET, 0, data, src))
             elif e.kind == EV_PROBE:  # (slot, EV_PROBE, error code, what C took back, peer)
                 src = decode_sockaddr(bytes(self._ffi.buffer(e.src, e.srclen)))
                 out.append((e.slot, EV_PROBE, e.err, e.off, src))
@@ -1026,6 +1036,9 @@ def _load_ext() -> tuple[Any, str | None]:
         return None, "the C data path reports probes otherwise: rebuild it"
     if (_datapath.lib.TFTPD_REQ_MAX, _datapath.lib.TFTPD_REQ_BATCH) != (REQ_MAX, REQ_BATCH):
         return None, "the C data path reads requests in other batches than the twin: rebuild it"
+    # The tables' hash key: random, so that no client can aim at one chain.
+    _datapath.lib.tftpd_hash_key(int.from_bytes(os.urandom(8), "little"),
+                                 int.from_bytes(os.urandom(8), "little"))
     return _datapath, None
 
 
