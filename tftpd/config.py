@@ -143,7 +143,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("retransmit_us", ("-T", "--retransmit"),
             "initial retransmission timeout in microseconds (adapts to the RTT after)",
             1_000_000, _int_in(10_000, 255_000_000), metavar="USEC"),
-    Setting("port_range", ("-R", "--port-range"), "transfer ports from LOW:HIGH", None,
+    Setting("port_range", ("-R", "--port-range"),
+            "transfer ports drawn at random from LOW:HIGH (default: the kernel's ephemeral "
+            "range, also at random); each port serves one transfer", None,
             _port_range, metavar="LOW:HIGH"),
     Setting("refuse", ("-r", "--refuse"), "never negotiate OPTION (blksize, tsize, timeout, "
             "windowsize); repeatable", (), str, repeat=True, metavar="OPTION"),
