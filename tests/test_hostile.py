@@ -491,3 +491,39 @@ def test_a_last_ack_and_a_new_request_read_together(root: Path, datapath: str) -
         d.wait_for_log(r"file=two\.bin .*bytes=700 .*outcome=ok")
     finally:
         d.stop()
+
+
+def test_the_root_renamed_while_serving(tmp_path: Path, datapath: str) -> None:
+    """A transfer running when the root is renamed is served whole (its file is
+    open); requests meanwhile are refused with a log line that names the cause; once
+    the root is back, it is served again."""
+    from conftest import start_daemon
+
+    root = tmp_path / "root"
+    root.mkdir()
+    big = random.Random(5).randbytes(300_000)
+    (root / "big").write_bytes(big)
+    (root / "small").write_bytes(b"small")
+    d = start_daemon(root, "--workers", "1", env={"TFTPD_DATAPATH": datapath})
+    try:
+        with udp() as s:
+            s.sendto(P.encode_rrq(b"big", "octet", {"blksize": "1024"}), (d.host, d.port))
+            reply, tid = s.recvfrom(P.MAX_DATAGRAM)
+            assert P.parse(reply) == P.OAck({"blksize": "1024"})
+            s.sendto(P.encode_ack(0), tid)
+            got = [P.parse(s.recvfrom(P.MAX_DATAGRAM)[0])]  # block 1: the file is open
+            root.rename(tmp_path / "moved")
+            with pytest.raises(client.TftpError) as err:
+                client.get(d.host, d.port, "small")
+            assert err.value.code == P.E_NOT_FOUND
+            d.wait_for_log(r"file=small .*outcome=notfound .*reason=the root \S+ is missing")
+            while len(got[-1].payload) == 1024:  # type: ignore[union-attr]
+                s.sendto(P.encode_ack(len(got)), tid)
+                got.append(P.parse(s.recvfrom(P.MAX_DATAGRAM)[0]))
+            s.sendto(P.encode_ack(len(got)), tid)
+        assert b"".join(g.payload for g in got) == big  # type: ignore[union-attr]
+        d.wait_for_log(r"file=big .*outcome=ok")
+        (tmp_path / "moved").rename(root)
+        assert client.get(d.host, d.port, "small").data == b"small"
+    finally:
+        d.stop()

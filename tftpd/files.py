@@ -305,6 +305,10 @@ class FileCache:
                     if derived is not None:
                         return derived
                 self._remember_miss(rel, path)
+                if not os.path.isdir(self.root.real):
+                    # Renamed or removed while serving: say so, not just "not found".
+                    raise FileError(P.E_NOT_FOUND, "File not found",
+                                    f"the root {self.root.real} is missing") from None
             raise _errno_to_tftp(err) from None
         key = (rel, mode)
         shared = self._open.get(key)
