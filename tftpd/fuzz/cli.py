@@ -1,0 +1,266 @@
+"""tftpd-fuzz: check any TFTP server against the RFCs with generated requests and clients.
+
+    tftpd-fuzz [--seconds N] [--examples N] [--seed N] HOST:PORT FILE
+    tftpd-fuzz --replay REPRO.json HOST:PORT
+
+FILE must be a file the server serves: it is first read plainly (RRQ, octet, no options)
+and that copy is the oracle every DATA block is compared with. Exit status: 0 nothing
+found, 1 a violation (printed, shrunk, saved for --replay), 2 usage error or the server
+could not be reached (the oracle read failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tftpd import client
+from tftpd.fuzz import checks, runner
+from tftpd.fuzz.scenario import Scenario, load, netascii, save
+
+SHRINK_MIN, SHRINK_MAX = 10.0, 60.0  # s of shrinking after the search finds something
+
+
+@dataclass
+class Found:
+    scenario: Scenario
+    trace: runner.Trace
+    violations: list[checks.Violation]
+    note: str = ""
+
+
+@dataclass
+class Target:
+    host: str
+    port: int
+    file: str
+    oracle: bytes
+    oracle_netascii: bytes = b""
+    examples: int = 0
+    best: Found | None = None
+    dead: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def addr(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def judge(self, sc: Scenario) -> Found | None:
+        """Run one scenario, check it, check the server still answers."""
+        self.examples += 1
+        trace = runner.run(self.host, self.port, sc)
+        vs = checks.check(trace, sc.request, self.file, self.oracle, self.oracle_netascii)
+        note = ""
+        if not runner.alive(self.host, self.port, self.file):
+            vs.append(checks.Violation("liveness", "no answer to a plain RRQ within 2 s after "
+                                       "this example"))
+            self.dead = True
+            note = "not shrunk: the server stopped answering"
+        return Found(sc, trace, vs, note) if vs else None
+
+
+class _Violation(Exception):
+    pass
+
+
+class _TimeUp(BaseException):
+    """Ends hypothesis's run at once: a BaseException is not a failure to shrink."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="tftpd-fuzz", description="Conformance fuzzer for a TFTP server (RFC 1350, "
+        "2347, 2348, 2349, 7440, 1123). Exit 0: nothing found; 1: a violation; 2: usage "
+        "error or server unreachable.")
+    ap.add_argument("target", metavar="HOST:PORT", help="the server; [V6ADDR]:PORT for IPv6")
+    ap.add_argument("file", metavar="FILE", nargs="?",
+                    help="a file the server serves (not with --replay)")
+    ap.add_argument("--seconds", type=float, default=60.0,
+                    help="search this long (default 60); shrinking a find takes up to "
+                    "half as long again (10 to 60 s)")
+    ap.add_argument("--examples", type=int, default=100000,
+                    help="at most this many examples (default 100000)")
+    ap.add_argument("--seed", type=int, help="hypothesis seed (default: random, printed)")
+    ap.add_argument("--replay", metavar="REPRO.json", help="replay a saved reproduction")
+    ap.add_argument("--save", metavar="PATH", help="where to write the reproduction "
+                    "(default: a new file in the temporary directory)")
+    ap.add_argument("--database", metavar="DIR", help="keep hypothesis's example database "
+                    "in DIR (default: none; nothing is written to the current directory)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        ns = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: usage errors exit 2, --help 0
+        return int(exc.code or 0)
+    try:
+        host, port = runner.parse_hostport(ns.target)
+        runner.resolve(host, port)
+    except (ValueError, OSError) as exc:
+        print(f"tftpd-fuzz: bad address {ns.target!r}: {exc}", file=sys.stderr)
+        return 2
+    if ns.seconds <= 0 or ns.examples <= 0:
+        print("tftpd-fuzz: --seconds and --examples must be positive", file=sys.stderr)
+        return 2
+    replay: Scenario | None = None
+    if ns.replay:
+        try:
+            file, replay = load(Path(ns.replay))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"tftpd-fuzz: cannot read {ns.replay}: {exc}", file=sys.stderr)
+            return 2
+        if ns.file and ns.file != file:
+            print(f"tftpd-fuzz: {ns.replay} is for file {file!r}", file=sys.stderr)
+            return 2
+    elif not ns.file:
+        print("tftpd-fuzz: FILE is required (a file the server serves)", file=sys.stderr)
+        return 2
+    else:
+        file = ns.file
+    if replay is None:
+        from tftpd.fuzz import HYPOTHESIS_MISSING
+        if HYPOTHESIS_MISSING:
+            print("tftpd-fuzz needs hypothesis: pip install 'tftpd[fuzz]' "
+                  f"(or pip install hypothesis); {HYPOTHESIS_MISSING}", file=sys.stderr)
+            return 2
+    try:
+        oracle = client.get(host, port, file, timeout=1.0, retries=2).data
+    except (client.TftpError, OSError) as exc:
+        print(f"tftpd-fuzz: cannot read {file!r} from {ns.target} (plain RRQ, octet): {exc}",
+              file=sys.stderr)
+        return 2
+    target = Target(host, port, file, oracle, netascii(oracle))
+    if replay is not None:
+        found = target.judge(replay)
+        if found is None:
+            print(f"tftpd-fuzz: replayed {ns.replay} against {target.addr}: no violation")
+            print(checks.render(runner.run(host, port, replay).events))
+            return 0
+        _report(target, found, ns, saved=None)
+        return 1
+    return _fuzz(target, ns)
+
+
+def _rollover(target: Target, budget: float) -> Found | None:
+    """One transfer past block 65535 with a small blksize, if FILE is big enough."""
+    blocks = 65536 + 8
+    blksize = len(target.oracle) // blocks
+    if blksize < 8:
+        target.notes.append(f"rollover not tried: {target.file} has {len(target.oracle)} "
+                            f"bytes, {8 * blocks} needed at blksize 8")
+        return None
+    if budget < 5:
+        target.notes.append("rollover not tried: --seconds too small")
+        return None
+    req = (b"\0\1" + target.file.encode() + b"\0octet\0blksize\0"
+           + str(blksize).encode() + b"\0")
+    sc = Scenario(req, (), "complete", limit_blocks=blocks + 8, limit_seconds=budget)
+    found = target.judge(sc)
+    if found is None:
+        target.notes.append(f"rollover: one transfer past block 65535 at blksize {blksize} "
+                            "checked")
+    return found
+
+
+def _fuzz(target: Target, ns: argparse.Namespace) -> int:
+    from hypothesis import HealthCheck, Phase, Verbosity, given, settings
+    from hypothesis import seed as hseed
+    from hypothesis.configuration import set_hypothesis_home_dir
+    from hypothesis.database import DirectoryBasedExampleDatabase
+
+    from tftpd.fuzz.strategies import scenarios
+
+    home = tempfile.mkdtemp(prefix="tftpd-fuzz-")
+    set_hypothesis_home_dir(home)  # never a surprise .hypothesis in the cwd
+    seed = ns.seed if ns.seed is not None else random.randrange(2 ** 32)
+    start = time.monotonic()
+    print(f"tftpd-fuzz: {target.addr} file {target.file!r} ({len(target.oracle)} bytes), "
+          f"seed {seed}, {ns.seconds:g} s", flush=True)
+    found = _rollover(target, min(30.0, ns.seconds / 3))
+    if found is not None:
+        target.best = found
+    stop_at = start + ns.seconds
+    shrink_for = min(SHRINK_MAX, max(SHRINK_MIN, ns.seconds / 2))
+    shrink_stop = [float("inf")]
+
+    def body(sc: Scenario) -> None:
+        now = time.monotonic()
+        if target.dead or now > shrink_stop[0] or (target.best is None and now > stop_at):
+            raise _TimeUp
+        f = target.judge(sc)
+        if f is None:
+            return
+        if target.best is None:
+            shrink_stop[0] = time.monotonic() + shrink_for
+        if target.best is None or target.dead or sc.size() < target.best.scenario.size():
+            target.best = f
+        raise _Violation(f.violations[0].clause)
+
+    db = DirectoryBasedExampleDatabase(ns.database) if ns.database else None
+    test = settings(max_examples=ns.examples, database=db, deadline=None,
+                    suppress_health_check=list(HealthCheck), report_multiple_bugs=False,
+                    verbosity=Verbosity.quiet, print_blob=False,
+                    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
+                    )(given(scenarios(target.file))(body))
+    test = hseed(seed)(test)
+    if target.best is None:
+        try:
+            test()
+        except _TimeUp:
+            pass
+        except Exception as exc:  # noqa: BLE001 - ours, or hypothesis's Flaky about it
+            if target.best is None:
+                print(f"tftpd-fuzz: internal error: {exc!r}", file=sys.stderr)
+                shutil.rmtree(home, ignore_errors=True)
+                return 2
+    shutil.rmtree(home, ignore_errors=True)
+    took = time.monotonic() - start
+    if target.best is None:
+        print(f"tftpd-fuzz: {target.examples} examples in {took:.1f} s, no violation")
+        for note in target.notes:
+            print(f"  {note}")
+        return 0
+    saved = Path(ns.save) if ns.save else Path(tempfile.mkstemp(
+        prefix="tftpd-fuzz-repro-", suffix=".json")[1])
+    _report(target, target.best, ns, saved=saved, seed=seed, took=took)
+    return 1
+
+
+def _report(target: Target, f: Found, ns: argparse.Namespace, saved: Path | None,
+            seed: int | None = None, took: float = 0.0) -> None:
+    vs = "\n".join(f"  {v}" for v in f.violations)
+    head = f"tftpd-fuzz: VIOLATION by {target.addr} (file {target.file!r}"
+    head += f", {target.examples} examples in {took:.1f} s, seed {seed})" if seed is not None \
+        else ", replayed)"
+    print(head)
+    print(vs)
+    if f.note:
+        print(f"  ({f.note})")
+    sc = f.scenario
+    print(f"request: {sc.request[:200]!r}" + (f" + {len(sc.request) - 200} more bytes"
+                                               if len(sc.request) > 200 else ""))
+    print("client reactions, one per round: "
+          + (", ".join(r.describe() for r in sc.reactions) or "none")
+          + f"; then {sc.finish}")
+    print("datagrams (time since the request, direction, bytes):")
+    events = f.trace.events
+    shown = events if len(events) <= 80 else events[:40] + events[-40:]
+    print(checks.render(shown))
+    if len(events) > 80:
+        print(f"  ... {len(events) - 80} datagrams in the middle not shown")
+    if saved is not None:
+        save(saved, target.file, sc, {"violations": [
+            {"clause": v.clause, "what": v.what, "rfc": checks.CLAUSES[v.clause]}
+            for v in f.violations], "server": target.addr})
+        print(f"replay: tftpd-fuzz --replay {saved} {target.addr}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
