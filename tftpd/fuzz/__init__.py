@@ -5,6 +5,7 @@ from __future__ import annotations
 
 try:
     from tftpd.fuzz.strategies import (
+        corpus,
         junk_datagrams,
         modes,
         option_lists,
@@ -21,5 +22,5 @@ except ModuleNotFoundError as exc:  # the command says so clearly; see cli.main
 else:
     HYPOTHESIS_MISSING = None
 
-__all__ = ["junk_datagrams", "modes", "option_lists", "option_names", "option_values",
+__all__ = ["corpus", "junk_datagrams", "modes", "option_lists", "option_names", "option_values",
            "reactions", "requests", "scenarios", "HYPOTHESIS_MISSING"]

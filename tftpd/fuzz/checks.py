@@ -253,7 +253,7 @@ def render(events: list[Event]) -> str:
                     f"{'listen port' if e.to_listen else 'server TID'}"
         else:
             arrow = f"server -> client{'(foreign)' if e.sock == 'foreign' else ''}"
-        data = e.data if len(e.data) <= 96 else e.data[:96]
-        more = f" + {len(e.data) - 96} more bytes" if len(e.data) > 96 else ""
+        data = e.data if len(e.data) <= 40 else e.data[:40]
+        more = f" + {len(e.data) - 40} more bytes" if len(e.data) > 40 else ""
         lines.append(f"  {1000 * e.t:9.1f} ms  {arrow:32} {data!r}{more}")
     return "\n".join(lines)

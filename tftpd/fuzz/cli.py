@@ -17,12 +17,12 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tftpd import client
 from tftpd.fuzz import checks, runner
-from tftpd.fuzz.scenario import Scenario, load, netascii, save
+from tftpd.fuzz.scenario import Reaction, Scenario, load, netascii, save
 
 SHRINK_MIN, SHRINK_MAX = 10.0, 60.0  # s of shrinking after the search finds something
 
@@ -83,10 +83,15 @@ def _parser() -> argparse.ArgumentParser:
                     help="a file the server serves (not with --replay)")
     ap.add_argument("--seconds", type=float, default=60.0,
                     help="search this long (default 60); shrinking a find takes up to "
-                    "half as long again (10 to 60 s)")
+                    "--shrink-seconds more")
+    ap.add_argument("--shrink-seconds", type=float,
+                    help="shrink a find this long at most (default: half of --seconds, "
+                    "10 to 60)")
     ap.add_argument("--examples", type=int, default=100000,
                     help="at most this many examples (default 100000)")
     ap.add_argument("--seed", type=int, help="hypothesis seed (default: random, printed)")
+    ap.add_argument("--no-corpus", action="store_true",
+                    help="skip the fixed requests of real clients tried first; random only")
     ap.add_argument("--replay", metavar="REPRO.json", help="replay a saved reproduction")
     ap.add_argument("--save", metavar="PATH", help="where to write the reproduction "
                     "(default: a new file in the temporary directory)")
@@ -170,12 +175,12 @@ def _rollover(target: Target, budget: float) -> Found | None:
 
 
 def _fuzz(target: Target, ns: argparse.Namespace) -> int:
-    from hypothesis import HealthCheck, Phase, Verbosity, given, settings
+    from hypothesis import HealthCheck, Phase, Verbosity, example, given, settings
     from hypothesis import seed as hseed
     from hypothesis.configuration import set_hypothesis_home_dir
     from hypothesis.database import DirectoryBasedExampleDatabase
 
-    from tftpd.fuzz.strategies import scenarios
+    from tftpd.fuzz.strategies import corpus, scenarios
 
     home = tempfile.mkdtemp(prefix="tftpd-fuzz-")
     set_hypothesis_home_dir(home)  # never a surprise .hypothesis in the cwd
@@ -187,7 +192,8 @@ def _fuzz(target: Target, ns: argparse.Namespace) -> int:
     if found is not None:
         target.best = found
     stop_at = start + ns.seconds
-    shrink_for = min(SHRINK_MAX, max(SHRINK_MIN, ns.seconds / 2))
+    shrink_for = ns.shrink_seconds if ns.shrink_seconds is not None \
+        else min(SHRINK_MAX, max(SHRINK_MIN, ns.seconds / 2))
     shrink_stop = [float("inf")]
 
     def body(sc: Scenario) -> None:
@@ -209,6 +215,8 @@ def _fuzz(target: Target, ns: argparse.Namespace) -> int:
                     verbosity=Verbosity.quiet, print_blob=False,
                     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
                     )(given(scenarios(target.file))(body))
+    for sc in [] if ns.no_corpus else reversed(corpus(target.file)):
+        test = example(sc)(test)
     test = hseed(seed)(test)
     if target.best is None:
         try:
@@ -221,6 +229,8 @@ def _fuzz(target: Target, ns: argparse.Namespace) -> int:
                 shutil.rmtree(home, ignore_errors=True)
                 return 2
     shutil.rmtree(home, ignore_errors=True)
+    if target.best is not None and not target.dead:
+        target.best = _minimise(target, target.best, time.monotonic() + shrink_for)
     took = time.monotonic() - start
     if target.best is None:
         print(f"tftpd-fuzz: {target.examples} examples in {took:.1f} s, no violation")
@@ -231,6 +241,31 @@ def _fuzz(target: Target, ns: argparse.Namespace) -> int:
         prefix="tftpd-fuzz-repro-", suffix=".json")[1])
     _report(target, target.best, ns, saved=saved, seed=seed, took=took)
     return 1
+
+
+def _minimise(target: Target, found: Found, until: float) -> Found:
+    """Greedy shrinking on top of hypothesis's (which does not shrink the fixed corpus):
+    drop reactions, make them plain ACKs, stop early, while the same clause still fails."""
+    clause = found.violations[0].clause
+    best = found
+    for _ in range(50):
+        sc = best.scenario
+        cands = [replace(sc, finish="abort")] if sc.finish != "abort" else []
+        cands += [replace(sc, reactions=sc.reactions[:i] + sc.reactions[i + 1:])
+                  for i in range(len(sc.reactions))]
+        cands += [replace(sc, reactions=sc.reactions[:i] + (Reaction("ack"),)
+                          + sc.reactions[i + 1:])
+                  for i, r in enumerate(sc.reactions) if r.kind != "ack"]
+        for cand in cands:
+            if time.monotonic() > until or target.dead:
+                return best
+            f = target.judge(cand)
+            if f is not None and any(v.clause == clause for v in f.violations):
+                best = f
+                break
+        else:
+            return best
+    return best
 
 
 def _report(target: Target, f: Found, ns: argparse.Namespace, saved: Path | None,

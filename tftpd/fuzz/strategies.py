@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from tftpd.fuzz.scenario import Reaction, Scenario
 
-__all__ = ["option_names", "option_values", "option_lists", "modes", "requests",
-           "reactions", "junk_datagrams", "scenarios"]
+__all__ = ["corpus", "typical_options", "option_names", "option_values", "option_lists",
+           "modes", "requests", "reactions", "junk_datagrams", "scenarios"]
 
 KNOWN = [b"blksize", b"tsize", b"timeout", b"windowsize"]
 CASED = [b"BLKSIZE", b"BlkSize", b"TSIZE", b"tSize", b"TimeOut", b"WINDOWSIZE", b"WindowSize"]
@@ -29,8 +29,25 @@ def _no_nul(b: bytes) -> bytes:
 
 def option_names() -> st.SearchStrategy[bytes]:
     """Known names mostly; mixed case, unknown, empty and non-ASCII ones too."""
-    return st.one_of(st.sampled_from(KNOWN), st.sampled_from(CASED), st.sampled_from(OTHER),
+    known = st.sampled_from(KNOWN)
+    return st.one_of(known, known, known, st.sampled_from(CASED), st.sampled_from(OTHER),
                      st.binary(min_size=1, max_size=12).map(_no_nul))
+
+
+def _num(values: list[int], low: int, high: int) -> st.SearchStrategy[bytes]:
+    return st.one_of(st.sampled_from(values), st.integers(low, high)).map(
+        lambda n: str(n).encode())
+
+
+def typical_options() -> st.SearchStrategy[tuple[bytes, bytes]]:
+    """One option as boot ROMs and loaders send it: a known name, a valid value."""
+    return st.one_of(
+        st.tuples(st.sampled_from([b"blksize", b"BLKSIZE", b"BlkSize"]),
+                  _num([1456, 512, 1024, 1428, 1468, 8, 65464], 8, 65464)),
+        st.tuples(st.sampled_from([b"tsize", b"TSIZE"]), st.just(b"0")),
+        st.tuples(st.just(b"timeout"), _num([1, 3, 5, 255], 1, 255)),
+        st.tuples(st.sampled_from([b"windowsize", b"WindowSize"]), _num([4, 1, 8, 16, 64], 1, 64)),
+    )
 
 
 def option_values() -> st.SearchStrategy[bytes]:
@@ -48,21 +65,26 @@ def option_values() -> st.SearchStrategy[bytes]:
     return st.one_of(num, odd, st.binary(max_size=10).map(_no_nul))
 
 
+
 def option_lists() -> st.SearchStrategy[list[tuple[bytes, bytes]]]:
-    """A few options (duplicates allowed), or hundreds."""
+    """What a boot ROM sends; a few odd options (duplicates allowed); or hundreds."""
     pair = st.tuples(option_names(), option_values())
+    typical = st.lists(typical_options(), min_size=1, max_size=4)
     many = st.integers(min_value=100, max_value=400).map(
         lambda n: [(b"opt%d" % i, b"%d" % i) for i in range(n)])
     return st.one_of(
+        typical,
         st.lists(pair, max_size=8),
+        typical,
         st.tuples(st.lists(pair, max_size=4), many).map(lambda t: t[0] + t[1]),
         st.tuples(many, st.lists(pair, max_size=4)).map(lambda t: t[0] + t[1]),
     )
 
 
 def modes() -> st.SearchStrategy[bytes]:
-    return st.sampled_from([b"octet", b"netascii", b"OCTET", b"NetAscii", b"mail", b"binary",
-                            b"", b"oct\xe9t"])
+    octet = st.just(b"octet")
+    return st.one_of(octet, octet, st.sampled_from(
+        [b"netascii", b"OCTET", b"NetAscii", b"mail", b"binary", b"", b"oct\xe9t"]))
 
 
 def _encode(op: int, name: bytes, mode: bytes, opts: list[tuple[bytes, bytes]]) -> bytes:
@@ -135,3 +157,23 @@ def scenarios(filename: str, max_reactions: int = 8) -> st.SearchStrategy[Scenar
         st.lists(reactions(), max_size=max_reactions),
         st.sampled_from(["complete", "abort"]),
     )
+
+
+def corpus(filename: str) -> list[Scenario]:
+    """Requests real clients send and the classic mistakes, tried before anything random."""
+    def rrq(mode: bytes = b"octet", **opts: str) -> bytes:
+        return _encode(1, filename.encode(), mode,
+                       [(k.encode(), v.encode()) for k, v in opts.items()])
+    return [
+        Scenario(rrq()),
+        Scenario(rrq(blksize="1456", tsize="0")),  # a PXE ROM's read
+        Scenario(rrq(tsize="0"), (Reaction("error", 8),)),  # its probe
+        Scenario(rrq(blksize="1024", tsize="0", windowsize="4", timeout="3")),
+        Scenario(rrq(blksize="8")),
+        Scenario(rrq(blksize="0", windowsize="0", timeout="0")),
+        Scenario(rrq(b"netascii")),
+        Scenario(rrq(), (Reaction("dup"), Reaction("reorder"), Reaction("dup"))),
+        Scenario(rrq(blksize="512"), (Reaction("dup"), Reaction("dup"))),
+        Scenario(rrq(), (Reaction("foreign"), Reaction("ack"), Reaction("foreign"))),
+        Scenario(b"\0\7\0\1"),  # an unknown opcode
+    ]
