@@ -46,6 +46,7 @@ class Target:
     best: Found | None = None
     dead: bool = False
     notes: list[str] = field(default_factory=list)
+    ignore: frozenset[str] = frozenset()
 
     @property
     def addr(self) -> str:
@@ -55,7 +56,8 @@ class Target:
         """Run one scenario, check it, check the server still answers."""
         self.examples += 1
         trace = runner.run(self.host, self.port, sc)
-        vs = checks.check(trace, sc.request, self.file, self.oracle, self.oracle_netascii)
+        vs = [v for v in checks.check(trace, sc.request, self.file, self.oracle,
+                                      self.oracle_netascii) if v.clause not in self.ignore]
         note = ""
         if not runner.alive(self.host, self.port, self.file):
             vs.append(checks.Violation("liveness", "no answer to a plain RRQ within 2 s after "
@@ -92,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, help="hypothesis seed (default: random, printed)")
     ap.add_argument("--no-corpus", action="store_true",
                     help="skip the fixed requests of real clients tried first; random only")
+    ap.add_argument("--ignore", metavar="CLAUSE", action="append", default=[],
+                    choices=sorted(checks.CLAUSES),
+                    help="do not report this clause (a known violation); repeatable")
     ap.add_argument("--replay", metavar="REPRO.json", help="replay a saved reproduction")
     ap.add_argument("--save", metavar="PATH", help="where to write the reproduction "
                     "(default: a new file in the temporary directory)")
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tftpd-fuzz: cannot read {file!r} from {ns.target} (plain RRQ, octet): {exc}",
               file=sys.stderr)
         return 2
-    target = Target(host, port, file, oracle, netascii(oracle))
+    target = Target(host, port, file, oracle, netascii(oracle), ignore=frozenset(ns.ignore))
     if replay is not None:
         found = target.judge(replay)
         if found is None:
