@@ -130,3 +130,22 @@ def test_random_search_alone_finds_faults(fault: str, capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert rc == 1, out
     assert f"[{FAULTS[fault]}]" in out, out
+
+
+def test_man_page_covers_every_flag_and_renders() -> None:
+    import shutil
+
+    from tftpd.fuzz.cli import _parser
+
+    page = (REPO / "man" / "tftpd-fuzz.1").read_text()
+    for action in _parser()._actions:
+        for flag in action.option_strings:
+            if flag.startswith("--") and flag != "--help":
+                assert flag.replace("-", "\\-") in page, flag
+    for clause in checks.CLAUSES:
+        assert f".B {clause.replace('-', chr(92) + '-')}\n" in page, clause
+    if shutil.which("groff") is None:
+        pytest.skip("groff is not installed")
+    out = subprocess.run(["groff", "-man", "-ww", "-z", str(REPO / "man" / "tftpd-fuzz.1")],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
