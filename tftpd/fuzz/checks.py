@@ -168,18 +168,20 @@ def check(trace: Trace, request: bytes, filename: str, oracle: bytes,
     waiting_since: float | None = events[0].t  # a fresh ACK (or the request) unanswered
     repeats: list[tuple[float, float]] = []  # (time of a repeated ACK, T for it)
     acks_sent: set[int] = set()
+    top_ack = -1
     prev_t = events[0].t
     for e in main[1:]:
         op = opcode(e.data)
         if e.out:
             if op == 4 and e.block is not None and len(e.data) >= 4:
-                if e.block in acks_sent or (acks_sent and e.block < max(acks_sent)):
+                if e.block in acks_sent or e.block < top_ack:
                     if window == 1 and e.t - prev_t <= IMMEDIATE:
                         r = max(answers, default=0.0)
                         repeats.append((e.t, min(2 * r + SORCERER_MARGIN, SORCERER_CAP)))
                 else:
                     waiting_since = e.t
                 acks_sent.add(e.block)
+                top_ack = max(top_ack, e.block)
                 acked = max(acked, e.block)
             prev_t = e.t
             continue

@@ -47,6 +47,7 @@ class Target:
     dead: bool = False
     notes: list[str] = field(default_factory=list)
     ignore: frozenset[str] = frozenset()
+    last_trace: runner.Trace = field(default_factory=runner.Trace)
 
     @property
     def addr(self) -> str:
@@ -55,7 +56,7 @@ class Target:
     def judge(self, sc: Scenario) -> Found | None:
         """Run one scenario, check it, check the server still answers."""
         self.examples += 1
-        trace = runner.run(self.host, self.port, sc)
+        trace = self.last_trace = runner.run(self.host, self.port, sc)
         vs = [v for v in checks.check(trace, sc.request, self.file, self.oracle,
                                       self.oracle_netascii) if v.clause not in self.ignore]
         note = ""
@@ -173,9 +174,13 @@ def _rollover(target: Target, budget: float) -> Found | None:
            + str(blksize).encode() + b"\0")
     sc = Scenario(req, (), "complete", limit_blocks=blocks + 8, limit_seconds=budget)
     found = target.judge(sc)
+    top = max((e.block or 0 for e in target.last_trace.events if not e.out), default=0)
     if found is None:
-        target.notes.append(f"rollover: one transfer past block 65535 at blksize {blksize} "
-                            "checked")
+        target.notes.append(
+            f"rollover: one transfer at blksize {blksize} went past block 65535 to block "
+            f"{top}, checked" if top > 65535 else
+            f"rollover: not reached, the transfer at blksize {blksize} got to block {top} "
+            f"in {budget:.0f} s")
     return found
 
 
