@@ -149,3 +149,16 @@ def test_man_page_covers_every_flag_and_renders() -> None:
     out = subprocess.run(["groff", "-man", "-ww", "-z", str(REPO / "man" / "tftpd-fuzz.1")],
                          capture_output=True, text=True, check=False)
     assert out.returncode == 0 and out.stderr == "", out.stderr
+
+
+def test_ipv6_address_form(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / FILE).write_bytes(CONTENT)
+    d = start_daemon(root, "--workers", "1", host="::1")
+    try:
+        proc = fuzz_cli("--seconds", "3", "--seed", "2", f"[::1]:{d.port}", FILE, cwd=tmp_path)
+    finally:
+        d.stop()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[::1]:" in proc.stdout and "no violation" in proc.stdout
