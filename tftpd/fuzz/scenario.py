@@ -10,7 +10,7 @@ runner drives is bounded by `limit_blocks` and `limit_seconds`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # Reaction kinds, at one round of the transfer (the OACK, or a window of DATA):
@@ -51,7 +51,6 @@ class Scenario:
     finish: str = "complete"
     limit_blocks: int = 400  # blocks taken before the client stops with ERROR 0
     limit_seconds: float = 6.0
-    options: dict[str, str] = field(default_factory=dict)  # for humans only
 
     def size(self) -> tuple[int, int]:
         """Shrink order: fewer datagrams first, then fewer bytes."""
