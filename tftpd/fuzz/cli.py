@@ -240,7 +240,9 @@ def _fuzz(target: Target, ns: argparse.Namespace) -> int:
                 return 2
     shutil.rmtree(home, ignore_errors=True)
     if target.best is not None and not target.dead:
-        target.best = _minimise(target, target.best, time.monotonic() + shrink_for)
+        # The rest of the shrinking time, or all of it if the rollover transfer found it.
+        until = shrink_stop[0] if shrink_stop[0] < float("inf") else time.monotonic() + shrink_for
+        target.best = _minimise(target, target.best, max(until, time.monotonic() + 1))
     took = time.monotonic() - start
     if target.best is None:
         print(f"tftpd-fuzz: {target.examples} examples in {took:.1f} s, no violation")
