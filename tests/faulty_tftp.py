@@ -17,8 +17,8 @@ FAULTS = {
     "blksize-above": "oack-bounds",  # OACK blksize one above the asked value
     "tsize-wrong": "tsize",  # tsize one more than the file's size
     "data-before-ack0": "data-before-ack0",  # DATA 1 right after the OACK
-    "wrong-byte": "data-content",  # one byte of block 2 flipped
-    "short-block": "block-size",  # block 1 one byte short, block 2 from the right offset
+    "wrong-byte": "data-content",  # one byte of block 2 flipped (after an OACK)
+    "short-block": "block-size",  # block 1 one byte short, then block 2 (after an OACK)
     "sorcerer": "sorcerer",  # a duplicate ACK resends the window at once
     "blksize-zero": "invalid-option",  # blksize=0 echoed in the OACK
     "crash": "liveness",  # an unknown opcode and it answers nothing ever again
@@ -139,9 +139,10 @@ class FaultyServer:
 
         def block(k: int) -> bytes:
             payload = data[(k - 1) * blksize:k * blksize]
-            if k == 2 and "wrong-byte" in self.faults and payload:
+            # Only with options: the fuzzer's oracle is a plain read, which stays right.
+            if k == 2 and "wrong-byte" in self.faults and payload and oack:
                 payload = bytes([payload[0] ^ 0xFF]) + payload[1:]
-            if k == 1 and "short-block" in self.faults and blocks > 1:
+            if k == 1 and "short-block" in self.faults and blocks > 1 and oack:
                 payload = payload[:-1]
             return b"\0\3" + (k & 0xFFFF).to_bytes(2, "big") + payload
 

@@ -4,16 +4,18 @@ Each violation names a clause from CLAUSES. The duplicate-ACK rule (SORCERER) is
 and written so that a server that retransmits only on its timer is never flagged:
 
     With a window of 1, let A be an ACK the client sends for a block it has ACKed before
-    (a duplicate, or an older one after a newer one: reordered), sent within 10 ms of the
+    (a duplicate, or an older one after a newer one: reordered), sent within 30 ms of the
     previous datagram on the transfer (so right after the window it answers arrived, or
     right after the ACK it repeats). Let r be the longest the server has taken so far in
-    this transfer to answer (request to first answer, fresh ACK to the next new block).
-    A copy of a block already received that arrives less than T = min(2r + 40 ms, 120 ms)
-    after A is a retransmission caused by A: a violation of RFC 1123 4.2.3.1.
+    this transfer to answer (request to first answer, fresh ACK to the next new block);
+    if r is over 60 ms the machine is too slow to judge and A is not judged. A copy of a
+    block already received that arrives less than T = min(2r + 40 ms, 120 ms) after A is
+    a retransmission caused by A: a violation of RFC 1123 4.2.3.1.
 
-The server's timer for that block started when it sent it, at most r before A; a timer
-shorter than 120 ms is below any retransmission timer a TFTP server uses (RFC 1350
-servers use seconds, tftpd's floor is 200 ms), so only an answer to A can come that fast.
+The server's timer for that block started when it sent it, at most 30 ms + r/2 before
+A, so a timer-driven copy arrives no sooner than 200 ms - 60 ms after A for any timer of
+200 ms or more: RFC 1350 servers use seconds, tftpd's floor is 200 ms. Only an answer
+to A comes sooner than T.
 Windows above 1 are not judged: RFC 7440 has the sender go back on an ACK inside the
 window, and which ACKs count as duplicates there is not settled.
 """
@@ -47,9 +49,10 @@ CLAUSES = {
     "liveness": "RFC 1350: the server keeps serving; a plain RRQ is answered within 2 s",
 }
 
-IMMEDIATE = 0.010  # s
+IMMEDIATE = 0.030  # s
 SORCERER_MARGIN = 0.040  # s
 SORCERER_CAP = 0.120  # s
+SORCERER_SLOW = 0.060  # s: a slower server (or machine) is not judged
 
 _STRICT = re.compile(r"[0-9]+")
 _LENIENT = re.compile(r"\s*\+?[0-9]+\s*")
@@ -175,8 +178,8 @@ def check(trace: Trace, request: bytes, filename: str, oracle: bytes,
         if e.out:
             if op == 4 and e.block is not None and len(e.data) >= 4:
                 if e.block in acks_sent or e.block < top_ack:
-                    if window == 1 and e.t - prev_t <= IMMEDIATE:
-                        r = max(answers, default=0.0)
+                    r = max(answers, default=0.0)
+                    if window == 1 and e.t - prev_t <= IMMEDIATE and r <= SORCERER_SLOW:
                         repeats.append((e.t, min(2 * r + SORCERER_MARGIN, SORCERER_CAP)))
                 else:
                     waiting_since = e.t

@@ -23,6 +23,7 @@ JUNK_WAIT = 0.15  # s: for an answer to a first datagram that is no well-formed 
 RESENDS = 2
 FOREIGN_WAIT = 0.1  # s: for the answer to a foreign ACK
 LINGER = 0.12  # s: listening after a repeated ACK at the end (see checks.SORCERER)
+AFTER_LAST = 0.03  # s: listening after the ACK of what looked like the last block
 LIVENESS = 2.0  # s: a plain RRQ must be answered within this
 
 
@@ -211,9 +212,11 @@ class _Run:
         elif r.kind == "dup":
             self.send_ack(old)
             self.send_ack(right)
+            self.repeated_at = time.monotonic()
         elif r.kind == "reorder":
             self.send_ack(right)
             self.send_ack(old)
+            self.repeated_at = time.monotonic()
         elif r.kind == "delay":
             time.sleep(max(0, min(r.arg, 1000)) / 1000)
             self.send_ack(right)
@@ -233,6 +236,25 @@ class _Run:
         return True
 
     def run(self) -> Trace:
+        self.repeated_at: float | None = None
+        self.completed = False
+        self._drive()
+        # Keep listening a moment: for the copies a repeated ACK would draw (when one was
+        # sent last), or for DATA after what the client took for the last block.
+        if self.repeated_at is not None and time.monotonic() - self.repeated_at < LINGER:
+            self._listen(self.repeated_at + LINGER - time.monotonic())
+        elif self.completed:
+            self._listen(AFTER_LAST)
+        self.drain()
+        return self.trace
+
+    def _listen(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if self.recv(left) is None:
+                break
+
+    def _drive(self) -> Trace:
         sc = self.sc
         req_op = opcode(sc.request)
         self.round = 0
@@ -274,7 +296,7 @@ class _Run:
                     if not self.react(right, self.last_ack):
                         return self.trace
                     if final:
-                        self._linger()
+                        self.completed = True
                         return self.trace
             # anything else (copies, strays, a late OACK) is recorded and ignored
             nxt = self.recv(REPLY_WAIT)
@@ -289,18 +311,6 @@ class _Run:
                 continue
             resends = 0
             ev = nxt
-
-    def _linger(self) -> None:
-        """After the last ACK: if it was repeated, listen for the copies a server that
-        answers duplicates would send."""
-        n = self.round - 1
-        if n < len(self.sc.reactions) and self.sc.reactions[n].kind in ("dup", "reorder"):
-            end = time.monotonic() + LINGER
-            while (left := end - time.monotonic()) > 0:
-                if self.recv(left) is None:
-                    break
-        self.drain()
-
 
 def _int(text: str | None, default: int) -> int:
     try:
