@@ -97,6 +97,9 @@ class _Run:
         self.rollover = 0  # 1 when the server goes from 65535 to 1, not 0
         self.next_block = 1  # absolute number of the next block wanted in order
         self.last_ack: int | None = None  # absolute block of our last right ACK
+        self.round = 0  # rounds so far: OACKs and windows answered
+        self.repeated_at: float | None = None  # when a dup or reorder last went out
+        self.completed = False  # the last block was ACKed
 
     def close(self) -> None:
         self.main.close()
@@ -236,8 +239,6 @@ class _Run:
         return True
 
     def run(self) -> Trace:
-        self.repeated_at: float | None = None
-        self.completed = False
         self._drive()
         # Keep listening a moment: for the copies a repeated ACK would draw (when one was
         # sent last), or for DATA after what the client took for the last block.
@@ -254,10 +255,9 @@ class _Run:
             if self.recv(left) is None:
                 break
 
-    def _drive(self) -> Trace:
+    def _drive(self) -> None:
         sc = self.sc
         req_op = opcode(sc.request)
-        self.round = 0
         self.send(sc.request, listen=True)
         # Junk gets no answer from most servers: do not wait long for one.
         f = fields(sc.request)
@@ -265,24 +265,24 @@ class _Run:
             and bool(f[0]) and bool(f[1])
         ev = self.recv(FIRST_WAIT if formed else JUNK_WAIT)
         if ev is None:
-            return self.trace
+            return
         in_window = 0
         resends = 0
         final = False
         while True:
             op = opcode(ev.data)
             if op == 5:
-                return self.trace  # ERROR: the transfer is over
+                return  # ERROR: the transfer is over
             if req_op == 2 and op in (4, 6):
                 self.send(_error(0, "fuzz: no upload"))  # never write to the server
-                return self.trace
+                return
             if op == 6 and self.trace.oack is None and self.next_block == 1:
                 oack = oack_options(ev.data)
                 self.trace.oack = oack
                 self.trace.blksize = _int(oack.get("blksize"), 512)
                 self.trace.window = _int(oack.get("windowsize"), 1)
                 if not self.react(0, None):
-                    return self.trace
+                    return
             elif op == 3 and ev.block is not None and ev.block == self.next_block:
                 self.next_block += 1
                 in_window += 1
@@ -292,25 +292,26 @@ class _Run:
                     right = self.next_block - 1
                     if right > sc.limit_blocks and not final:
                         self.send(_error(0, "fuzz: enough"))
-                        return self.trace
+                        return
                     if not self.react(right, self.last_ack):
-                        return self.trace
+                        return
                     if final:
                         self.completed = True
-                        return self.trace
+                        return
             # anything else (copies, strays, a late OACK) is recorded and ignored
             nxt = self.recv(REPLY_WAIT)
             if nxt is None:
                 if time.monotonic() >= self.deadline or self.last_ack is None \
                         or resends >= RESENDS:
                     self.send(_error(0, "fuzz: timeout"))
-                    return self.trace
+                    return
                 resends += 1
                 in_window = 0
                 self.send_ack(self.last_ack)
                 continue
             resends = 0
             ev = nxt
+
 
 def _int(text: str | None, default: int) -> int:
     try:
