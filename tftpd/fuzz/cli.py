@@ -61,10 +61,14 @@ class Target:
                                       self.oracle_netascii) if v.clause not in self.ignore]
         note = ""
         if not runner.alive(self.host, self.port, self.file):
-            vs.append(checks.Violation("liveness", "no answer to a plain RRQ within 2 s after "
-                                       "this example"))
-            self.dead = True
-            note = "not shrunk: the server stopped answering"
+            self.dead = True  # nothing more can be learnt from it
+            if "liveness" in self.ignore:
+                self.notes.append(f"the server stopped answering after example "
+                                  f"{self.examples}: search ended")
+            else:
+                vs.append(checks.Violation("liveness", "no answer to a plain RRQ within 2 s "
+                                           "after this example"))
+                note = "not shrunk: the server stopped answering"
         return Found(sc, trace, vs, note) if vs else None
 
 
