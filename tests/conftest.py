@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, settings
 # examples are slow (syscalls on real sockets, backtracking regexes) takes a smaller
 # multiplier, `scaled(n, deep=DEEP_IO)`, so that the deep run takes minutes, not days.
 CI_EXAMPLES = 100  # hypothesis' own default
-DEEP_FACTOR = 1000
+DEEP_FACTOR = 500
 DEEP_IO = 20  # for tests whose every example is syscalls on sockets
 _common: dict[str, Any] = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("ci", max_examples=CI_EXAMPLES, **_common)
