@@ -270,25 +270,34 @@ times = st.floats(0, 20, allow_nan=False, allow_infinity=False)
 
 @st.composite
 def ack_states(draw: st.DrawFn) -> dict[str, Any]:
-    """A read transfer in the middle of its life: any size, window, position (around a
-    lap of wire numbers often), blocks in flight, RTT estimate, backoff, Karn flag."""
+    """A read transfer in the middle of its life: any size, window, position, blocks in
+    flight, RTT estimate, backoff, Karn flag; often with the window in flight across a
+    lap of wire numbers (65535 to 0, or to 1 with rollover 1)."""
     blksize = draw(st.sampled_from(BLKSIZES))
-    lap = draw(st.sampled_from(LAPS[1:4] + LAPS[5:8]))
-    nblocks = draw(st.one_of(st.integers(1, 300), st.integers(1, MAX_BLOCKS),
-                             st.integers(lap - 70, lap + 70)))
-    size = (nblocks - 1) * blksize + draw(st.integers(0, blksize - 1))
+    rollover = draw(st.integers(0, 1))
     window = draw(st.one_of(st.integers(1, 8), st.sampled_from([16, 32, 64])))
-    last = draw(st.one_of(st.integers(0, nblocks - 1),
-                          st.integers(lap - 70, lap + 3).map(lambda b: min(max(b, 0),
-                                                                            nblocks - 1))))
-    inflight = draw(st.integers(1, min(window, nblocks - last)))
+    lap = draw(st.sampled_from([65536 + (65536 - rollover) * m for m in range(4)]))
+    shape = draw(st.sampled_from(["small", "anywhere", "across"]))
+    if shape == "small":
+        nblocks = draw(st.integers(1, 300))
+        last = draw(st.integers(0, nblocks - 1))
+    elif shape == "anywhere":
+        nblocks = draw(st.integers(1, MAX_BLOCKS))
+        last = draw(st.integers(0, nblocks - 1))
+    else:  # block lap - 1 is the last before the wire numbers start again
+        nblocks = lap + draw(st.integers(0, 200))
+        last = lap - draw(st.integers(1, window))
+    size = (nblocks - 1) * blksize + draw(st.integers(0, blksize - 1))
+    most = min(window, nblocks - last)
+    least = min(most, lap - last) if shape == "across" else 1
+    inflight = draw(st.integers(least, most))
     fixed = draw(st.integers(0, 1))
     base_rto = draw(st.floats(T.RTO_FLOOR, T.RTO_CEILING))
     retries = draw(st.integers(0, 4))
     now = 1000.0
     sent_at = now - draw(times)
     return dict(
-        size=size, blksize=blksize, window=window, rollover=draw(st.integers(0, 1)),
+        size=size, blksize=blksize, window=window, rollover=rollover,
         fixed_rto=fixed, last_acked=last, sent_upto=last + inflight, retries=retries,
         retransmits=draw(st.integers(0, 1000)), resent=draw(st.integers(0, 1)),
         srtt=draw(st.one_of(st.just(-1.0), times)), rttvar=draw(times), base_rto=base_rto,
