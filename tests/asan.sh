@@ -8,9 +8,10 @@
 # -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 # (TFTPD_SANITIZE, read by _ext/build_datapath.py), and runs the tests that drive C
 # (test_datapath, test_pump, test_starts, test_twins; or the pytest arguments given)
-# with the ASan runtime preloaded into Python. Any report ends the process that made it
-# (halt_on_error), so it fails the test; leak detection is off (CPython's own
-# allocations are not leaks of ours). The checkout's own build is left alone.
+# with the ASan runtime preloaded into Python (and only Python: see sitecustomize
+# below). Any report ends the process that made it (halt_on_error), so it fails the
+# test; leak detection is off (CPython's own allocations are not leaks of ours). The
+# checkout's own build is left alone.
 # Needs gcc with libasan and libubsan (Debian: gcc). Not run by CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,30 @@ TFTPD_SANITIZE=address,undefined python3 _ext/build_datapath.py >build.log 2>&1 
     || { cat build.log >&2; exit 2; }
 grep -q -- "-fsanitize=address,undefined" build.log \
     || { echo "the build did not use the sanitizers" >&2; exit 2; }
+
+# The runtime goes into Python processes only (this one and the daemons the tests start
+# with sys.executable): another program started with libasan preloaded may deadlock at
+# start-up (pgrep did, in glibc's locale lock), so LD_PRELOAD is dropped for them.
+cat >"$work/sitecustomize.py" <<'PY'
+"""tests/asan.sh: the ASan runtime for Python children only."""
+import os
+import subprocess
+import sys
+
+_execute_child = subprocess.Popen._execute_child
+
+
+def _child(self, args, executable, preexec_fn, close_fds, pass_fds, cwd, env, *rest):
+    prog = executable or (args if isinstance(args, (str, bytes)) else args[0])
+    if os.fsdecode(prog) != sys.executable:
+        env = {k: v for k, v in (os.environ if env is None else env).items()
+               if k != "LD_PRELOAD"}
+    return _execute_child(self, args, executable, preexec_fn, close_fds, pass_fds, cwd, env,
+                          *rest)
+
+
+subprocess.Popen._execute_child = _child
+PY
 
 export PYTHONPATH="$work"
 export TFTPD_REQUIRE_EXT=1
