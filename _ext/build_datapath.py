@@ -55,6 +55,20 @@ def _path(path: str) -> str:
 with open(HEADER, encoding="utf-8") as f:
     _header_text = f.read()
 
+
+def sanitizer_flags(env: dict[str, str] | None = None) -> tuple[list[str], list[str]]:
+    """Compile and link flags for a sanitized build: TFTPD_SANITIZE=address,undefined
+    (any -fsanitize= list) builds with the sanitizers, not recovering from any report.
+    Used by tests/asan.sh; empty otherwise."""
+    which = (os.environ if env is None else env).get("TFTPD_SANITIZE", "").strip()
+    if not which:
+        return [], []
+    flags = [f"-fsanitize={which}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
+             "-g", "-O1"]
+    return flags, [f"-fsanitize={which}"]
+
+
+_compile_args, _link_args = sanitizer_flags()
 ffibuilder = FFI()
 ffibuilder.cdef(cdef_from_header(_header_text))
 ffibuilder.set_source(
@@ -63,6 +77,8 @@ ffibuilder.set_source(
     sources=[_path(SOURCE)],
     include_dirs=[_path(HERE)],
     depends=[_path(HEADER)],
+    extra_compile_args=_compile_args,
+    extra_link_args=_link_args,
 )
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -19,9 +20,30 @@ from hypothesis import HealthCheck, settings
 # Properties, not stopwatches: a loaded CI machine must not fail a test because
 # hypothesis drew its examples slowly or one example ran long (seen in CI: "input
 # generation is slow" on test_options). The examples themselves are unchanged.
-settings.register_profile("tftpd", deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile("tftpd")
+#
+# Two profiles. `ci` (the default) keeps the example counts that fit CI's time. `deep`
+# (HYPOTHESIS_PROFILE=deep, or pytest's --hypothesis-profile=deep) runs DEEP_FACTOR
+# times as many: over a million examples in all (README, Tests). A test's own count is
+# written `scaled(n)`, never a bare number, so no test caps the deep run; a test whose
+# examples are slow (syscalls on real sockets, backtracking regexes) takes a smaller
+# multiplier, `scaled(n, deep=DEEP_IO)`, so that the deep run takes minutes, not days.
+CI_EXAMPLES = 100  # hypothesis' own default
+DEEP_FACTOR = 500
+DEEP_IO = 20  # for tests whose every example is syscalls on sockets
+_common: dict[str, Any] = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=CI_EXAMPLES, **_common)
+settings.register_profile("deep", max_examples=CI_EXAMPLES * DEEP_FACTOR, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def scaled(n: int, deep: int = DEEP_FACTOR) -> int:
+    """A test's example count: `n` under the ci profile, up to `deep` times n under deep.
+
+    The factor is the loaded profile's max_examples over ci's, read when the test module
+    is imported, after pytest's --hypothesis-profile (if given) has loaded its profile.
+    """
+    factor = max(1, settings.default.max_examples // CI_EXAMPLES)
+    return n * min(factor, deep)
 
 REPO = Path(__file__).resolve().parent.parent
 READY = re.compile(r"listening on (\S+):(\d+)")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import need_ext
+from conftest import DEEP_IO, need_ext, scaled
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -605,7 +605,8 @@ def windows(draw: st.DrawFn) -> tuple[int, int, int, int, int]:
     return filesize, blksize, first, count, rollover
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=scaled(150, deep=DEEP_IO), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(window=windows())
 def test_property_c_equals_python(shared: tuple[Receiver, socket.socket, int],
                                   window: tuple[int, int, int, int, int]) -> None:

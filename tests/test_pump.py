@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import DEEP_IO, scaled
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -118,7 +119,7 @@ def data_file(tmp_path: Path) -> Iterator[Path]:
     yield p
 
 
-@settings(max_examples=40, deadline=None,
+@settings(max_examples=scaled(40, deep=DEEP_IO), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(blksize=st.sampled_from([8, 512, 1456]), window=st.integers(1, 8),
        rollover=st.integers(0, 1), acks=st.lists(st.integers(0, 80), max_size=40))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, need_ext, start_daemon
+from conftest import Daemon, need_ext, scaled, start_daemon
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -255,7 +255,7 @@ def test_overdue_reports_an_unanswered_oack(rig: Rig) -> None:
     c2.close()
 
 
-@settings(max_examples=300)
+@settings(max_examples=scaled(300, deep=100))
 @given(st.lists(st.tuples(st.booleans(), st.integers(0, 40)), min_size=10, max_size=120),
        st.sampled_from([16, 64]))
 def test_the_peer_table_finds_what_a_dict_would(ops: list[tuple[bool, int]],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import scaled
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -296,7 +297,7 @@ class Receiver:
         return self.expected - 1
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=scaled(60), deadline=None)
 @given(size=st.integers(0, 20_000), blksize=st.sampled_from([8, 512, 1456]),
        window=st.integers(1, 16), oack=st.booleans(),
        losses=st.lists(st.booleans(), min_size=0, max_size=400))
