@@ -1,7 +1,7 @@
 """Coverage-guided fuzzing of the packet parser and the request reader (atheris).
 
     pip install atheris
-    PYTHONPATH=. python3 fuzz/fuzz_requests.py -max_total_time=300 [corpus_dir]
+    PYTHONPATH=. python3 tests/atheris_requests.py -max_total_time=300 [corpus_dir]
 
 Not part of CI (it runs until stopped or its time is up). Each input is one datagram:
 
