@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from conftest import Daemon, datapaths, start_daemon
-from hypothesis import settings
+from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -70,8 +70,9 @@ SO_RCVBUFFORCE = 33
 FILES = {"f0": 0, "f1": 1, "f511": 511, "f512": 512, "f1024": 1024, "f1500": 1500,
          "f4100": 4100}
 UPLOADS = ("up0", "up1", "up2")
-CI_EXAMPLES = 15
+CI_EXAMPLES = 20
 UPLOAD_BACKOFF_KEPT = True  # see Upload.rto_bound
+BLOCK1_RESEND_FORGETS_WINDOW = True  # see Read._timer_burst
 STEPS = 20
 
 
@@ -309,6 +310,7 @@ class Read:
             raise self.fail(f"undecodable datagram {data[:20]!r}: {err}") from None
         if isinstance(pkt, P.Error):
             if pkt.code == 0 and len(self.versions) > 1 and "changed" in pkt.message:
+                event("read: ERROR 0 after the file changed")
                 self.phase, self.outcome = "failed", "failed"
                 return
             raise self.fail(f"ERROR {pkt.code} {pkt.message!r}")
@@ -362,6 +364,13 @@ class Read:
                             f"not a timer's resend")
         self.burst_t, self.burst_timer = t, True
         self.timer_bursts += 1
+        if BLOCK1_RESEND_FORGETS_WINDOW and self.last_acked == 0 and self.window > 1 \
+                and self.timer_bursts >= 2 and self.ack0:
+            # Known bug (test_ack_of_the_window_after_block1_resend, xfail): after the
+            # block-1-only try the server ignores an ACK of the earlier window's blocks,
+            # so this transfer cannot end. Left alone; drop this when that is fixed.
+            self.phase = "gone"
+        event(f"read: timer resend of {what.split()[0]}")
         if self.timer_bursts > self.limit():
             raise self.fail(f"{self.timer_bursts} timer resends without progress, "
                             f"more than the {self.limit()} tries allowed")
@@ -466,6 +475,7 @@ class Upload:
                 return
             self.resends += 1
             self.timeouts += 1
+            event("upload: timer resend")
             self.in_window = 0
             if self.resends > RETRIES:
                 raise self.fail(f"{self.resends} timer resends, more than --retries")
@@ -532,7 +542,7 @@ class ProtocolModel(RuleBasedStateMachine):
 
     # -- reads ---------------------------------------------------------------------------
 
-    @precondition(lambda self: len(self.live_reads()) < 3)
+    @precondition(lambda self: len(self.reads) < 6)
     @rule(name=st.sampled_from(sorted(FILES)), mode=st.sampled_from(["octet", "netascii"]),
           pairs=OPTIONS)
     def start_read(self, name: str, mode: str, pairs: Pairs) -> None:
@@ -574,7 +584,7 @@ class ProtocolModel(RuleBasedStateMachine):
         live = [tr for tr in items if tr.live]
         return live[index % len(live)] if live else None
 
-    @precondition(lambda self: self.live_reads())
+    @precondition(lambda self: self.reads)
     @rule(index=st.integers(0, 7), inside=st.integers(0, 100))
     def ack(self, index: int, inside: int) -> None:
         """ACK 0 after the OACK; else the window, or (inside > 70) a block inside it:
@@ -614,11 +624,13 @@ class ProtocolModel(RuleBasedStateMachine):
             if got not in last:
                 raise r.fail("the blocks received do not make the file")
             r.phase, r.outcome, r.awaiting = "done", "ok", None
+            event("read: complete" + (" (the file changed meanwhile)"
+                                      if len(r.versions) > 1 else ""))
             return
         r.awaiting = target + 1
         r.sent_upto = min(target + r.window, r.most_blocks())
 
-    @precondition(lambda self: self.live_reads())
+    @precondition(lambda self: self.reads)
     @rule(index=st.integers(0, 7))
     def drive_to_end(self, index: int) -> None:
         r = self.pick(self.reads, index)
@@ -631,7 +643,7 @@ class ProtocolModel(RuleBasedStateMachine):
             self.ack_read(r)
         assert not r.live or r.phase == "gone", r.fail("not over after every block")
 
-    @precondition(lambda self: any(r.live and (r.ack0 or r.last_acked) for r in self.reads))
+    @precondition(lambda self: self.reads)
     @rule(index=st.integers(0, 7))
     def duplicate_ack(self, index: int) -> None:
         """Repeat the last ACK: never a resend on it (RFC 1123 4.2.3.1)."""
@@ -651,7 +663,7 @@ class ProtocolModel(RuleBasedStateMachine):
                     break
                 r.absorb(*got)
 
-    @precondition(lambda self: self.live_reads())
+    @precondition(lambda self: self.reads)
     @rule(index=st.integers(0, 7), future=st.booleans(), back=st.integers(1, 3))
     def stale_ack(self, index: int, future: bool, back: int) -> None:
         """An ACK of a block long acknowledged, or of one not sent yet: ignored."""
@@ -669,8 +681,7 @@ class ProtocolModel(RuleBasedStateMachine):
             return
         r.ep.send(P.encode_ack(n & 0xFFFF), r.tid)
 
-    @precondition(lambda self: any(r.live for r in self.reads)
-                  or any(u.live for u in self.uploads))
+    @precondition(lambda self: self.reads or self.uploads)
     @rule(index=st.integers(0, 7))
     def withhold(self, index: int) -> None:
         """Send nothing: the server's timer resends, within its RTO."""
@@ -697,7 +708,7 @@ class ProtocolModel(RuleBasedStateMachine):
                             max(wait, 0.05))
         self.retire(tr)
 
-    @precondition(lambda self: self.live_reads() or self.live_uploads())
+    @precondition(lambda self: self.reads or self.uploads)
     @rule(index=st.integers(0, 7), what=st.sampled_from(["ack", "data", "rrq"]))
     def foreign_tid(self, index: int, what: str) -> None:
         """A datagram from another port: ERROR 5 to that port, the transfer goes on."""
@@ -718,7 +729,7 @@ class ProtocolModel(RuleBasedStateMachine):
         finally:
             other.close()
 
-    @precondition(lambda self: self.live_reads() or self.live_uploads())
+    @precondition(lambda self: self.reads or self.uploads)
     @rule(index=st.integers(0, 7), code=st.sampled_from([0, 8, 9, 1, 4]))
     def client_error(self, index: int, code: int) -> None:
         """ERROR from the client: after the OACK with 0, 8 or 9 a probe, else aborted."""
@@ -730,10 +741,15 @@ class ProtocolModel(RuleBasedStateMachine):
         tr.phase, tr.outcome = "ended", "probe" if probe else "aborted"
 
     @rule(name=st.sampled_from(sorted(FILES)),
-          how=st.sampled_from(["replace", "truncate", "rewrite", "append"]))
-    def change_file(self, name: str, how: str) -> None:
+          how=st.sampled_from(["replace", "truncate", "rewrite", "append"]),
+          reading=st.integers(0, 9))
+    def change_file(self, name: str, how: str, reading: int) -> None:
         """Replace (rename over), truncate, rewrite in place or append to a file: a read
-        already running gets the whole old file, the whole new one, or an ERROR."""
+        already running gets the whole old file, the whole new one, or an ERROR.
+        Mostly (reading < 8) the file of a read that is running."""
+        live = [r.name for r in self.reads if r.live]
+        if live and reading < 8:
+            name = live[reading % len(live)]
         path = self.daemon.root / name
         old = self.disk[name]
         self.generation += 1
@@ -760,14 +776,18 @@ class ProtocolModel(RuleBasedStateMachine):
         for r in self.reads:
             if r.name == name and r.live:
                 r.versions.append(new)
+                event(f"file {how} under a live read")
 
     # -- uploads -------------------------------------------------------------------------
 
-    @precondition(lambda self: len(self.live_uploads()) < 2)
+    @precondition(lambda self: len(self.uploads) < 4)
     @rule(pairs=OPTIONS, full=st.integers(0, 6), tail=st.sampled_from([0, 1, -1, 37]))
     def start_upload(self, pairs: Pairs, full: int, tail: int) -> None:
         busy = {u.name for u in self.uploads if u.live}
-        name = next(n for n in UPLOADS if n not in busy)
+        free = [n for n in UPLOADS if n not in busy]
+        if not free:
+            return
+        name = free[0]
         want = expected_oack(pairs, None)
         ep = Endpoint()
         u = Upload(ep, name, pairs)
@@ -804,8 +824,9 @@ class ProtocolModel(RuleBasedStateMachine):
             if on_disk != u.data:
                 raise u.fail(f"{len(on_disk)} bytes on disk, uploaded {len(u.data)}")
             u.phase, u.outcome = "done", "ok"
+            event("upload: in place")
 
-    @precondition(lambda self: self.live_uploads())
+    @precondition(lambda self: self.uploads)
     @rule(index=st.integers(0, 7), count=st.integers(1, 5))
     def upload_data(self, index: int, count: int) -> None:
         """The next `count` blocks in order (ACKs after each window, and the last)."""
@@ -816,7 +837,7 @@ class ProtocolModel(RuleBasedStateMachine):
         first = u.received + 1
         self.send_blocks(u, list(range(first, min(first + count, u.n + 1))))
 
-    @precondition(lambda self: self.live_uploads())
+    @precondition(lambda self: self.uploads)
     @rule(index=st.integers(0, 7), ahead=st.booleans())
     def upload_out_of_order(self, index: int, ahead: bool) -> None:
         """A block repeated, or one past a gap: the last block in order is ACKed once."""
@@ -828,7 +849,7 @@ class ProtocolModel(RuleBasedStateMachine):
         if 1 <= k <= u.n:
             self.send_blocks(u, [k])
 
-    @precondition(lambda self: self.live_uploads())
+    @precondition(lambda self: self.uploads)
     @rule(index=st.integers(0, 7))
     def upload_to_end(self, index: int) -> None:
         u = self.pick(self.uploads, index)
@@ -855,6 +876,8 @@ class ProtocolModel(RuleBasedStateMachine):
             for tr in [*self.reads, *self.uploads]:
                 if tr.live:
                     self.drain(tr)
+                if tr.phase == "gone":  # perhaps given up on, perhaps not
+                    tr.ep.send(P.encode_error(0, "model done"), tr.tid)
                 if tr.live:
                     probe = isinstance(tr, Read) and tr.phase == "oack"
                     tr.ep.send(P.encode_error(8 if probe else 0, "model done"), tr.tid)
@@ -906,7 +929,8 @@ def model_daemon(request: pytest.FixtureRequest,
     for name, size in FILES.items():
         (root / name).write_bytes(content(name, size, 0))
     d = start_daemon(root, "--workers", "2", "-c", "-p", "-T", str(int(INITIAL_RTO * 1e6)),
-                     "--retries", str(RETRIES), env={"TFTPD_DATAPATH": request.param})
+                     "--retries", str(RETRIES), "--drain-timeout", "2",
+                     env={"TFTPD_DATAPATH": request.param})
     try:
         yield d
     finally:
@@ -941,6 +965,41 @@ def test_upload_backoff_ends_with_progress(model_daemon: Daemon) -> None:
         assert resend is not None and P.parse(resend[0]) == P.Ack(1), \
             f"no resend of ACK 1 within {INITIAL_RTO * 1.5 + 0.2:.2f} s of progress"
         assert resend[2] - sent < INITIAL_RTO * 1.5 + 0.1
+    finally:
+        if tid is not None:
+            ep.send(P.encode_error(0, "done"), tid)
+        ep.close()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "After the try that resends only block 1 to a peer that has acknowledged no DATA, "
+    "ReadTransfer._send_window(count=1) lowers sent_upto to 1 (C's pump keeps the same "
+    "numbers): an ACK of a block of the full window sent before (the client has it) is "
+    "then not in flight and ignored, so the transfer never goes on"))
+def test_ack_of_the_window_after_block1_resend(model_daemon: Daemon) -> None:
+    """Shrunk from the machine: start_read(f4100, windowsize=2), ack (ACK 0), withhold,
+    withhold, drive_to_end (ACK 2: no DATA 3 ever comes)."""
+    ep = Endpoint()
+    tid: tuple | None = None
+    try:
+        server = (model_daemon.host, model_daemon.port)
+        ep.send(P.encode_rrq("f4100", "octet", {"windowsize": "2"}), server)
+        first = ep.recv(REPLY)
+        assert first is not None and P.parse(first[0]) == P.OAck({"windowsize": "2"})
+        tid = first[1]
+        ep.send(P.encode_ack(0), tid)
+        blocks = []
+        for _ in range(5):  # the window, its timer resend, then block 1 alone
+            got = ep.recv(REPLY)
+            assert got is not None
+            pkt = P.parse(got[0])
+            assert isinstance(pkt, P.Data), pkt
+            blocks.append(pkt.block)
+        assert blocks == [1, 2, 1, 2, 1], blocks
+        ep.send(P.encode_ack(2), tid)  # the client has blocks 1 and 2
+        got = ep.recv(0.5)  # the next window, at once
+        assert got is not None and P.parse(got[0]) == P.Data(3, block(
+            (model_daemon.root / "f4100").read_bytes(), 3, 512)), got
     finally:
         if tid is not None:
             ep.send(P.encode_error(0, "done"), tid)
