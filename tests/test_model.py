@@ -71,8 +71,6 @@ FILES = {"f0": 0, "f1": 1, "f511": 511, "f512": 512, "f1024": 1024, "f1500": 150
          "f4100": 4100}
 UPLOADS = ("up0", "up1", "up2")
 CI_EXAMPLES = 20
-UPLOAD_BACKOFF_KEPT = True  # see Upload.rto_bound
-BLOCK1_RESEND_FORGETS_WINDOW = True  # see Read._timer_burst
 STEPS = 20
 
 
@@ -364,12 +362,6 @@ class Read:
                             f"not a timer's resend")
         self.burst_t, self.burst_timer = t, True
         self.timer_bursts += 1
-        if BLOCK1_RESEND_FORGETS_WINDOW and self.last_acked == 0 and self.window > 1 \
-                and self.timer_bursts >= 2 and self.ack0:
-            # Known bug (test_ack_of_the_window_after_block1_resend, xfail): after the
-            # block-1-only try the server ignores an ACK of the earlier window's blocks,
-            # so this transfer cannot end. Left alone; drop this when that is fixed.
-            self.phase = "gone"
         event(f"read: timer resend of {what.split()[0]}")
         if self.timer_bursts > self.limit():
             raise self.fail(f"{self.timer_bursts} timer resends without progress, "
@@ -449,11 +441,8 @@ class Upload:
     def rto_bound(self) -> float:
         if self.fixed is not None:
             return self.fixed
-        # Known bug (test_upload_backoff_ends_with_progress, xfail): an upload's
-        # backoff outlives the progress that should end it. Only the bound the withhold
-        # rule waits for follows it, so the machine runs; drop this when that is fixed.
-        doublings = self.timeouts if UPLOAD_BACKOFF_KEPT else self.resends
-        return min(INITIAL_RTO * 2 ** doublings, 10.0)
+        # The backoff lasts until the client shows progress (WriteTransfer).
+        return min(INITIAL_RTO * 2 ** self.resends, 10.0)
 
     def absorb(self, data: bytes, src: tuple, t: float) -> None:
         if self.phase != "recv" and not (self.phase == "done" and self.dallying):
@@ -942,13 +931,8 @@ def test_protocol_model(model_daemon: Daemon) -> None:
     run_state_machine_as_test(machine, settings=model_settings())
 
 
-# -- what the machine found ----------------------------------------------------------------
+# -- what the machine found (fixed; kept as regressions) ---------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "WriteTransfer doubles its RTO on each timeout and never brings it back: after two "
-    "timeouts and then a DATA block in order, the ACK of that block is resent after 4x "
-    "the RTO, not 1x (README: the backoff ends as soon as the client shows progress; "
-    "ReadTransfer._progress does that, WriteTransfer has no equivalent)"))
 def test_upload_backoff_ends_with_progress(model_daemon: Daemon) -> None:
     ep = Endpoint()
     tid: tuple | None = None
@@ -971,11 +955,6 @@ def test_upload_backoff_ends_with_progress(model_daemon: Daemon) -> None:
         ep.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "After the try that resends only block 1 to a peer that has acknowledged no DATA, "
-    "ReadTransfer._send_window(count=1) lowers sent_upto to 1 (C's pump keeps the same "
-    "numbers): an ACK of a block of the full window sent before (the client has it) is "
-    "then not in flight and ignored, so the transfer never goes on"))
 def test_ack_of_the_window_after_block1_resend(model_daemon: Daemon) -> None:
     """Shrunk from the machine: start_read(f4100, windowsize=2), ack (ACK 0), withhold,
     withhold, drive_to_end (ACK 2: no DATA 3 ever comes)."""

@@ -212,9 +212,14 @@ class ReadTransfer:
         if self.state == OACK_SENT:
             s.retransmits += 1
             return [self._arm(now, Send(self._oack_bytes()), fresh=False)]
-        count = s.windowsize if s.last_acked > 0 or s.retries <= 1 else 1
-        action = self._send_window(now, s.last_acked + 1, fresh=False, count=count)
-        s.retransmits += action.count
+        if s.last_acked > 0 or s.retries <= 1:
+            action: Action = self._send_window(now, s.last_acked + 1, fresh=False)
+            s.retransmits += action.count
+        else:
+            # Block 1 alone. The window in flight stays what it was: the client may
+            # hold all of it, and its ACK of any of it must still count.
+            action = self._arm(now, SendBlocks(1, 1), fresh=False)
+            s.retransmits += 1
         return [action]
 
     def on_repeat(self, now: float) -> list[Action]:
@@ -264,10 +269,9 @@ class ReadTransfer:
         s.armed_at = now
         return action
 
-    def _send_window(self, now: float, first: int, fresh: bool = True,
-                     count: int | None = None) -> SendBlocks:
+    def _send_window(self, now: float, first: int, fresh: bool = True) -> SendBlocks:
         s = self.s
-        count = min(s.windowsize if count is None else count, s.nblocks - first + 1)
+        count = min(s.windowsize, s.nblocks - first + 1)
         s.sent_upto = first + count - 1
         action = SendBlocks(first, count)
         self._arm(now, action, fresh)
@@ -406,7 +410,8 @@ class WriteTransfer:
         self.retries_max = retries
         self.max_size = max_size
         self.fixed_rto = client_timeout
-        self.rto = timeout
+        self.base_rto = timeout
+        self.rto = timeout  # base_rto backed off by the timeouts in a row
         self.received = 0  # absolute blocks received in order
         self.size = 0  # bytes received in order
         self.in_window = 0
@@ -468,6 +473,8 @@ class WriteTransfer:
         self.received = expected
         self.size += len(pkt.payload)
         self.retries = 0
+        self.rto = self.base_rto  # progress ends the backoff, as for reads (_progress)
+        self.deadline = now + self.rto  # the timer measures the client's silence
         self.gap_acked = False
         self.in_window += 1
         if len(pkt.payload) < self.blksize:
