@@ -958,11 +958,14 @@ def test_upload_backoff_ends_with_progress(model_daemon: Daemon) -> None:
 def test_ack_of_the_window_after_block1_resend(model_daemon: Daemon) -> None:
     """Shrunk from the machine: start_read(f4100, windowsize=2), ack (ACK 0), withhold,
     withhold, drive_to_end (ACK 2: no DATA 3 ever comes)."""
+    # A file of its own: the machine rewrites and truncates the shared ones.
+    content = os.urandom(4100)
+    (model_daemon.root / "window4100").write_bytes(content)
     ep = Endpoint()
     tid: tuple | None = None
     try:
         server = (model_daemon.host, model_daemon.port)
-        ep.send(P.encode_rrq("f4100", "octet", {"windowsize": "2"}), server)
+        ep.send(P.encode_rrq("window4100", "octet", {"windowsize": "2"}), server)
         first = ep.recv(REPLY)
         assert first is not None and P.parse(first[0]) == P.OAck({"windowsize": "2"})
         tid = first[1]
@@ -977,8 +980,7 @@ def test_ack_of_the_window_after_block1_resend(model_daemon: Daemon) -> None:
         assert blocks == [1, 2, 1, 2, 1], blocks
         ep.send(P.encode_ack(2), tid)  # the client has blocks 1 and 2
         got = ep.recv(0.5)  # the next window, at once
-        assert got is not None and P.parse(got[0]) == P.Data(3, block(
-            (model_daemon.root / "f4100").read_bytes(), 3, 512)), got
+        assert got is not None and P.parse(got[0]) == P.Data(3, block(content, 3, 512)), got
     finally:
         if tid is not None:
             ep.send(P.encode_error(0, "done"), tid)
