@@ -392,6 +392,12 @@ static void on_oack(struct storm *s, struct client *c, const unsigned char *b, s
             send_ack(s, c, 0);
             return;
         }
+        if (c->state == S_DATA) {
+            /* A repeated OACK overtaken by DATA (the network reordered the server's
+             * OACK re-send): nothing to answer. */
+            s->res->duplicate_data++;
+            return;
+        }
         fail(s, c, TB_R_PROTOCOL);
         return;
     }

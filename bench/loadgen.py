@@ -435,6 +435,10 @@ class _Client:
                 except OSError:
                     pass
                 return
+            if self.state == _DATA:
+                # A repeated OACK overtaken by DATA (reordered on the way): ignored.
+                st.result.duplicate_data += 1
+                return
             self.fail("protocol")
             return
         opts = parse_oack(buf[2:n])
