@@ -268,7 +268,14 @@ class ReadTransfer:
                      count: int | None = None) -> SendBlocks:
         s = self.s
         count = min(s.windowsize if count is None else count, s.nblocks - first + 1)
-        s.sent_upto = first + count - 1
+        if fresh:
+            s.sent_upto = first + count - 1
+        else:
+            # A re-send of fewer blocks (the first block alone, to a client that has
+            # acknowledged no DATA) leaves the rest of the window in flight: a client
+            # that had the whole window and lost its ACK acknowledges its last block,
+            # and that ACK must count, or it is refused until the client gives up.
+            s.sent_upto = max(s.sent_upto, first + count - 1)
         action = SendBlocks(first, count)
         self._arm(now, action, fresh)
         return action
