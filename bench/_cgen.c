@@ -29,6 +29,19 @@ struct client {
     uint32_t blksize, window, inwin;
     uint64_t nblk;
     int gap_acked, wrong_tid, iteration, acked;
+    uint32_t gen;          /* bumped with every new socket: held copies know their own */
+    uint64_t nout, nin;    /* datagrams sent / delivered on the current socket */
+};
+
+/* A datagram the fault layer holds back (a min-heap on `due`). */
+struct held {
+    double due;
+    uint32_t client, gen;
+    int dir;               /* 0: the client sends it, 1: the client receives it */
+    uint64_t seq;          /* the socket's count in that direction when it was held */
+    struct sockaddr_in addr;
+    uint32_t len;
+    unsigned char *buf;
 };
 
 struct storm {
@@ -41,6 +54,10 @@ struct storm {
     int ep;
     struct sockaddr_in server;
     unsigned next_port;
+    int faults;
+    uint64_t rng;
+    struct held *heap;
+    uint32_t nheld;
 };
 
 /* Client ports in turn from this range: see PORT_LO in loadgen.py. */
@@ -54,18 +71,178 @@ static double mono(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-static void xsend(int fd, const void *buf, size_t len, const struct sockaddr_in *to)
+/* -- faults: loss, duplication, reordering of the generator's own datagrams ---------- */
+
+static double rnd(struct storm *s) /* splitmix64: seeded, the same run for the same seed */
 {
-    (void)sendto(fd, buf, len, MSG_DONTWAIT, (const struct sockaddr *)to, sizeof *to);
+    uint64_t z = (s->rng += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    return (double)(z >> 11) * 0x1.0p-53;
 }
 
-static void send_ack(struct client *c, unsigned blk)
+static int chance(struct storm *s, double p)
+{
+    return p > 0 && rnd(s) < p;
+}
+
+static void heap_swap(struct held *a, struct held *b)
+{
+    struct held t = *a;
+    *a = *b;
+    *b = t;
+}
+
+/* Hold a copy of a datagram for later; 0 when the heap is full (the caller sends now). */
+static int hold(struct storm *s, struct client *c, int dir, const void *buf, size_t len,
+                const struct sockaddr_in *addr)
+{
+    const struct tb_config *cfg = s->cfg;
+    if (s->nheld >= cfg->f_max_held)
+        return 0;
+    unsigned char *copy = malloc(len ? len : 1);
+    if (!copy)
+        return 0;
+    memcpy(copy, buf, len);
+    struct held h = {
+        .due = mono() + cfg->f_hold_min + (cfg->f_hold_max - cfg->f_hold_min) * rnd(s),
+        .client = (uint32_t)(c - s->c), .gen = c->gen, .dir = dir,
+        .seq = dir ? c->nin : c->nout, .addr = *addr, .len = (uint32_t)len, .buf = copy,
+    };
+    uint32_t i = s->nheld++;
+    s->heap[i] = h;
+    while (i > 0 && s->heap[(i - 1) / 2].due > s->heap[i].due) {
+        heap_swap(&s->heap[(i - 1) / 2], &s->heap[i]);
+        i = (i - 1) / 2;
+    }
+    s->res->f_held[dir]++;
+    if (s->nheld > s->res->f_held_peak)
+        s->res->f_held_peak = s->nheld;
+    return 1;
+}
+
+static struct held heap_pop(struct storm *s)
+{
+    struct held top = s->heap[0];
+    s->heap[0] = s->heap[--s->nheld];
+    uint32_t i = 0;
+    for (;;) {
+        uint32_t l = 2 * i + 1, r = l + 1, m = i;
+        if (l < s->nheld && s->heap[l].due < s->heap[m].due)
+            m = l;
+        if (r < s->nheld && s->heap[r].due < s->heap[m].due)
+            m = r;
+        if (m == i)
+            break;
+        heap_swap(&s->heap[i], &s->heap[m]);
+        i = m;
+    }
+    return top;
+}
+
+/* Every datagram a client sends goes through here. */
+static ssize_t fsend(struct storm *s, struct client *c, const void *buf, size_t len,
+                     const struct sockaddr_in *to)
+{
+    if (!s->faults)
+        return sendto(c->fd, buf, len, MSG_DONTWAIT, (const struct sockaddr *)to, sizeof *to);
+    const struct tb_config *cfg = s->cfg;
+    struct tb_result *res = s->res;
+    res->f_seen[0]++;
+    if (chance(s, cfg->f_loss)) {
+        res->f_dropped[0]++;
+        return (ssize_t)len;
+    }
+    int copies = 1;
+    if (chance(s, cfg->f_dup)) {
+        copies = 2;
+        res->f_duplicated[0]++;
+    }
+    ssize_t r = (ssize_t)len;
+    for (int i = 0; i < copies; i++) {
+        if (chance(s, cfg->f_reorder) && hold(s, c, 0, buf, len, to))
+            continue;
+        c->nout++;
+        ssize_t k = sendto(c->fd, buf, len, MSG_DONTWAIT, (const struct sockaddr *)to,
+                           sizeof *to);
+        if (k < 0)
+            r = k;
+    }
+    return r;
+}
+
+static void xsend(struct storm *s, struct client *c, const void *buf, size_t len,
+                  const struct sockaddr_in *to)
+{
+    (void)fsend(s, c, buf, len, to);
+}
+
+static void on_packet(struct storm *s, struct client *c, const unsigned char *b, size_t n,
+                      const struct sockaddr_in *from, double now);
+
+/* Every datagram a client receives goes through here. */
+static void deliver(struct storm *s, struct client *c, const unsigned char *b, size_t n,
+                    const struct sockaddr_in *from, double now)
+{
+    if (!s->faults) {
+        on_packet(s, c, b, n, from, now);
+        return;
+    }
+    const struct tb_config *cfg = s->cfg;
+    struct tb_result *res = s->res;
+    res->f_seen[1]++;
+    if (chance(s, cfg->f_loss)) {
+        res->f_dropped[1]++;
+        return;
+    }
+    int copies = 1;
+    if (chance(s, cfg->f_dup)) {
+        copies = 2;
+        res->f_duplicated[1]++;
+    }
+    uint32_t gen = c->gen;
+    for (int i = 0; i < copies && c->gen == gen && c->fd >= 0; i++) {
+        if (chance(s, cfg->f_reorder) && hold(s, c, 1, b, n, from))
+            continue;
+        c->nin++;
+        on_packet(s, c, b, n, from, now);
+    }
+}
+
+/* Send or deliver the held copies that are due. A copy whose socket has closed since is
+ * lost (a real network would deliver it to a closed port). */
+static void release_due(struct storm *s, double now)
+{
+    while (s->nheld && s->heap[0].due <= now) {
+        struct held h = heap_pop(s);
+        struct client *c = &s->c[h.client];
+        if (c->gen != h.gen || c->fd < 0) {
+            s->res->f_stale[h.dir]++;
+        } else if (h.dir == 0) {
+            if (c->nout > h.seq)
+                s->res->f_overtaken[0]++;
+            c->nout++;
+            (void)sendto(c->fd, h.buf, h.len, MSG_DONTWAIT, (const struct sockaddr *)&h.addr,
+                         sizeof h.addr);
+        } else {
+            if (c->nin > h.seq)
+                s->res->f_overtaken[1]++;
+            c->nin++;
+            on_packet(s, c, h.buf, h.len, &h.addr, now);
+        }
+        free(h.buf);
+    }
+}
+
+static void send_ack(struct storm *s, struct client *c, unsigned blk)
 {
     unsigned char a[4] = {0, 4, (unsigned char)(blk >> 8), (unsigned char)blk};
-    xsend(c->fd, a, 4, &c->tid);
+    xsend(s, c, a, 4, &c->tid);
 }
 
-static void send_err(struct client *c, int code, const char *msg, const struct sockaddr_in *to)
+static void send_err(struct storm *s, struct client *c, int code, const char *msg,
+                     const struct sockaddr_in *to)
 {
     unsigned char p[64];
     size_t l = strlen(msg);
@@ -74,7 +251,7 @@ static void send_err(struct client *c, int code, const char *msg, const struct s
     p[2] = 0;
     p[3] = (unsigned char)code;
     memcpy(p + 4, msg, l + 1);
-    xsend(c->fd, p, 5 + l, to);
+    xsend(s, c, p, 5 + l, to);
 }
 
 static void close_sock(struct storm *s, struct client *c)
@@ -91,7 +268,7 @@ static void fail(struct storm *s, struct client *c, int reason)
     if (c->state == S_DONE || c->state == S_FAILED)
         return;
     if (c->fd >= 0 && c->has_tid)
-        send_err(c, 0, "client abort", &c->tid);
+        send_err(s, c, 0, "client abort", &c->tid);
     close_sock(s, c);
     c->state = S_FAILED;
     s->out[c - s->c].reason = reason;
@@ -101,8 +278,7 @@ static void fail(struct storm *s, struct client *c, int reason)
 static void send_rrq(struct storm *s, struct client *c, double now)
 {
     const struct tb_step *st = &s->steps[c->step];
-    ssize_t r = sendto(c->fd, st->rrq, st->rrq_len, MSG_DONTWAIT,
-                       (const struct sockaddr *)&s->server, sizeof s->server);
+    ssize_t r = fsend(s, c, st->rrq, st->rrq_len, &s->server);
     if (r < 0 && errno != EAGAIN && errno != ENOBUFS) {
         fail(s, c, TB_R_SEND);
         return;
@@ -130,6 +306,9 @@ static void start_step(struct storm *s, struct client *c, double now)
             break;
     }
     c->fd = fd;
+    c->gen++;
+    c->nout = 0;
+    c->nin = 0;
     struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)(c - s->c)};
     epoll_ctl(s->ep, EPOLL_CTL_ADD, fd, &ev);
     c->has_tid = 0;
@@ -185,7 +364,7 @@ static void on_timeout(struct storm *s, struct client *c, double now)
     s->res->ack_retransmits++;
     c->inwin = 0;
     c->acked = (int)((c->nblk - 1) & 0xFFFF);
-    send_ack(c, (unsigned)c->acked);
+    send_ack(s, c, (unsigned)c->acked);
     c->deadline = now + cfg->ack_timeout;
 }
 
@@ -210,7 +389,13 @@ static void on_oack(struct storm *s, struct client *c, const unsigned char *b, s
     if (c->state != S_WAIT_FIRST) {
         if (c->state == S_WAIT_OACK_DONE) {
             s->res->duplicate_data++;
-            send_ack(c, 0);
+            send_ack(s, c, 0);
+            return;
+        }
+        if (c->state == S_DATA) {
+            /* A repeated OACK overtaken by DATA (the network reordered the server's
+             * OACK re-send): nothing to answer. */
+            s->res->duplicate_data++;
             return;
         }
         fail(s, c, TB_R_PROTOCOL);
@@ -282,7 +467,7 @@ static void on_oack(struct storm *s, struct client *c, const unsigned char *b, s
             fail(s, c, TB_R_NO_TSIZE);
             return;
         }
-        send_err(c, 8, "probe done", &c->tid);
+        send_err(s, c, 8, "probe done", &c->tid);
         step_done(s, c, now);
         return;
     }
@@ -290,7 +475,7 @@ static void on_oack(struct storm *s, struct client *c, const unsigned char *b, s
     c->window = window;
     c->state = S_WAIT_OACK_DONE;
     c->acked = 0;
-    send_ack(c, 0);
+    send_ack(s, c, 0);
     c->retries = 0;
     c->deadline = now + s->cfg->ack_timeout;
 }
@@ -321,12 +506,12 @@ static void on_data(struct storm *s, struct client *c, const unsigned char *b, s
                 c->gap_acked = 1;
                 c->inwin = 0;
                 c->acked = (int)((c->nblk - 1) & 0xFFFF);
-                send_ack(c, (unsigned)c->acked);
+                send_ack(s, c, (unsigned)c->acked);
             }
         } else {
             s->res->duplicate_data++;
             if ((int)blk == c->acked)
-                send_ack(c, blk);
+                send_ack(s, c, blk);
         }
         return;
     }
@@ -355,14 +540,14 @@ static void on_data(struct storm *s, struct client *c, const unsigned char *b, s
             fail(s, c, TB_R_SHORT_FILE);
             return;
         }
-        send_ack(c, blk);
+        send_ack(s, c, blk);
         step_done(s, c, now);
         return;
     }
     if (++c->inwin >= c->window) {
         c->inwin = 0;
         c->acked = (int)blk;
-        send_ack(c, blk);
+        send_ack(s, c, blk);
     }
 }
 
@@ -381,7 +566,7 @@ static void on_packet(struct storm *s, struct client *c, const unsigned char *b,
         } else {
             c->wrong_tid++;
             s->res->wrong_tid_packets++;
-            send_err(c, 5, "unknown transfer ID", from);
+            send_err(s, c, 5, "unknown transfer ID", from);
             return;
         }
     }
@@ -423,6 +608,15 @@ int tb_run(const struct tb_config *cfg, const struct tb_step *steps, struct tb_r
     s.c = calloc((size_t)cfg->nclients, sizeof *s.c);
     if (!s.c)
         return -1;
+    s.faults = cfg->f_loss > 0 || cfg->f_dup > 0 || cfg->f_reorder > 0;
+    s.rng = cfg->f_seed;
+    if (s.faults && cfg->f_reorder > 0 && cfg->f_max_held > 0) {
+        s.heap = calloc(cfg->f_max_held, sizeof *s.heap);
+        if (!s.heap) {
+            free(s.c);
+            return -1;
+        }
+    }
     s.ep = epoll_create1(EPOLL_CLOEXEC);
     if (s.ep < 0) {
         free(s.c);
@@ -457,6 +651,7 @@ int tb_run(const struct tb_config *cfg, const struct tb_step *steps, struct tb_r
             c->step = 0;
             start_step(&s, c, now);
         }
+        release_due(&s, now);
         if (now >= next_scan) {
             int k = 0;
             for (int i = 0; i < nrunning; i++) {
@@ -481,6 +676,8 @@ int tb_run(const struct tb_config *cfg, const struct tb_step *steps, struct tb_r
             if (ns < wait)
                 wait = ns;
         }
+        if (s.nheld && s.heap[0].due - now < wait)
+            wait = s.heap[0].due - now;
         int ms = wait > 0 ? (int)(wait * 1000) + 1 : 0; /* round up: never spin */
         int ne = epoll_wait(s.ep, evs, 1024, ms);
         if (ne <= 0)
@@ -498,7 +695,7 @@ int tb_run(const struct tb_config *cfg, const struct tb_step *steps, struct tb_r
                                      (struct sockaddr *)&from, &fl);
                 if (r < 0)
                     break;
-                on_packet(&s, c, buf, (size_t)r, &from, now);
+                deliver(&s, c, buf, (size_t)r, &from, now);
             }
         }
     }
@@ -508,6 +705,12 @@ int tb_run(const struct tb_config *cfg, const struct tb_step *steps, struct tb_r
         if (c->state != S_DONE && c->state != S_FAILED)
             fail(&s, c, c->state == S_IDLE ? TB_R_NOT_STARTED : TB_R_DEADLINE);
     }
+    while (s.nheld) {
+        struct held h = heap_pop(&s);
+        res->f_stale[h.dir]++;
+        free(h.buf);
+    }
+    free(s.heap);
     free(running);
     close(s.ep);
     free(s.c);

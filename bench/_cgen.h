@@ -38,6 +38,13 @@ struct tb_config {
     double repeat_seconds;
     int repeat_max;        /* 0: no repeat */
     uint64_t fa_cap;
+    /* Faults the generator injects on its own datagrams, both ways (README: Faults):
+     * each datagram is dropped with probability f_loss; else sent (received) twice with
+     * probability f_dup; each copy is held back f_hold_min..f_hold_max seconds with
+     * probability f_reorder, so later datagrams of the same socket overtake it. */
+    double f_loss, f_dup, f_reorder, f_hold_min, f_hold_max;
+    uint64_t f_seed;
+    uint32_t f_max_held;   /* copies held at once; beyond it a copy goes at once */
 };
 
 struct tb_result {
@@ -53,6 +60,11 @@ struct tb_result {
     uint64_t first_answers;
     int deadline_hit;
     double wall;
+    /* fault counters: [0] datagrams sent, [1] received */
+    uint64_t f_seen[2], f_dropped[2], f_duplicated[2], f_held[2];
+    uint64_t f_overtaken[2];  /* held copies released after a later datagram passed */
+    uint64_t f_stale[2];      /* held copies whose socket had closed: never delivered */
+    uint64_t f_held_peak;
 };
 
 struct tb_client_out {

@@ -15,7 +15,7 @@ from types import ModuleType
 
 from bench.build import BUILD_DIR, build_cffi, load_cffi
 from bench.content import expected
-from bench.loadgen import StormResult, _raise_nofile, apply_overrides, encode_rrq
+from bench.loadgen import Faults, StormResult, _raise_nofile, apply_overrides, encode_rrq
 from bench.workload import Workload
 
 HERE = Path(__file__).resolve().parent
@@ -68,6 +68,7 @@ def run_storm_c(
     deadline_s: float | None = None,
     ramp_ms: float | None = None,
     overrides: dict[str, int] | None = None,
+    faults: Faults | None = None,
 ) -> StormResult:
     mod = load_module()
     ffi, lib = mod.ffi, mod.lib
@@ -118,6 +119,14 @@ def run_storm_c(
         cap = clients * len(steps)
     cap = min(cap, 4_000_000)
     cfg.fa_cap = cap
+    if faults:
+        cfg.f_loss = faults.loss / 100.0
+        cfg.f_dup = faults.dup / 100.0
+        cfg.f_reorder = faults.reorder / 100.0
+        cfg.f_hold_min = faults.hold_ms[0] / 1000.0
+        cfg.f_hold_max = faults.hold_ms[1] / 1000.0
+        cfg.f_seed = faults.seed & 0xFFFFFFFFFFFFFFFF
+        cfg.f_max_held = faults.max_held
     fa = ffi.new("double[]", max(1, cap))
     out = ffi.new("struct tb_client_out[]", clients)
     res = ffi.new("struct tb_result *")
@@ -150,6 +159,14 @@ def run_storm_c(
     result.duplicate_data = res.duplicate_data
     result.bytes_ok = res.bytes_ok
     result.deadline_hit = bool(res.deadline_hit)
+    if faults:
+        result.faults = faults.to_json()
+        for i, way in enumerate(("sent", "received")):
+            result.faults[way] = {
+                "seen": res.f_seen[i], "dropped": res.f_dropped[i],
+                "duplicated": res.f_duplicated[i], "held": res.f_held[i],
+                "overtaken": res.f_overtaken[i], "stale": res.f_stale[i]}
+        result.faults["held_peak"] = res.f_held_peak
     result.gen_cpu_s = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
     del keep
     return result

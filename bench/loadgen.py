@@ -75,6 +75,62 @@ def parse_oack(body: bytes | memoryview) -> dict[str, str] | None:
     return out
 
 
+@dataclass(frozen=True)
+class Faults:
+    """Faults the C generator injects on its own datagrams, in both directions: each one
+    it sends or receives is dropped with `loss` %; otherwise doubled with `dup` %; each
+    copy is held back `hold_ms` (a range, uniform) with `reorder` %, so that the socket's
+    later datagrams overtake it. Seeded: the same seed gives the same choices for the
+    same traffic. At most `max_held` copies are held at once (beyond: sent at once)."""
+
+    loss: float = 0.0
+    dup: float = 0.0
+    reorder: float = 0.0
+    hold_ms: tuple[float, float] = (1.0, 30.0)
+    seed: int = 1
+    max_held: int = 65536
+
+    def __bool__(self) -> bool:
+        return self.loss > 0 or self.dup > 0 or self.reorder > 0
+
+    @classmethod
+    def parse(cls, text: str) -> Faults:
+        """`loss=5,dup=5,reorder=5[,hold=1-30][,seed=N]` (percentages, milliseconds)."""
+        kw: dict = {}
+        for item in filter(None, (x.strip() for x in text.split(","))):
+            key, sep, val = item.partition("=")
+            if not sep:
+                raise ValueError(f"faults: {item!r} is not NAME=VALUE")
+            if key in ("loss", "dup", "reorder"):
+                pct = float(val)
+                if not 0 <= pct < 100:
+                    raise ValueError(f"faults: {key} must be in [0, 100)")
+                kw[key] = pct
+            elif key == "hold":
+                lo, _, hi = val.partition("-")
+                pair = (float(lo), float(hi or lo))
+                if not 0 <= pair[0] <= pair[1] <= 10_000:
+                    raise ValueError("faults: hold is MS or MIN-MAX, 0..10000 ms")
+                kw["hold_ms"] = pair
+            elif key == "seed":
+                kw["seed"] = int(val)
+            elif key == "max_held":
+                kw["max_held"] = int(val)
+            else:
+                raise ValueError(f"faults: unknown {key!r} (loss, dup, reorder, hold, seed)")
+        return cls(**kw)
+
+    def label(self) -> str:
+        """Short form for tables: `l5d5r5`."""
+        return "".join(f"{k[0]}{v:g}" for k, v in
+                       (("loss", self.loss), ("dup", self.dup), ("reorder", self.reorder))
+                       if v) or "-"
+
+    def to_json(self) -> dict:
+        return {"loss_pct": self.loss, "dup_pct": self.dup, "reorder_pct": self.reorder,
+                "hold_ms": list(self.hold_ms), "seed": self.seed, "max_held": self.max_held}
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """The q-th percentile (0..100), nearest rank; None for no values."""
     if not values:
@@ -105,6 +161,11 @@ class StormResult:
     bytes_ok: int = 0
     gen_cpu_s: float = 0.0
     deadline_hit: bool = False
+    # What the fault layer did (C engine, `Faults`): the settings, then per direction
+    # ("sent", "received") datagrams seen, dropped, duplicated, held, overtaken (a held
+    # copy released after a later datagram of its socket passed it: reordered) and
+    # stale (held, but its socket had closed by release: lost).
+    faults: dict = field(default_factory=dict)
 
     @property
     def n_failed(self) -> int:
@@ -138,6 +199,7 @@ class StormResult:
             "gen_cpu_s": self.gen_cpu_s,
             "deadline_hit": self.deadline_hit,
             "engine": self.engine,
+            "faults": self.faults,
         }
 
     def to_json(self) -> dict:
@@ -372,6 +434,10 @@ class _Client:
                     self.sock.sendto(self.last_ack, self.tid)  # type: ignore[union-attr,arg-type]
                 except OSError:
                     pass
+                return
+            if self.state == _DATA:
+                # A repeated OACK overtaken by DATA (reordered on the way): ignored.
+                st.result.duplicate_data += 1
                 return
             self.fail("protocol")
             return
@@ -639,11 +705,19 @@ def run_storm(
     deadline_s: float | None = None,
     ramp_ms: float | None = None,
     overrides: dict[str, int] | None = None,
+    faults: Faults | None = None,
 ) -> StormResult:
     """One storm: `clients` clients of `workload` against `server` (host, port).
 
     engine: "python", "c" (bench/_cgen, built at first use), or "auto" (C when it builds).
+    `faults` need the C engine.
     """
+    if faults and engine == "python":
+        raise ValueError("faults are injected by the C engine only")
+    if faults:
+        from bench import cgen
+        return cgen.run_storm_c(server, workload, clients, files=files, deadline_s=deadline_s,
+                                ramp_ms=ramp_ms, overrides=overrides, faults=faults)
     if engine in ("c", "auto"):
         try:
             from bench import cgen
@@ -679,6 +753,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", choices=("auto", "python", "c"), default="auto")
     ap.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                     help="override an option of every data step (NAME= drops it)")
+    ap.add_argument("--faults", default="", metavar="loss=P,dup=P,reorder=P",
+                    help="inject faults on the generator's datagrams (C engine; see "
+                         "bench/README.md, Faults)")
     ap.add_argument("--json", action="store_true", help="print the full result as JSON")
     args = ap.parse_args(argv)
     wl = load(args.workload)
@@ -686,7 +763,8 @@ def main(argv: list[str] | None = None) -> int:
     clients = args.clients if args.clients is not None else wl.clients[0]
     res = run_storm((host, int(port)), wl, clients, engine=args.engine,
                     deadline_s=args.deadline, ramp_ms=args.ramp_ms,
-                    overrides=parse_overrides(args.option))
+                    overrides=parse_overrides(args.option),
+                    faults=Faults.parse(args.faults) if args.faults else None)
     if args.json:
         json.dump(res.to_json(), sys.stdout)
         print()

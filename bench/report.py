@@ -24,6 +24,8 @@ def _reasons(rec: dict) -> str:
 
 def progress_line(rec: dict) -> str:
     head = f"{rec['server']:13} {rec['workload']:7} {rec['clients']:5} loss {rec['loss_pct']}%"
+    if rec.get("faults"):
+        head += f" faults {fault_label(rec['faults'])}"
     if rec["status"] != "ok":
         return f"{head}  {rec['status'].upper()}: {rec['note'][:200]}"
     return (f"{head}  ok {rec['ok']}/{rec['clients']} {_reasons(rec)}  "
@@ -32,6 +34,23 @@ def progress_line(rec: dict) -> str:
             f"{rec['requests_per_s']:.0f} req/s  cpu srv {rec['server_cpu_s']:.2f}s "
             f"gen {rec['gen_cpu_s']:.2f}s other {rec.get('other_cpu_s', 0):.2f}s  "
             f"pss {rec['server_peak_pss_mb']:.1f}MB")
+
+
+def fault_label(f: dict) -> str:
+    """`l5d5r5` for loss, dup and reorder percentages of the generator's faults."""
+    return "".join(f"{k[0]}{f[k + '_pct']:g}" for k in ("loss", "dup", "reorder")
+                   if f.get(k + "_pct")) or "-"
+
+
+def fault_note(f: dict) -> str:
+    parts = []
+    for way in ("sent", "received"):
+        d = f.get(way)
+        if d:
+            parts.append(f"{way} {d['seen']}: dropped {d['dropped']}, doubled "
+                         f"{d['duplicated']}, held {d['held']} (overtaken {d['overtaken']}, "
+                         f"stale {d['stale']})")
+    return "; ".join(parts)
 
 
 COLUMNS = [
@@ -70,6 +89,9 @@ def text_table(records: list[dict]) -> str:
         if rec["failed"]:
             notes.append(f"{rec['server']} {rec['workload']} {rec['clients']} "
                          f"loss {rec['loss_pct']}%: failed by reason {_reasons(rec)}")
+        if rec.get("faults"):
+            notes.append(f"{rec['server']} {rec['workload']} {rec['clients']} faults "
+                         f"{fault_label(rec['faults'])}: {fault_note(rec['faults'])}")
         if rec.get("note"):
             notes.append(f"{rec['server']} {rec['workload']} {rec['clients']}: {rec['note']}")
     if notes:

@@ -3,6 +3,7 @@
     python3 -m bench.run --standard                 # the standard set (< 10 minutes)
     python3 -m bench.run --servers hpa,limit --workloads pxe --clients 100,1000
     python3 -m bench.run --servers tftpd --workloads pxe --clients 100 --loss 1,5
+    python3 -m bench.run --servers tftpd,limit --clients 1000 --faults loss=5,dup=5,reorder=5
     python3 -m bench.run --list                     # which servers can run here
 
 For each storm: a namespace (loopback only) is made, the server is started inside it on
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from bench import netns, report
 from bench.content import build_root, expected
-from bench.loadgen import StormResult, run_storm
+from bench.loadgen import Faults, StormResult, run_storm
 from bench.measure import MemorySampler, ProcessGroup, cleanup_stale_groups, host_cpu
 from bench.servers import SERVERS, STANDARD, Server
 from bench.workload import Workload, load
@@ -133,7 +134,8 @@ def stop_server(proc: subprocess.Popen[bytes], ns: str) -> None:
 
 def generate_in_ns(ns: str, wl: Workload, clients: int, engine: str, deadline_s: float,
                    files: dict[str, bytes],
-                   started: Callable[[], object] | None = None) -> StormResult:
+                   started: Callable[[], object] | None = None,
+                   faults: Faults | None = None) -> StormResult:
     """Run the storm from a forked child inside namespace `ns`; return its result.
 
     `started` is called in the parent once the child exists (threads are started there,
@@ -146,7 +148,7 @@ def generate_in_ns(ns: str, wl: Workload, clients: int, engine: str, deadline_s:
             os.close(r)
             netns.enter(ns)
             res = run_storm(("127.0.0.1", PORT), wl, clients, engine=engine, files=files,
-                            deadline_s=deadline_s)
+                            deadline_s=deadline_s, faults=faults)
             payload = json.dumps({"ok": res.to_json()}).encode()
         except BaseException:  # noqa: BLE001 - reported to the parent
             payload = json.dumps({"error": traceback.format_exc()}).encode()
@@ -195,10 +197,13 @@ def _thin(values: list[float], keep: int = KEEP_SAMPLES) -> list[float]:
 
 def run_one(server: Server, wl: Workload, clients: int, loss: int, roots: dict[str, Path],
             work: Path, engine: str, deadline_s: float | None, workers: int,
-            files: dict[str, bytes], cap_s: float | None = None) -> dict:
+            files: dict[str, bytes], cap_s: float | None = None,
+            faults: Faults | None = None) -> dict:
     """One storm against one server; returns the record that goes into results.json."""
     rec: dict = {"server": server.name, "workload": wl.name, "clients": clients,
                  "loss_pct": loss, "status": "ok", "note": ""}
+    if faults:
+        rec["faults"] = faults.to_json()
     tag = f"{server.name}-{wl.name}-{clients}-{loss}"[:40]
     ns = netns.create(f"s{os.getpid() % 1000}")
     group = ProcessGroup(f"tftpbench-{os.getpid()}-{tag}")
@@ -211,15 +216,18 @@ def run_one(server: Server, wl: Workload, clients: int, loss: int, roots: dict[s
         if deadline_s is not None:
             limit = deadline_s
         else:
-            limit = wl.default_deadline_s(clients, loss_pct=loss)
-            if cap_s is not None and not loss and wl.deadline_s is None:
+            # the generator's faults drop each way as the nftables rule does
+            limit = wl.default_deadline_s(clients, loss_pct=loss + (faults.loss if faults
+                                                                     else 0.0))
+            if cap_s is not None and not loss and not faults and wl.deadline_s is None:
                 limit = min(limit, cap_s)
         cpu0 = group.cpu_seconds()
         sys0 = group.system_seconds()
         host0 = host_cpu()
         sampler = MemorySampler(group)
         try:
-            res = generate_in_ns(ns, wl, clients, engine, limit, files, sampler.start)
+            res = generate_in_ns(ns, wl, clients, engine, limit, files, sampler.start,
+                                 faults=faults)
         finally:
             peak = sampler.stop()
         cpu1 = group.cpu_seconds()
@@ -305,6 +313,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--workloads", default="pxe", help="comma list of names or JSON paths")
     ap.add_argument("--clients", default="", help="comma list; default: each workload's own")
     ap.add_argument("--loss", default="0", help="comma list of loss percentages (0, 1, 5)")
+    ap.add_argument("--faults", default="", metavar="loss=P,dup=P,reorder=P",
+                    help="the C generator drops, duplicates and reorders its own datagrams "
+                         "(both ways; also hold=MIN-MAX ms, seed=N): see bench/README.md")
     ap.add_argument("--engine", choices=("auto", "c", "python"), default="auto")
     ap.add_argument("--workers", type=int, default=default_workers(),
                     help="worker processes for tftpd and limit (default: tftpd's own, "
@@ -343,6 +354,14 @@ def main(argv: list[str] | None = None) -> int:
         plan = [(w, wanted, args.repeat) for w in args.workloads.split(",") if w]
         cap = None
     losses = [int(x) for x in args.loss.split(",") if x]
+    try:
+        faults = Faults.parse(args.faults) if args.faults else None
+    except ValueError as exc:
+        print(f"bench.run: {exc}", file=sys.stderr)
+        return 2
+    if faults and args.engine == "python":
+        print("bench.run: --faults needs the C engine", file=sys.stderr)
+        return 2
     unknown = [s for s in server_names if s not in SERVERS]
     if unknown:
         print(f"bench.run: unknown servers {unknown}; known: {list(SERVERS)}", file=sys.stderr)
@@ -360,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
 
             cgen.load_module()  # build once here, not in every forked generator
         except Exception as exc:  # noqa: BLE001
-            if args.engine == "c":
+            if args.engine == "c" or faults:
                 print(f"bench.run: C engine: {exc}", file=sys.stderr)
                 return 2
             print(f"bench.run: C engine unavailable, using Python: {exc}", file=sys.stderr)
@@ -393,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine": args.engine,
         "workers": args.workers,
         "repeat": args.repeat,
+        "faults": faults.to_json() if faults else None,
     }
     records: list[dict] = []
     t_start = time.monotonic()
@@ -406,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
                         for _ in range(max(1, reps)):
                             t = time.monotonic()
                             rec = run_one(server, wl, clients, loss, roots, work,
-                                          args.engine, args.deadline, args.workers, files, cap)
+                                          args.engine, args.deadline, args.workers, files, cap,
+                                          faults)
                             rec["run_s"] = time.monotonic() - t
                             tries.append(rec)
                             print(report.progress_line(rec), flush=True)

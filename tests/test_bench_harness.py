@@ -25,7 +25,7 @@ import pytest
 
 from bench import netns
 from bench.content import build_root, content, expected
-from bench.loadgen import StormResult, run_storm
+from bench.loadgen import Faults, StormResult, run_storm
 from bench.workload import Workload, WorkloadError, load, parse
 
 REPO = Path(__file__).resolve().parent.parent
@@ -408,6 +408,52 @@ def test_window_gap_is_recovered_under_loss(limit_server: Callable[[Workload], i
     assert dropped and dropped > 0
     assert res.failed == {}
     assert res.bytes_ok == 3 * 70000
+
+
+def test_fault_layer_duplicates_and_reorders_and_a_correct_server_survives(
+        limit_server: Callable[[Workload], int]) -> None:
+    """The C generator's own faults (drop, double, hold back) really happen in both
+    directions: held copies are overtaken by later datagrams of their socket, so windows
+    arrive out of order and the client sees repeated blocks; limit still delivers every
+    byte. Patient rules: a failure here is a bug, not bad luck."""
+    if _c_engine_error():
+        pytest.skip("the fault layer is in the C engine")
+    wl = parse({"name": "faulty", "files": FILES,
+                "client": {"rrq_timeouts_s": [0.5] * 10,
+                           "ack_timeout_s": 0.3, "ack_retries": 20},
+                "sequence": [
+                    {"file": "big.bin", "options": {"blksize": 1024, "windowsize": 8},
+                     "expect": "data"},
+                    {"file": "a.bin", "options": {}, "expect": "data"}]})
+    port = limit_server(wl)
+    faults = Faults.parse("loss=3,dup=15,reorder=15,hold=1-20,seed=7")
+    res = run_storm(("127.0.0.1", port), wl, 10, engine="c", deadline_s=60, faults=faults)
+    assert res.failed == {}
+    assert res.ok == 10 and res.bytes_ok == 10 * (70000 + 3000)
+    f = res.faults
+    assert f["reorder_pct"] == 15 and f["seed"] == 7
+    for way in ("sent", "received"):
+        d = f[way]
+        assert d["seen"] > 0 and d["dropped"] > 0 and d["duplicated"] > 0 and d["held"] > 0
+        # each datagram is a draw: far outside chance either way
+        assert 0.05 < d["duplicated"] / (d["seen"] - d["dropped"]) < 0.3
+    # received windows are reordered (a held DATA overtaken by its successors) ...
+    assert f["received"]["overtaken"] > 0
+    # ... and the client saw blocks again: doubled ones and ones the server re-sent
+    assert res.duplicate_data > 0
+    assert 0 < f["held_peak"] <= faults.max_held
+
+
+def test_faults_are_parsed_and_need_the_c_engine() -> None:
+    f = Faults.parse("loss=5,dup=5,reorder=5")
+    assert (f.loss, f.dup, f.reorder, f.hold_ms) == (5, 5, 5, (1.0, 30.0)) and f
+    assert Faults.parse("hold=7").hold_ms == (7.0, 7.0)
+    assert not Faults.parse("")
+    for bad in ("loss=100", "dup=-1", "wobble=3", "loss", "hold=9-2"):
+        with pytest.raises(ValueError):
+            Faults.parse(bad)
+    with pytest.raises(ValueError):
+        run_storm(("127.0.0.1", 9), tiny(READ_A), 1, engine="python", faults=f)
 
 
 def test_nftables_loss_rule_drops_about_the_share_asked(in_netns: str) -> None:

@@ -190,6 +190,21 @@ def test_a_peer_that_acknowledged_no_data_is_sent_two_windows_then_single_blocks
         assert t.on_timer(t.deadline or 0.0) == [SendBlocks(2, 16)]
 
 
+def test_an_ack_of_the_first_window_counts_after_single_block_resends() -> None:
+    # The client had the whole first window; its ACK 16 and the window's re-send were
+    # lost, so the server is down to block 1 alone. The ACK 16 the client repeats on
+    # its own timeouts (block 1 is an old block to it: no ACK) must count: it did
+    # not (block 16 was no longer "in flight") and the client gave up.
+    t = ReadTransfer(PEER, 1 << 20, blksize=1024, windowsize=16, timeout=1.0, retries=5,
+                     oack={"blksize": "1024", "windowsize": "16"})
+    t.start(0.0)
+    assert t.on_datagram(ack(0), PEER, 0.0) == [SendBlocks(1, 16)]
+    sent = [t.on_timer(t.deadline or 0.0)[0] for _ in range(2)]
+    assert sent == [SendBlocks(1, 16), SendBlocks(1, 1)]
+    assert t.on_datagram(ack(16), PEER, 3.0) == [SendBlocks(17, 16)]
+    assert t.last_acked == 16 and t.retries == 0
+
+
 def test_client_timeout_is_used_as_is() -> None:
     t = ReadTransfer(PEER, 5000, timeout=5, client_timeout=True, oack={"timeout": "5"})
     t.start(0.0)
