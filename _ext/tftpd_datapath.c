@@ -557,10 +557,8 @@ int tftpd_overdue(const struct tftpd_starts *st, double now, unsigned int *out,
 static unsigned int tftpd_end_probe(struct tftpd_starts *st, int epfd, unsigned int slot,
                                     struct tftpd_xfer *x)
 {
-    struct epoll_event ev;
     unsigned int back = 0;
 
-    memset(&ev, 0, sizeof(ev));
     x->probe = 2;
     if (st == NULL)
         return 0;
@@ -569,7 +567,7 @@ static unsigned int tftpd_end_probe(struct tftpd_starts *st, int epfd, unsigned 
         st->live--;
     /* Out of the set now, so that nothing it still receives is taken for the
      * slot's next transfer.  Should that fail, closing it takes it out. */
-    (void)epoll_ctl(epfd, EPOLL_CTL_DEL, x->sock, &ev);
+    (void)tftpd_epoll_set(epfd, TFTPD_EPOLL_DEL, x->sock, slot);
     if (st->free_slots != NULL && st->nfree < st->free_cap) {
         st->free_slots[st->nfree++] = slot;
         back |= TFTPD_PROBE_OFFERED;

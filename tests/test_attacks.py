@@ -29,6 +29,17 @@ def _udp(host: str = "127.0.0.1") -> socket.socket:
     return s
 
 
+def _drain(sock: socket.socket) -> list[bytes]:
+    """Every datagram waiting in the socket."""
+    sock.settimeout(0)
+    got = []
+    while True:
+        try:
+            got.append(sock.recv(65536))
+        except BlockingIOError:
+            return got
+
+
 def _probe_port(port: int, name: str = "f", options: dict[str, str] | None = None) -> int:
     """Send a probe (RRQ with tsize 0, then ERROR 8 on the OACK); the transfer port."""
     s = _udp()
@@ -116,14 +127,7 @@ def test_a_peer_that_acknowledges_no_data_gets_about_two_windows(root: Path,
         assert P.parse(oack) == P.OAck(asked)
         victim.sendto(P.encode_ack(0), tid)
         d.wait_for_log(r"file=big .*outcome=failed", timeout=30)
-        received = 0
-        victim.settimeout(0)
-        while True:
-            try:
-                data = victim.recv(65536)
-            except BlockingIOError:
-                break
-            received += max(0, len(data) - 4)
+        received = sum(max(0, len(data) - 4) for data in _drain(victim))
     finally:
         victim.close()
         d.stop()
@@ -139,15 +143,9 @@ def test_a_silent_lock_step_peer_gets_a_few_blocks(root: Path) -> None:
     try:
         victim.sendto(P.encode_rrq("big", "octet", {}), ("127.0.0.1", d.port))
         d.wait_for_log(r"file=big .*outcome=failed", timeout=30)
-        blocks = 0
-        victim.settimeout(0)
-        while True:
-            try:
-                data = victim.recv(65536)
-            except BlockingIOError:
-                break
-            assert P.parse(data) == P.Data(1, data[4:])
-            blocks += 1
+        got = _drain(victim)
+        assert all(P.parse(data) == P.Data(1, data[4:]) for data in got)
+        blocks = len(got)
     finally:
         victim.close()
         d.stop()

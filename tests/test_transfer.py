@@ -160,17 +160,24 @@ def test_progress_ends_the_backoff() -> None:
     assert t.rto == t.base_rto and t.retries == 0
 
 
-def test_a_peer_that_acknowledged_no_data_is_sent_two_windows_then_single_blocks() -> None:
-    # ACK 0 alone proves nothing: anyone who knows the transfer's port can send it
-    # for someone else. Until a DATA block is acknowledged, the window goes out twice
-    # at most; later tries carry its first block only, and a repeated ACK 0 brings
-    # the next try sooner but buys no more of them.
+def _window_16_down_to_block_1() -> ReadTransfer:
+    """A transfer whose client sent ACK 0 and then nothing for two timeouts: its
+    window went out twice, then block 1 alone."""
     t = ReadTransfer(PEER, 1 << 20, blksize=1024, windowsize=16, timeout=1.0, retries=5,
                      oack={"blksize": "1024", "windowsize": "16"})
     t.start(0.0)
     assert t.on_datagram(ack(0), PEER, 0.0) == [SendBlocks(1, 16)]
     sent = [t.on_timer(t.deadline or 0.0)[0] for _ in range(2)]
     assert sent == [SendBlocks(1, 16), SendBlocks(1, 1)]
+    return t
+
+
+def test_a_peer_that_acknowledged_no_data_is_sent_two_windows_then_single_blocks() -> None:
+    # ACK 0 alone proves nothing: anyone who knows the transfer's port can send it
+    # for someone else. Until a DATA block is acknowledged, the window goes out twice
+    # at most; later tries carry its first block only, and a repeated ACK 0 brings
+    # the next try sooner but buys no more of them.
+    t = _window_16_down_to_block_1()
     assert t.on_datagram(ack(0), PEER, 1.0) == []  # the repeat: no send on an ACK
     assert t.retries == 2 and t.deadline == pytest.approx(1.0 + 0.2)
     now = 0.0
@@ -195,12 +202,7 @@ def test_an_ack_of_the_first_window_counts_after_single_block_resends() -> None:
     # lost, so the server is down to block 1 alone. The ACK 16 the client repeats on
     # its own timeouts (block 1 is an old block to it: no ACK) must count: it did
     # not (block 16 was no longer "in flight") and the client gave up.
-    t = ReadTransfer(PEER, 1 << 20, blksize=1024, windowsize=16, timeout=1.0, retries=5,
-                     oack={"blksize": "1024", "windowsize": "16"})
-    t.start(0.0)
-    assert t.on_datagram(ack(0), PEER, 0.0) == [SendBlocks(1, 16)]
-    sent = [t.on_timer(t.deadline or 0.0)[0] for _ in range(2)]
-    assert sent == [SendBlocks(1, 16), SendBlocks(1, 1)]
+    t = _window_16_down_to_block_1()
     assert t.on_datagram(ack(16), PEER, 3.0) == [SendBlocks(17, 16)]
     assert t.last_acked == 16 and t.retries == 0
 

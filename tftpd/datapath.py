@@ -511,8 +511,8 @@ class _CDataPath(DataPath):
 
 
 def drained(sock: socket.socket) -> bool:
-    """Empty a reused socket of late datagrams from its last client; False if it
-    keeps receiving (someone is flooding that port: take another)."""
+    """Empty a spare socket of what strangers sent to its port while it waited;
+    False if it keeps receiving (someone is flooding that port: take another)."""
     try:
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # clears a pending error
         for _ in range(64):

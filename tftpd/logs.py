@@ -120,16 +120,17 @@ class Throttle:
 
     Anyone can send a datagram, so every line that input from the network causes
     goes through one of these: at most `per_address` lines from one address and
-    `total` in all per `interval` seconds. What is held back is counted, by address,
-    and said once the interval is over ("N more like this from ADDR"), so a flood
-    costs a few lines and the counters (metrics) still see every event. Memory is
-    bounded too: past `track` addresses in one interval, the rest share one count.
+    `total` (None: no bound) in all per `interval` seconds. What is held back is
+    counted, by address, and said once the interval is over ("N more like this from
+    ADDR"), so a flood costs a few lines and the counters (metrics) still see every
+    event. Memory is bounded too: past `track` addresses in one interval, the rest
+    share one count.
     """
 
     SUMMARY_LINES = 10  # addresses named in a summary; the rest are counted together
 
-    def __init__(self, what: str, per_address: int, total: int, interval: float = 10.0,
-                 track: int = 4096) -> None:
+    def __init__(self, what: str, per_address: int, total: int | None = None,
+                 interval: float = 10.0, track: int = 4096) -> None:
         self.what = what
         self.per_address = per_address
         self.total = total
@@ -146,7 +147,7 @@ class Throttle:
         if now >= self.window_end:
             self.roll(now)
         n = self.lines.get(addr, 0)
-        if n < self.per_address and self.written < self.total:
+        if n < self.per_address and (self.total is None or self.written < self.total):
             if n or len(self.lines) < self.track:
                 self.lines[addr] = n + 1
             self.written += 1

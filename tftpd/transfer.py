@@ -199,7 +199,7 @@ class ReadTransfer:
         if deadline is None or now < deadline:
             return []
         s = self.s
-        answered = self._answered()
+        answered = self._acknowledged()
         limit = self.retries_max if answered else min(self.retries_max, UNANSWERED_RETRIES)
         if s.retries >= limit:
             return [self._finish("failed", "timeout: client stopped answering")]
@@ -300,8 +300,8 @@ class ReadTransfer:
         s.base_rto = min(max(s.srtt + 4 * s.rttvar, RTO_FLOOR), RTO_CEILING)
         s.rto = s.base_rto
 
-    def _answered(self) -> bool:
-        """The client has answered something of ours: a DATA block, or the OACK."""
+    def _acknowledged(self) -> bool:
+        """The client has acknowledged something of ours: a DATA block, or the OACK."""
         return self.s.last_acked > 0 or (self.oack is not None and self.state != OACK_SENT)
 
     def _progress(self) -> None:

@@ -284,7 +284,7 @@ class Worker:
         self.busy_refusals = 0
         self.busy_logged_at = 0.0
         self.noise = logs.Throttle("unproven input", NOISE_PER_ADDRESS, NOISE_TOTAL)
-        self.records = logs.Throttle("transfer records", RECORDS_PER_ADDRESS, 1 << 62)
+        self.records = logs.Throttle("transfer records", RECORDS_PER_ADDRESS)
         self._asked: dict[str, str] = {}
         self._hits_reported = 0
         self._misses_reported = 0
@@ -760,8 +760,7 @@ class Worker:
                         granted: dict, now: float) -> None:
         assert self.refusals is not None and self.pump is not None
         known = self.refusals.current(data)
-        dstlen = len(socket.inet_pton(socket.AF_INET6 if ":" in local else socket.AF_INET,
-                                      local))
+        dstlen = 16 if ":" in local else 4  # the family of the address asked
         if known is not None and known.xfer is not None and known.ident == f.ident \
                 and known.ifindex == ifindex and known.dstlen == dstlen \
                 and known.expires > now + START_TTL / 2:
