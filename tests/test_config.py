@@ -89,6 +89,27 @@ def test_every_setting_reaches_flag_file_and_man_page() -> None:
         assert f"\\fB{s.key.replace('-', chr(92) + '-')}\\fR" in page5
 
 
+def test_every_environment_variable_read_is_in_the_man_page() -> None:
+    import re
+    from pathlib import Path
+
+    from tftpd import manpage
+    from tftpd.config import ENVIRONMENT
+
+    top = Path(__file__).resolve().parent.parent
+    sources = [*(top / "tftpd").rglob("*.py"), *(top / "_ext").glob("*.[ch]"),
+               *(top / "_ext").glob("*.py"), top / "setup.py"]
+    read = {name for path in sources
+            for name in re.findall(r"[\"'](TFTPD_[A-Z0-9_]+)[\"']", path.read_text())}
+    assert {"TFTPD_DATAPATH", "TFTPD_PUMP", "TFTPD_GSO"} <= read  # the scan finds reads
+    declared = {var.name for var in ENVIRONMENT}
+    assert read <= declared, f"undeclared in config.ENVIRONMENT: {sorted(read - declared)}"
+    page = manpage.pages()[manpage.MAN / "tftpd.8"]
+    section = page[page.index(".SH ENVIRONMENT"):page.index(".SH FILES")]
+    for name in declared:
+        assert f".B {name}\n" in section, name
+
+
 def test_man_pages_render_without_warnings() -> None:
     import shutil
     import subprocess

@@ -194,6 +194,36 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="c|python"),
 )
 
+@dataclass(frozen=True, slots=True)
+class EnvVar:
+    """An environment variable tftpd, its build or its tests read: a switch for
+    debugging and measurement, not configuration (no flag, no tftpd.conf key)."""
+
+    name: str
+    help: str  # "VALUE: what it does"
+
+
+# Every TFTPD_* variable read anywhere in the product, declared here once; the
+# ENVIRONMENT section of tftpd(8) is made from this list, and a test fails when the
+# source reads a TFTPD_* name missing here. Each is read where it acts (the module
+# named in its help).
+ENVIRONMENT: tuple[EnvVar, ...] = (
+    EnvVar("TFTPD_DATAPATH", "c or python: force a data path, as --datapath"),
+    EnvVar("TFTPD_HANG_CHECK", "0: never kill a worker for a missing heartbeat, so that "
+           "one can be stopped in a debugger (the master)"),
+    EnvVar("TFTPD_PUMP", "0: with the C data path, a worker waits in Python's selector "
+           "and Python answers every ACK, C only sends (the worker; for measuring C's "
+           "pump against Python)"),
+    EnvVar("TFTPD_GSO", "0: send windows with sendmmsg, never with UDP segmentation "
+           "(the data path)"),
+    EnvVar("TFTPD_PROFILE", "DIR: each worker writes a cProfile file, "
+           "DIR/worker-PID.prof, when it exits (the master)"),
+    EnvVar("TFTPD_REQUIRE_EXT", "1: building (setup.py) and the tests fail when the C "
+           "data path does not build or load, instead of falling back to Python"),
+    EnvVar("TFTPD_SANITIZE", "address,undefined (any -fsanitize= list): build the C "
+           "data path with those sanitizers (_ext/build_datapath.py, tests/asan.sh)"),
+)
+
 
 
 def default_workers() -> int:

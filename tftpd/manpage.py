@@ -1,4 +1,5 @@
-"""The OPTIONS of tftpd(8) and the SETTINGS of tftpd.conf(5), made from config.SETTINGS.
+"""The OPTIONS and ENVIRONMENT of tftpd(8) and the SETTINGS of tftpd.conf(5), made from
+config.SETTINGS and config.ENVIRONMENT.
 
 `python3 -m tftpd.manpage` rewrites the generated parts of man/tftpd.8 and
 man/tftpd.conf.5 in place; a test fails when the pages and the settings drift.
@@ -10,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from tftpd.config import SETTINGS, Setting
+from tftpd.config import ENVIRONMENT, SETTINGS, Setting
 
 MAN = Path(__file__).resolve().parent.parent / "man"
 BEGIN = '.\\" BEGIN GENERATED {} (python3 -m tftpd.manpage)'
@@ -59,6 +60,14 @@ def settings_section() -> str:
     return "\n".join(out)
 
 
+def environment_section() -> str:
+    out = []
+    for var in ENVIRONMENT:
+        value, _, what = var.help.partition(": ")
+        out += [".TP", f".B {var.name}", f"\\fB{_roff(value)}\\fR: {_roff(what)}."]
+    return "\n".join(out)
+
+
 def render(text: str, name: str, body: str) -> str:
     pattern = re.compile(re.escape(BEGIN.format(name)) + r"\n(?:.*?\n)?"
                          + re.escape(END.format(name)), re.S)
@@ -70,7 +79,8 @@ def render(text: str, name: str, body: str) -> str:
 def pages() -> dict[Path, str]:
     """Each man page as it should be, generated parts filled in."""
     page8, page5 = MAN / "tftpd.8", MAN / "tftpd.conf.5"
-    return {page8: render(page8.read_text(), "OPTIONS", options_section()),
+    text8 = render(page8.read_text(), "OPTIONS", options_section())
+    return {page8: render(text8, "ENVIRONMENT", environment_section()),
             page5: render(page5.read_text(), "SETTINGS", settings_section())}
 
 
