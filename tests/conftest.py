@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, settings
 #
 # Two profiles. `ci` (the default) keeps the example counts that fit CI's time. `deep`
 # (HYPOTHESIS_PROFILE=deep, or pytest's --hypothesis-profile=deep) runs DEEP_FACTOR
-# times as many: over a million examples in all (README, Tests). A test's own count is
+# times as many: over a million examples in all (docs/testing.md). A test's own count is
 # written `scaled(n)`, never a bare number, so no test caps the deep run; a test whose
 # examples are slow (syscalls on real sockets, backtracking regexes) takes a smaller
 # multiplier, `scaled(n, deep=DEEP_IO)`, so that the deep run takes minutes, not days.

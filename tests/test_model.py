@@ -121,7 +121,7 @@ def number(value: str | None) -> int | None:
 
 
 def expected_oack(pairs: Pairs, size: int | None) -> dict[str, str]:
-    """The OACK the documented policy gives (README, RFC 2347-2349, 7440)."""
+    """The OACK the documented policy gives (tftpd(8), RFC 2347-2349, 7440)."""
     want = asked(pairs)
     got: dict[str, int] = {}
     b = number(want.get("blksize"))

@@ -232,7 +232,7 @@ def default_workers() -> int:
     The spare CPU is for what runs beside the workers and competes with them for
     every datagram: the kernel's receive path, the DHCP server a PXE setup runs
     next to us, a load generator. Measured on 2 CPUs with the generator beside
-    (bench/README.md, session 3): one worker served 63-72k probes/s against two
+    (bench/RESULTS.md, 2026-11-26 at b3f5467): one worker served 63-72k probes/s against two
     workers' 46-49k, mfs at 100 clients in 5.5-5.8 s against 6.3-7.6 s, and a
     1000-client pxe storm in the same time (3.3-4.6 s against 3.4-3.8 s).
     """
