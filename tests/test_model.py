@@ -931,7 +931,7 @@ def test_protocol_model(model_daemon: Daemon) -> None:
     run_state_machine_as_test(machine, settings=model_settings())
 
 
-# -- what the machine found (fixed; kept as regressions) ---------------------------------
+# -- examples the state machine found, kept as regression tests -----------------------
 
 def test_upload_backoff_ends_with_progress(model_daemon: Daemon) -> None:
     ep = Endpoint()
