@@ -26,8 +26,8 @@ INTERNAL = os.path.join(HERE, "tftpd_internal.h")
 SOURCES = [os.path.join(HERE, f"tftpd_{name}.c")
            for name in ("send", "ack", "pump", "peers", "known", "requests")]
 
-# "#define TFTPD_NAME 123": integer constants the Python side reads.
-_CONSTANT = re.compile(r"#\s*define\s+(TFTPD_\w+)\s+(?:\d+|0x[0-9a-fA-F]+)\s*$")
+# "#define TFTPD_NAME 123" (a comment may follow): integer constants Python reads.
+_CONSTANT = re.compile(r"#\s*define\s+(TFTPD_\w+)\s+(?:\d+|0x[0-9a-fA-F]+)\s*(?:/\*.*\*/)?\s*$")
 
 
 def cdef_from_header(text: str) -> str:

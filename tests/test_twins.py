@@ -44,7 +44,7 @@ from tftpd.datapath import (
     REQ_ANSWERED,
     REQ_BATCH,
     DataPath,
-    Refusals,
+    KnownAnswers,
     dir_identity,
     encode_sockaddr,
     get_datapath,
@@ -261,7 +261,7 @@ class AckRig:
                 break
         c_actions: list[T.Action] = []
         kinds = []
-        for slot, kind, _err, data, src in events:
+        for slot, kind, _err, data, src, _offered in events:
             assert slot == self.slot
             kinds.append(kind)
             if kind == EV_PACKET:  # C left it to Python, as the worker does
@@ -461,7 +461,7 @@ def _run_reader(dp: DataPath, tmp: Path, entries: list[tuple[bytes, int]],
     from tftpd.worker import enable_pktinfo
 
     there, gone = tmp / "there", tmp / "gone"
-    refusals = Refusals(dp)
+    refusals = KnownAnswers(dp)
     for i, (req, how) in enumerate(entries):
         directory = gone if how in (DIR_GONE, DIR_STILL_MISSING) else there
         ident = dir_identity(str(directory))
@@ -514,7 +514,7 @@ def _run_reader(dp: DataPath, tmp: Path, entries: list[tuple[bytes, int]],
             assert len(got) == len(chunk), f"{dp.name}: {len(got)} of {len(chunk)} read"
             events += got
         out = []
-        for kind, r, e, data, src, dst, ifindex, arrival, answered in events:
+        for kind, r, e, data, src, dst, ifindex, arrival, answered, _ in events:
             out.append((kind, r.note if r is not None else None, e, bytes(data), who[src],
                         dst, ifindex, arrival > 0, answered > 0))
         replies: list = []
