@@ -24,7 +24,7 @@
 
 #include <stddef.h>
 
-/* Bump on any change of a signature or of a meaning below; tftpd/datapath.py
+/* Bump on any change of a signature or of a meaning below; tftpd/datapath/ext.py
  * refuses a compiled module whose version differs from the one it expects. */
 #define TFTPD_DATAPATH_VERSION 12
 
@@ -181,6 +181,9 @@ struct tftpd_starts {
 /* RTO bounds, as transfer.py's RTO_FLOOR and RTO_CEILING (checked by a test). */
 #define TFTPD_RTO_FLOOR_MS 200
 #define TFTPD_RTO_CEILING_MS 10000
+/* Tries a transfer nobody has answered gets, as transfer.py's UNANSWERED_RETRIES
+ * (checked when the module loads). */
+#define TFTPD_UNANSWERED_RETRIES 3
 
 /*
  * Serve the ready sockets of the epoll set `epfd` (each added by
@@ -347,7 +350,8 @@ struct tftpd_request {
  * request from a peer that has a live transfer in st's peer table is PASSed
  * (Python merges or supersedes), except the exact request of a transfer C
  * started, which is reported MERGED and dropped (and, when the OACK went out
- * TFTPD_RTO_FLOOR_MS or longer ago, answered with the OACK again at once, as
+ * TFTPD_RTO_FLOOR_MS or longer ago, answered with the OACK again at once, a
+ * try counted in retries, up to TFTPD_UNANSWERED_RETRIES, as
  * ReadTransfer.on_repeat does).  A request matching an
  * entry with oack set (and ifindex equal to the request's) takes a free slot
  * and a spare socket bound to the address the request was sent to (drained
@@ -387,6 +391,15 @@ int tftpd_peer_find(const struct tftpd_starts *st, const char *addr, unsigned in
  */
 int tftpd_overdue(const struct tftpd_starts *st, double now, unsigned int *out,
                   unsigned int max, double *next);
+
+/* Empty a spare socket of what strangers sent to its port while it waited (and
+ * of a pending ICMP error from its last client, which a recv returns and
+ * clears): 0 when it is empty, -1 when it keeps receiving (TFTPD_DRAIN_MAX
+ * datagrams and more: someone floods that port) or fails.  tftpd_requests does
+ * this to a spare before it starts a transfer on it.
+ * Python twin: tftpd.datapath.net.drained. */
+#define TFTPD_DRAIN_MAX 64
+int tftpd_drain(int sock);
 
 /* 1 when the datagram (len bytes) is ERROR 0, 8 or 9: a client that read an
  * OACK's tsize and stops, an existence probe.  Python twin:

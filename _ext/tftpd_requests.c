@@ -90,10 +90,8 @@ static socklen_t tftpd_reply_cmsg(const struct tftpd_request *q, char *buf)
     return 0;
 }
 
-/* Empty a spare socket of its last client's late datagrams (and a pending ICMP
- * error).  0 when it is quiet; -1 when it keeps receiving or fails.
- * Python twin: tftpd.datapath.net.drained. */
-static int tftpd_drain(int sock)
+/* See the header.  Python twin: tftpd.datapath.net.drained. */
+int tftpd_drain(int sock)
 {
     char b;
     int i;
@@ -101,7 +99,7 @@ static int tftpd_drain(int sock)
     /* One recv() when it is empty, the common case.  A pending error (ICMP
      * port unreachable from the last client) is returned, and cleared, by a
      * recv() like a datagram is. */
-    for (i = 0; i < 64; i++) {
+    for (i = 0; i < TFTPD_DRAIN_MAX; i++) {
         if (recv(sock, &b, 1, MSG_DONTWAIT) >= 0)
             continue; /* a UDP recv drops the whole datagram */
         if (errno == EAGAIN || errno == EWOULDBLOCK)
@@ -129,17 +127,19 @@ static int tftpd_send_oack(int sock, const struct tftpd_known_answer *r,
 
 /* The same request again while the transfer C started has heard nothing: when
  * the OACK went out TFTPD_RTO_FLOOR_MS or longer ago, the client did not get it
- * (or is a new one on a reused port), so it goes again at once
+ * (or is a new one on a reused port), so it goes again at once.  Such a repeat
+ * counts as a try, as a timeout does: a spoofed request repeated does not hold
+ * the slot longer than TFTPD_UNANSWERED_RETRIES tries.
  * Python twin: tftpd.transfer.ReadTransfer.on_repeat (its OACK_SENT case). */
 static void tftpd_repeat(struct tftpd_xfer *x, const struct tftpd_known_answer *r,
                          struct tftpd_request *q, double now)
 {
-    if (now - x->armed_at < TFTPD_RTO_FLOOR_MS / 1000.0)
+    if (now - x->armed_at < TFTPD_RTO_FLOOR_MS / 1000.0 || x->last_acked > 0
+        || x->retries >= TFTPD_UNANSWERED_RETRIES)
         return;
     q->err = tftpd_send_oack(x->sock, r, q);
     x->retransmits++;
-    x->retries = 0;
-    x->rto = x->base_rto;
+    x->retries++;
     x->resent = 1;
     x->armed_at = now;
 }

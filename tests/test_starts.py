@@ -32,8 +32,8 @@ from tftpd.datapath import (
     REQ_MERGED,
     REQ_PASS,
     REQ_STARTED,
-    Pump,
     KnownAnswers,
+    Pump,
     encode_sockaddr,
     get_datapath,
 )

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from tftpd import transfer as T
 from tftpd.datapath import events as E
+from tftpd.datapath.net import DRAIN_MAX
 
 __all__ = ["BATCH", "EXT_VERSION", "REQ_BATCH", "REQ_MAX", "load"]
 
@@ -28,6 +30,10 @@ _SAME = {  # name in C: the Python value
     "TFTPD_MAX_BATCH": BATCH,
     "TFTPD_REQ_MAX": REQ_MAX,
     "TFTPD_REQ_BATCH": REQ_BATCH,
+    "TFTPD_DRAIN_MAX": DRAIN_MAX,
+    "TFTPD_UNANSWERED_RETRIES": T.UNANSWERED_RETRIES,
+    "TFTPD_RTO_FLOOR_MS": round(T.RTO_FLOOR * 1000),
+    "TFTPD_RTO_CEILING_MS": round(T.RTO_CEILING * 1000),
     "TFTPD_EV_PACKET": E.EV_PACKET,
     "TFTPD_EV_DONE": E.EV_DONE,
     "TFTPD_EV_ERROR": E.EV_ERROR,
