@@ -13,7 +13,13 @@ with the same arbitrary inputs on both sides, and the results must be equal:
   `requests`, on arbitrary datagrams over loopback: the same kinds, the same answers;
 - the send path: `tftpd_send_window` against the twin, on arbitrary windows of
   arbitrary files, from the descriptor or an image, with and without UDP segmentation:
-  the same datagrams on the wire.
+  the same datagrams on the wire;
+- probe endings: `tftpd_is_probe_end` against `transfer.is_probe_end` on any datagram;
+- draining a spare socket: `tftpd_drain` against `net.drained`;
+- the OACK repeat: `tftpd_repeat` (through `tftpd_requests`) against
+  `ReadTransfer.on_repeat`, from arbitrary states.
+
+docs/twins.md lists every pair and the test that holds it.
 """
 
 from __future__ import annotations
