@@ -1,8 +1,8 @@
 """cffi builder for tftpd._datapath (out-of-line API mode).
 
 The API lives in one header, tftpd_datapath.h, whose declarations cffi's
-cdef() reads (the bcrypt / pynacl layout); the implementation is
-tftpd_datapath.c, compiled next to cffi's generated wrapper.
+cdef() reads (the bcrypt / pynacl layout); the implementation is the files in
+SOURCES (sharing tftpd_internal.h), compiled next to cffi's generated wrapper.
 
 Used by setup.py through ``cffi_modules=["_ext/build_datapath.py:ffibuilder"]``;
 ``python3 _ext/build_datapath.py`` builds the module in place
@@ -19,10 +19,15 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 HEADER = os.path.join(HERE, "tftpd_datapath.h")
-SOURCE = os.path.join(HERE, "tftpd_datapath.c")
+INTERNAL = os.path.join(HERE, "tftpd_internal.h")
+# One file per concept: sending, the ACK rules, the pump, the peer table, the
+# known-answer table, request intake.  tests/c/short_reads.c and tests/asan.sh
+# compile the same list (SOURCES, read from here).
+SOURCES = [os.path.join(HERE, f"tftpd_{name}.c")
+           for name in ("send", "ack", "pump", "peers", "known", "requests")]
 
-# "#define TFTPD_NAME 123": integer constants the Python side reads.
-_CONSTANT = re.compile(r"#\s*define\s+(TFTPD_\w+)\s+(?:\d+|0x[0-9a-fA-F]+)\s*$")
+# "#define TFTPD_NAME 123" (a comment may follow): integer constants Python reads.
+_CONSTANT = re.compile(r"#\s*define\s+(TFTPD_\w+)\s+(?:\d+|0x[0-9a-fA-F]+)\s*(?:/\*.*\*/)?\s*$")
 
 
 def cdef_from_header(text: str) -> str:
@@ -74,9 +79,9 @@ ffibuilder.cdef(cdef_from_header(_header_text))
 ffibuilder.set_source(
     "tftpd._datapath",
     '#include "tftpd_datapath.h"\n',
-    sources=[_path(SOURCE)],
+    sources=[_path(s) for s in SOURCES],
     include_dirs=[_path(HERE)],
-    depends=[_path(HEADER)],
+    depends=[_path(HEADER), _path(INTERNAL)],
     extra_compile_args=_compile_args,
     extra_link_args=_link_args,
 )

@@ -7,32 +7,32 @@
  * compiler saw.  Keep everything else here plain C declarations that cffi can
  * parse: no macros in declarations, no includes, no inline code.
  *
- * The C side is stateless: Python decides which blocks go where and when,
- * and which requests have a known answer; C does the syscalls.  Nothing here
- * allocates, keeps state of its own or calls back.
+ * What C does: send windows of DATA blocks (tftpd_send.c); serve the ACKs of
+ * many transfers in one epoll loop, the pump (tftpd_pump.c, with the lock-step
+ * rules in tftpd_ack.c); read requests and answer the ones whose answer is
+ * known (tftpd_requests.c, the table in tftpd_known.c), starting the transfer
+ * itself when the known answer is an OACK; and keep the peer table of the
+ * transfers it serves (tftpd_peers.c).  Every table, struct and buffer lives
+ * in memory Python allocates and owns; C moves the numbers in it (a
+ * transfer's counters, the peer table, the free slots and spare sockets it
+ * takes) and allocates nothing, calls nothing back.  The one state of C's own
+ * is the hash key.  Each rule that also exists in Python names its twin where
+ * it is defined; docs/twins.md lists them.
  */
 #ifndef TFTPD_DATAPATH_H
 #define TFTPD_DATAPATH_H
 
 #include <stddef.h>
 
-/* Bump on any change of a signature or of a meaning below; tftpd/datapath.py
+/* Bump on any change of a signature or of a meaning below; tftpd/datapath/ext.py
  * refuses a compiled module whose version differs from the one it expects. */
-#define TFTPD_DATAPATH_VERSION 11
+#define TFTPD_DATAPATH_VERSION 12
 
 /* Most datagrams handed to one sendmmsg() call, and the most blocks read in
  * one go: a window is read and sent in batches of at most this many blocks
  * (the message array lives on the stack).  The pure-Python twin batches the
  * same way, so both stop at the same place when the file shrinks. */
 #define TFTPD_MAX_BATCH 64
-
-/* Returned negated when the file ended before a block it had to supply: the
- * file shrank after its size was taken.  Outside the errno range
- * (Linux errno values stay below 4096). */
-#define TFTPD_ESHRANK 4096
-
-/* Returned negated (internally) when the kernel refuses UDP segmentation. */
-#define TFTPD_ENOGSO 4097
 
 /*
  * Send DATA blocks first .. first+count-1 of the file open on `fd` to the
@@ -57,18 +57,24 @@
  *
  * Returns the number of datagrams sent, 0..count.  Fewer than count means
  * back-pressure: sendmmsg() failed with EAGAIN/EWOULDBLOCK/ENOBUFS (0 if it
- * did so on the first datagram).  Returns -errno on any other error,
- * -TFTPD_ESHRANK when the file is shorter than filesize, and -EINVAL on bad
- * arguments.  EINTR is retried.
+ * did so on the first datagram).  Returns -errno on any other error and
+ * -EINVAL on bad arguments.  EINTR is retried.  *shrank (may be NULL) is set
+ * to 1 when the file turned out shorter than filesize (it shrank after its
+ * size was taken; the batches before went out whole, the return is then 0),
+ * else to 0.
+ *
+ * Python twin: tftpd.datapath.sending.PythonDataPath._send.
  */
 int tftpd_send_window(int sock, const char *addr, unsigned int addrlen,
                       int fd, const char *mem, unsigned long long filesize,
                       unsigned int blksize,
                       unsigned long long first, unsigned int count,
                       unsigned int rollover,
-                      char *scratch, size_t scratch_len, unsigned int *gso);
+                      char *scratch, size_t scratch_len, unsigned int *gso,
+                      int *shrank);
 
-/* The 16-bit block number block k carries on the wire. */
+/* The 16-bit block number block k carries on the wire.
+ * Python twin: tftpd.transfer.wire_block. */
 unsigned int tftpd_wire_block(unsigned long long k, unsigned int rollover);
 
 /*
@@ -107,21 +113,28 @@ struct tftpd_xfer {
     double srtt;                   /* < 0: no sample yet */
     double rttvar;
     unsigned int gso;              /* 1: its route takes UDP segmentation (so far) */
-    int probe;                     /* 1: C sent the OACK and owns the transfer (below) */
-    unsigned int answer;           /* probe: the id of the known answer that started it */
-    unsigned int locallen;         /* probe: the socket's local address (4 or 16 bytes) */
+    int owner;                     /* TFTPD_OWNER_*: who serves the transfer (below) */
+    unsigned int answer;           /* started by C: the id of the known answer it sent */
+    unsigned int locallen;         /* started by C: its socket's local address (4, 16) */
     unsigned char local[16];
 };
+
+/* struct tftpd_xfer's owner.  Python serves the transfer (the pump may answer
+ * its ACKs while fast is set); C started it from a known OACK and serves it
+ * until Python adopts it; C ended it (ERROR 0, 8 or 9 to its OACK) and Python
+ * has yet to see the EV_PROBE event. */
+#define TFTPD_OWNER_PYTHON 0
+#define TFTPD_OWNER_C 1
+#define TFTPD_OWNER_ENDED 2
 
 /* What the pump hands back to Python. */
 #define TFTPD_EV_PACKET 1   /* a datagram Python must judge (in pktbuf) */
 #define TFTPD_EV_DONE 2     /* the last block was acknowledged */
-#define TFTPD_EV_ERROR 3    /* recv or send failed: err is errno or ESHRANK */
+#define TFTPD_EV_ERROR 3    /* recv or send failed: err is the errno */
 #define TFTPD_EV_READY 4    /* a descriptor of Python's is ready: slot is its token */
 #define TFTPD_EV_PROBE 5    /* a transfer C started ended with ERROR 0, 8 or 9 (err) */
 #define TFTPD_EV_REARM 6    /* an ACK C answered brought the transfer's timer forward */
-/* EV_PROBE's off: its slot is offered again. */
-#define TFTPD_PROBE_OFFERED 2
+#define TFTPD_EV_SHRANK 7   /* the next window found the file shorter than its size */
 
 /* Epoll data at or above this is not a transfer's slot but a token: one of
  * Python's own descriptors (listen sockets, the signal pipe) in the same set. */
@@ -130,10 +143,11 @@ struct tftpd_xfer {
 struct tftpd_event {
     unsigned int slot;             /* the transfer's index in the table */
     int kind;
-    int err;
+    int err;                       /* EV_ERROR: the errno; EV_PROBE: the ERROR code */
     unsigned int off;              /* EV_PACKET: the datagram is pktbuf[off..off+len) */
     unsigned int len;
-    unsigned int srclen;           /* EV_PACKET: who sent it */
+    unsigned int offered;          /* EV_PROBE: 1 when C offered its slot again itself */
+    unsigned int srclen;           /* EV_PACKET, EV_PROBE: who sent it */
     char src[28];
 };
 
@@ -167,6 +181,9 @@ struct tftpd_starts {
 /* RTO bounds, as transfer.py's RTO_FLOOR and RTO_CEILING (checked by a test). */
 #define TFTPD_RTO_FLOOR_MS 200
 #define TFTPD_RTO_CEILING_MS 10000
+/* Tries a transfer nobody has answered gets, as transfer.py's UNANSWERED_RETRIES
+ * (checked when the module loads). */
+#define TFTPD_UNANSWERED_RETRIES 3
 
 /*
  * Serve the ready sockets of the epoll set `epfd` (each added by
@@ -198,21 +215,24 @@ struct tftpd_starts {
  * and reported as EV_PACKET, and that socket is left for the next call, so
  * Python sees its datagrams in arrival order before C reads on.  A failed recv (but EAGAIN)
  * or send (but back-pressure, which the timer covers) reports EV_ERROR and
- * clears fast.  The pump stops early rather than read a datagram it has no
+ * clears fast; a file found shorter than its size reports EV_SHRANK and clears
+ * fast.  The pump stops early rather than read a datagram it has no
  * room to report (max_events, or 1500 bytes left in pktbuf).
  *
- * A transfer C started (probe set, see tftpd_requests) is ended here when its
- * peer answers the OACK with ERROR 0, 8 or 9, an existence probe: the socket
- * leaves the epoll set, the peer leaves st's peer table, st->live drops, probe
- * becomes 2 and EV_PROBE reports the slot (err: the error code, src: the peer).
- * Where there is room, C puts the slot back among the free slots itself, and
- * says so in the event's off (PROBE_OFFERED); Python logs the probe, closes
+ * A transfer C started (owner TFTPD_OWNER_C, see tftpd_requests) is ended
+ * here when its peer answers the OACK with ERROR 0, 8 or 9, an existence probe
+ * (tftpd_is_probe_end): the socket leaves the epoll set, the peer leaves st's
+ * peer table, st->live drops, owner becomes TFTPD_OWNER_ENDED and EV_PROBE
+ * reports the slot (err: the error code, src: the peer).  Where there is room,
+ * C puts the slot back among the free slots itself, and says so in the
+ * event's `offered`; Python logs the probe, closes
  * the socket (a transfer port serves one client only) and takes back the
  * slot if C could not.  The
  * slot's struct keeps its numbers until Python has seen the event (the next
  * start that takes the slot sets them anew).  Anything else such a
  * transfer receives is an EV_PACKET like any other: Python adopts the transfer
- * (clears probe, lowers st->live) and goes on with it.  st may be NULL.
+ * (owner becomes TFTPD_OWNER_PYTHON, st->live drops) and goes on with it.
+ * st may be NULL.
  *
  * Windows go out segmented while *gso and the transfer's gso are set; a
  * route that refuses it clears the transfer's gso, not *gso.
@@ -234,12 +254,15 @@ int tftpd_pump(int epfd, struct tftpd_xfer **table, unsigned int table_len,
 int tftpd_epoll_set(int epfd, int op, int fd, unsigned int slot);
 
 /*
- * Requests whose answer is already known.  In a boot storm most requests are
- * guesses at names that do not exist (pxelinux.cfg/01-<mac>, loader.conf.local,
- * the .gz the loader tries first).  Python answers the first one, and, while
- * its negative cache holds the name, enters the request and its ERROR reply in
- * a table; C then answers every copy of that request it reads, with no Python
- * work but a log line.
+ * Requests whose answer is already known (tftpd/datapath/known.py fills the
+ * table).  In a boot storm most requests are guesses at names that do not
+ * exist (pxelinux.cfg/01-<mac>, loader.conf.local, the .gz the loader tries
+ * first), or the same request for a file that exists from many clients.
+ * Python answers the first one, and, while its negative cache holds the name
+ * (or the file is unchanged), enters the request and its answer in a table:
+ * an ERROR, or an OACK from which C starts the transfer itself (see
+ * tftpd_requests).  C then answers every copy of that request it reads, with
+ * no Python work but a log line.
  *
  * The table is open addressing with linear probing over table_len entries
  * (a power of two), indexed by tftpd_hash() of the request datagram; an
@@ -251,7 +274,7 @@ int tftpd_epoll_set(int epfd, int op, int fd, unsigned int slot);
  * again if dir_known is 0): a file rewritten, replaced or made unreadable
  * since goes back to Python, which judges it afresh.
  */
-struct tftpd_refusal {
+struct tftpd_known_answer {
     unsigned long long hash;       /* tftpd_hash(req, reqlen); 0: free */
     int oack;                      /* 1: the reply is an OACK that starts a transfer */
     int ifindex;                   /* oack: only for requests that came in here, */
@@ -260,7 +283,7 @@ struct tftpd_refusal {
     const struct tftpd_xfer *xfer; /* oack: the transfer's numbers (sock, addr: unset) */
     const char *req;               /* the request datagram */
     unsigned int reqlen;
-    const char *reply;             /* the ERROR datagram sent back */
+    const char *reply;             /* the answer sent back: an ERROR, or (oack) the OACK */
     unsigned int replylen;
     unsigned int id;               /* Python's handle, for the log line */
     double expires;                /* CLOCK_MONOTONIC seconds */
@@ -285,7 +308,7 @@ struct tftpd_refusal {
 unsigned long long tftpd_hash(const char *buf, unsigned int len);
 void tftpd_hash_key(unsigned long long k0, unsigned long long k1);
 
-#define TFTPD_REQ_ANSWERED 1 /* a known refusal went out: id, err (send errno or 0) */
+#define TFTPD_REQ_ANSWERED 1 /* a known ERROR went out: id, err (send errno or 0) */
 #define TFTPD_REQ_PASS 2     /* Python must serve it: the datagram is pktbuf[off..off+len) */
 #define TFTPD_REQ_STARTED 3  /* an OACK went out and C owns the transfer in `slot` */
 #define TFTPD_REQ_MERGED 4   /* a repeat of the request a transfer C owns already answers */
@@ -327,12 +350,13 @@ struct tftpd_request {
  * request from a peer that has a live transfer in st's peer table is PASSed
  * (Python merges or supersedes), except the exact request of a transfer C
  * started, which is reported MERGED and dropped (and, when the OACK went out
- * TFTPD_RTO_FLOOR_MS or longer ago, answered with the OACK again at once, as
+ * TFTPD_RTO_FLOOR_MS or longer ago, answered with the OACK again at once, a
+ * try counted in retries, up to TFTPD_UNANSWERED_RETRIES, as
  * ReadTransfer.on_repeat does).  A request matching an
  * entry with oack set (and ifindex equal to the request's) takes a free slot
  * and a spare socket bound to the address the request was sent to (drained
  * of late datagrams first): the slot's struct is set from the entry's xfer,
- * with the socket, the peer, probe = 1, answer = the entry's id and sent_at =
+ * with the socket, the peer, owner = TFTPD_OWNER_C, answer = the entry's id and sent_at =
  * armed_at = now; the socket joins the epoll set st->epfd with the slot, the
  * peer joins the peer table, st->live grows, and the OACK goes out from that
  * socket.  Without a free slot or a matching spare the request is PASSed.
@@ -343,7 +367,7 @@ struct tftpd_request {
  * is not an error of the call: that request's err says why.
  */
 int tftpd_requests(int lsock, int errsock, int pktinfo,
-                   const struct tftpd_refusal *table, unsigned int table_len,
+                   const struct tftpd_known_answer *table, unsigned int table_len,
                    double now, unsigned int max,
                    struct tftpd_request *out, char *pktbuf, size_t pktbuf_len,
                    struct tftpd_starts *st);
@@ -367,5 +391,19 @@ int tftpd_peer_find(const struct tftpd_starts *st, const char *addr, unsigned in
  */
 int tftpd_overdue(const struct tftpd_starts *st, double now, unsigned int *out,
                   unsigned int max, double *next);
+
+/* Empty a spare socket of what strangers sent to its port while it waited (and
+ * of a pending ICMP error from its last client, which a recv returns and
+ * clears): 0 when it is empty, -1 when it keeps receiving (TFTPD_DRAIN_MAX
+ * datagrams and more: someone floods that port) or fails.  tftpd_requests does
+ * this to a spare before it starts a transfer on it.
+ * Python twin: tftpd.datapath.net.drained. */
+#define TFTPD_DRAIN_MAX 64
+int tftpd_drain(int sock);
+
+/* 1 when the datagram (len bytes) is ERROR 0, 8 or 9: a client that read an
+ * OACK's tsize and stops, an existence probe.  Python twin:
+ * tftpd.transfer.is_probe_end. */
+int tftpd_is_probe_end(const unsigned char *p, size_t len);
 
 #endif /* TFTPD_DATAPATH_H */

@@ -30,7 +30,7 @@ import atheris
 with atheris.instrument_imports():
     from tftpd import options as O
     from tftpd import packet as P
-    from tftpd.datapath import Refusals, dir_identity, ext_error, get_datapath
+    from tftpd.datapath import KnownAnswers, dir_identity, ext_error, get_datapath
 
 POLICY = O.Policy()
 HERE = "/"
@@ -80,7 +80,7 @@ class Readers:
     def read(self, name: str, data: bytes) -> tuple[Any, ...]:
         dp = self.paths[name]
         lsock, err, client = self.socks[name]
-        refusals = Refusals(dp)
+        refusals = KnownAnswers(dp)
         now = time.monotonic()
         refusals.put(data, P.encode_error(1, "known"), now + 60, HERE, dir_identity(HERE), 1)
         refusals.put(data + b"x", P.encode_error(1, "near"), now + 60, HERE,

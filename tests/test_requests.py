@@ -1,6 +1,6 @@
 """Requests read by the data path, and known misses it answers alone (both paths).
 
-`DataPath.requests` reads the listen socket; a request in the `Refusals` table is
+`DataPath.requests` reads the listen socket; a request in the `KnownAnswers` table is
 answered at once from the error socket, every other one is handed back. These tests
 drive both implementations over loopback and compare what they report and send.
 """
@@ -22,7 +22,7 @@ from tftpd.datapath import (
     REQ_BATCH,
     REQ_PASS,
     DataPath,
-    Refusals,
+    KnownAnswers,
     dir_identity,
     get_datapath,
 )
@@ -61,7 +61,7 @@ def listen() -> Iterator[tuple[socket.socket, socket.socket]]:
     err.close()
 
 
-def _read(dp: DataPath, lsock: socket.socket, err: socket.socket, refusals: Refusals | None,
+def _read(dp: DataPath, lsock: socket.socket, err: socket.socket, refusals: KnownAnswers | None,
           want: int, pktinfo: bool = True) -> list:
     """Read until `want` requests came (bounded by WAIT)."""
     out: list = []
@@ -72,8 +72,8 @@ def _read(dp: DataPath, lsock: socket.socket, err: socket.socket, refusals: Refu
 
 
 def _known(dp: DataPath, tmp_path: Path, request: bytes = MISSING,
-           ttl: float = 30.0) -> Refusals:
-    refusals = Refusals(dp)
+           ttl: float = 30.0) -> KnownAnswers:
+    refusals = KnownAnswers(dp)
     directory = str(tmp_path / "pxelinux.cfg")
     refusals.put(request, NOT_FOUND, time.monotonic() + ttl, directory,
                  dir_identity(directory), note="a note")
@@ -93,7 +93,7 @@ def test_unknown_requests_pass_with_their_ancillary_data(datapath: DataPath,
         me = c.getsockname()
         before = time.time()
         c.sendto(MISSING, ("127.0.0.2", port))
-        (kind, refusal, e, data, src, dst, ifindex, arrival, _), = _read(
+        (kind, refusal, e, data, src, dst, ifindex, arrival, _, _), = _read(
             datapath, lsock, err, None, 1)
     assert (kind, refusal, e, data) == (REQ_PASS, None, 0, MISSING)
     assert src == me
@@ -112,7 +112,7 @@ def test_known_miss_answered_from_the_address_asked(datapath: DataPath, listen: 
         c.sendto(MISSING, ("127.0.0.3", port))
         events = _read(datapath, lsock, err, refusals, 1)
         reply, server = c.recvfrom(P.MAX_DATAGRAM)
-    (kind, refusal, e, data, src, dst, _, arrival, answered), = events
+    (kind, refusal, e, data, src, dst, _, arrival, answered, _), = events
     assert kind == REQ_ANSWERED and e == 0 and data == b""
     assert refusal is not None and refusal.note == "a note"
     assert src == me and dst == "127.0.0.3"
@@ -191,7 +191,7 @@ def test_a_batch_mixes_answers_and_passes_in_order(datapath: DataPath, listen: t
 def test_refusals_rebuild_keeps_the_live_entries(datapath: DataPath, listen: tuple,
                                                  tmp_path: Path) -> None:
     lsock, err = listen
-    refusals = Refusals(datapath, capacity=8)
+    refusals = KnownAnswers(datapath, capacity=8)
     directory = str(tmp_path)
     ident = dir_identity(directory)
     far = time.monotonic() + 60
@@ -217,7 +217,7 @@ def test_refusals_rebuild_keeps_the_live_entries(datapath: DataPath, listen: tup
 
 def test_capacity_must_be_a_power_of_two(datapath: DataPath) -> None:
     with pytest.raises(ValueError):
-        Refusals(datapath, capacity=100)
+        KnownAnswers(datapath, capacity=100)
 
 
 def test_ipv6_known_miss_answered_from_the_address_asked(datapath: DataPath,
@@ -282,7 +282,7 @@ def test_c_and_twin_report_and_answer_alike(tmp_path: Path) -> None:
     results = {}
     for name in ("c", "python"):
         dp = get_datapath(name)
-        refusals = Refusals(dp)
+        refusals = KnownAnswers(dp)
         for i, k in enumerate(known):
             refusals.put(k, P.encode_error(1, f"no {i}"), time.monotonic() + 60,
                          str(tmp_path), dir_identity(str(tmp_path)), i)

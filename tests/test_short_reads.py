@@ -20,10 +20,11 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("short-reads") / "short_reads"
+    sources = sorted(str(p) for p in (REPO / "_ext").glob("tftpd_*.c"))
     subprocess.run(["gcc", "-O1", "-g", "-fsanitize=address,undefined",
                     "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
                     "-I", str(REPO / "_ext"), str(REPO / "tests/c/short_reads.c"),
-                    str(REPO / "_ext/tftpd_datapath.c"), "-o", str(out)], check=True)
+                    *sources, "-o", str(out)], check=True)
     return out
 
 

@@ -1,6 +1,6 @@
 """Transfers C starts itself: the OACK of a known request, the probe ended in C.
 
-Python negotiates a request once and enters its OACK in the `Refusals` table; C then
+Python negotiates a request once and enters its OACK in the `KnownAnswers` table; C then
 answers every identical request from a spare socket, owns the transfer in the pump,
 and ends it there on ERROR 0, 8 or 9. Anything else makes Python adopt it. These
 tests drive the C calls directly over loopback, then the daemon.
@@ -29,12 +29,11 @@ from tftpd import packet as P
 from tftpd.datapath import (
     EV_PACKET,
     EV_PROBE,
-    PROBE_OFFERED,
     REQ_MERGED,
     REQ_PASS,
     REQ_STARTED,
+    KnownAnswers,
     Pump,
-    Refusals,
     encode_sockaddr,
     get_datapath,
 )
@@ -55,7 +54,7 @@ class Rig:
     def __init__(self, tmp_path: Path) -> None:
         self.dp: Any = get_datapath("c")
         self.pump: Pump = self.dp.pump(64)
-        self.refusals = Refusals(self.dp)
+        self.refusals = KnownAnswers(self.dp)
         self.lsock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         self.lsock.bind(("127.0.0.1", 0))
         from tftpd.worker import enable_pktinfo
@@ -128,7 +127,8 @@ def test_a_known_oack_starts_in_c_and_the_probe_ends_in_c(rig: Rig) -> None:
     rig.pump.offer(4)
     c = _client()
     c.sendto(rig.request, rig.lsock.getsockname())
-    [(kind, entry, err, _, _, _, slot, _, answered)] = rig.read(1)
+    [req] = rig.read(1)
+    kind, entry, err, slot, answered = req.kind, req.answer, req.err, req.slot, req.answered
     assert (kind, entry, err) == (REQ_STARTED, rig.entry, 0) and answered > 0
     data, src = c.recvfrom(600)
     assert data == rig.oack and src == spare.getsockname()  # from the spare, not the port
@@ -137,14 +137,14 @@ def test_a_known_oack_starts_in_c_and_the_probe_ends_in_c(rig: Rig) -> None:
     assert rig.pump.starts.nspares == 0 and rig.pump.starts.nfree == 3
     c.sendto(P.encode_error(8, "probe only"), src)
     [ev] = rig.events()
-    assert ev[:4] == (slot, EV_PROBE, 8, PROBE_OFFERED)
-    assert ev[4] == c.getsockname()
+    assert (ev.slot, ev.kind, ev.err, ev.offered) == (slot, EV_PROBE, 8, True)
+    assert ev.source == c.getsockname()
     # The peer and the slot went back; the socket did not: its port served one client.
     assert rig.pump.live == 0 and not rig.pump.is_started(slot)
     assert rig.pump.find(encode_sockaddr(c.getsockname())) == -1
     assert rig.pump.starts.nspares == 0 and rig.pump.starts.nfree == 4
     port = spare.getsockname()
-    rig.pump.ended(slot, ev[3])
+    rig.pump.ended(slot, ev.offered)
     assert spare.fileno() == -1  # closed
     # The next start needs a spare of its own, and its port is another.
     c2 = _client()
@@ -167,7 +167,7 @@ def test_anything_but_a_probe_end_is_pythons(rig: Rig) -> None:
     rig.pump.offer(4)
     c = _client()
     c.sendto(rig.request, rig.lsock.getsockname())
-    slot = rig.read(1)[0][6]
+    slot = rig.read(1)[0].slot
     _, src = c.recvfrom(600)
     c.sendto(P.encode_error(2, "access violation"), src)  # not a probe's code
     c.sendto(P.encode_ack(0), src)
@@ -191,7 +191,7 @@ def test_a_repeat_is_merged_and_other_requests_of_the_peer_pass(rig: Rig) -> Non
     c.sendto(other, rig.lsock.getsockname())
     got = rig.read(3)
     assert [g[0] for g in got] == [REQ_STARTED, REQ_MERGED, REQ_PASS]
-    assert got[1][6] == got[0][6] and got[2][3] == other
+    assert got[1].slot == got[0].slot and got[2].datagram == other
     assert rig.pump.live == 1 and rig.pump.starts.nspares == 1  # one OACK, one socket
     c.settimeout(0.2)
     c.recvfrom(600)
@@ -235,7 +235,7 @@ def test_overdue_reports_an_unanswered_oack(rig: Rig) -> None:
     c = _client()
     t0 = time.monotonic()
     c.sendto(rig.request, rig.lsock.getsockname())
-    slot = rig.read(1)[0][6]
+    slot = rig.read(1)[0].slot
     due, nxt = rig.pump.overdue(t0)
     assert due == [] and t0 + 0.3 <= nxt <= time.monotonic() + 0.3
     due, _ = rig.pump.overdue(nxt + 0.001)

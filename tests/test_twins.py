@@ -1,6 +1,6 @@
 """The C data path against its pure-Python twin, on arbitrary input.
 
-Every rule that exists twice, in _ext/tftpd_datapath.c and in Python, is driven here
+Every rule that exists twice, in _ext/ and in Python (docs/twins.md), is driven here
 with the same arbitrary inputs on both sides, and the results must be equal:
 
 - wire numbers: `tftpd_wire_block` against `transfer.wire_block`;
@@ -13,7 +13,13 @@ with the same arbitrary inputs on both sides, and the results must be equal:
   `requests`, on arbitrary datagrams over loopback: the same kinds, the same answers;
 - the send path: `tftpd_send_window` against the twin, on arbitrary windows of
   arbitrary files, from the descriptor or an image, with and without UDP segmentation:
-  the same datagrams on the wire.
+  the same datagrams on the wire;
+- probe endings: `tftpd_is_probe_end` against `transfer.is_probe_end` on any datagram;
+- draining a spare socket: `tftpd_drain` against `net.drained`;
+- the OACK repeat: `tftpd_repeat` (through `tftpd_requests`) against
+  `ReadTransfer.on_repeat`, from arbitrary states.
+
+docs/twins.md lists every pair and the test that holds it.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import pytest
 from conftest import DEEP_IO, need_ext, scaled
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from test_starts import Rig as StartRig
 
 from tftpd import packet as P
 from tftpd import transfer as T
@@ -43,8 +50,10 @@ from tftpd.datapath import (
     MAX_BLKSIZE,
     REQ_ANSWERED,
     REQ_BATCH,
+    REQ_MERGED,
+    REQ_STARTED,
     DataPath,
-    Refusals,
+    KnownAnswers,
     dir_identity,
     encode_sockaddr,
     get_datapath,
@@ -261,7 +270,7 @@ class AckRig:
                 break
         c_actions: list[T.Action] = []
         kinds = []
-        for slot, kind, _err, data, src in events:
+        for slot, kind, _err, data, src, _offered in events:
             assert slot == self.slot
             kinds.append(kind)
             if kind == EV_PACKET:  # C left it to Python, as the worker does
@@ -461,7 +470,7 @@ def _run_reader(dp: DataPath, tmp: Path, entries: list[tuple[bytes, int]],
     from tftpd.worker import enable_pktinfo
 
     there, gone = tmp / "there", tmp / "gone"
-    refusals = Refusals(dp)
+    refusals = KnownAnswers(dp)
     for i, (req, how) in enumerate(entries):
         directory = gone if how in (DIR_GONE, DIR_STILL_MISSING) else there
         ident = dir_identity(str(directory))
@@ -514,7 +523,7 @@ def _run_reader(dp: DataPath, tmp: Path, entries: list[tuple[bytes, int]],
             assert len(got) == len(chunk), f"{dp.name}: {len(got)} of {len(chunk)} read"
             events += got
         out = []
-        for kind, r, e, data, src, dst, ifindex, arrival, answered in events:
+        for kind, r, e, data, src, dst, ifindex, arrival, answered, _ in events:
             out.append((kind, r.note if r is not None else None, e, bytes(data), who[src],
                         dst, ifindex, arrival > 0, answered > 0))
         replies: list = []
@@ -700,3 +709,119 @@ def test_short_reads_segmented_python(short_file: int) -> None:
 
 def test_short_reads_segmented_c(lib: Any, short_file: int) -> None:
     _short_case(short_file, "c", 8192, 4, gso=True)
+
+
+# -- probe endings, draining a spare, the OACK repeat ----------------------------------------
+
+@settings(max_examples=scaled(300))
+@given(data=st.one_of(
+    st.binary(max_size=12),
+    st.builds(lambda code, rest: b"\x00\x05" + code.to_bytes(2, "big") + rest,
+              st.integers(0, 0xFFFF) | st.integers(0, 10), st.binary(max_size=8)),
+))
+def test_probe_end(lib: Any, data: bytes) -> None:
+    """ERROR 0, 8 or 9 ends an existence probe: C's tftpd_is_probe_end and
+    transfer.is_probe_end agree on any datagram, and with the state machine's own
+    judgement of an ERROR to its OACK."""
+    c = bool(lib.tftpd_is_probe_end(data, len(data)))
+    assert c == T.is_probe_end(data)
+    pkt = None
+    try:
+        pkt = P.parse(data)
+    except P.PacketError:
+        pass
+    if isinstance(pkt, P.Error):
+        t = T.ReadTransfer(("127.0.0.1", 9), 100, oack={"tsize": "100"})
+        t.start(0.0)
+        [fin] = t.on_datagram(data, ("127.0.0.1", 9), 0.1)
+        assert isinstance(fin, T.Finish) and (fin.outcome == "probe") == c
+
+
+def _spare_with(n: int) -> tuple[socket.socket, socket.socket]:
+    """A spare socket with n datagrams queued, and their sender."""
+    spare = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    spare.bind(("127.0.0.1", 0))
+    spare.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for i in range(n):
+        tx.sendto(bytes([i & 0xFF]) * (1 + i % 40), spare.getsockname())
+    end = time.monotonic() + WAIT  # loopback delivers at once; bounded all the same
+    while n and not select.select([spare], [], [], 0)[0] and time.monotonic() < end:
+        select.select([spare], [], [], 0.01)
+    return spare, tx
+
+
+@settings(max_examples=scaled(40), deadline=None)
+@given(n=st.integers(0, 3) | st.integers(60, 70), then=st.integers(0, 3))
+def test_drain(lib: Any, n: int, then: int) -> None:
+    """Draining a spare: C's tftpd_drain and net.drained read the same datagrams and
+    judge alike (empty: usable; DRAIN_MAX or more waiting: flooded), and leave the
+    socket alike (what a second drain finds)."""
+    from tftpd.datapath import drained
+
+    results = []
+    for side in ("c", "python"):
+        spare, tx = _spare_with(n)
+        try:
+            ok = lib.tftpd_drain(spare.fileno()) == 0 if side == "c" else drained(spare)
+            for i in range(then):
+                tx.sendto(b"late %d" % i, spare.getsockname())
+            left = 0
+            while select.select([spare], [], [], 0.05)[0]:
+                spare.recv(100)
+                left += 1
+            results.append((ok, left))
+        finally:
+            spare.close()
+            tx.close()
+    assert results[0] == results[1]
+    assert results[0][0] == (n < 64)
+    assert results[0][1] == then + max(0, n - 64)
+
+
+@settings(max_examples=scaled(40), deadline=None)
+@given(age=st.floats(0.0, 0.5), retries=st.integers(0, 4), acked=st.integers(0, 1),
+       base_rto=st.floats(0.2, 3.0))
+def test_oack_repeat(lib: Any, dirs: Path, age: float, retries: int, acked: int,
+                     base_rto: float) -> None:
+    """The same request again while a transfer C started waits for its OACK's answer:
+    C (tftpd_repeat, inside tftpd_requests) and ReadTransfer.on_repeat change the
+    numbers alike and resend the OACK alike."""
+    rig = StartRig(dirs)
+    rig.add_spare()
+    rig.pump.offer(4)
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.bind(("127.0.0.1", 0))
+    try:
+        c.sendto(rig.request, rig.lsock.getsockname())
+        [req] = rig.read(1)
+        assert req.kind == REQ_STARTED
+        c.settimeout(WAIT)
+        assert c.recv(600) == rig.oack
+        x = rig.pump.state(req.slot)
+        now = time.monotonic()  # the known answer is unexpired (30 s)
+        x.armed_at, x.retries, x.last_acked = now - age, retries, acked
+        x.base_rto = x.rto = base_rto
+        fields = ("retransmits", "retries", "rto", "base_rto", "resent", "armed_at",
+                  "sent_at", "last_acked")
+        t = T.ReadTransfer(("127.0.0.1", 9), 5000, blksize=1456, oack={"tsize": "5000"})
+        for f in fields:
+            setattr(t.s, f, getattr(x, f))
+        py = t.on_repeat(now)
+        c.sendto(rig.request, rig.lsock.getsockname())
+        got: list = []
+        end = time.monotonic() + WAIT
+        while not got and time.monotonic() < end:
+            select.select([rig.lsock], [], [], 0.05)
+            got = rig.dp.requests(rig.lsock, rig.err, False, rig.refusals, now, 32, rig.pump)
+        assert [g.kind for g in got] == [REQ_MERGED]
+        assert {f: getattr(x, f) for f in fields} == {f: getattr(t.s, f) for f in fields}
+        c.settimeout(0.05)
+        try:
+            resent = c.recv(600) == rig.oack
+        except TimeoutError:
+            resent = False
+        assert resent == bool(py)
+    finally:
+        c.close()
+        rig.close()

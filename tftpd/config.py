@@ -299,14 +299,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-C", "--config", metavar="FILE",
                    help="read settings from FILE (TOML, see tftpd.conf(5)); the command "
                         "line wins; re-read on SIGHUP")
-    p.add_argument("-V", "--version", action="version", version=version_text())
+    p.add_argument("-V", "--version", action=_VersionAction)
     p.add_argument("--demo", action="store_true",
                    help="serve a demo root on 127.0.0.1:6969 and print a curl command")
     p.add_argument("root", nargs="?", help="the directory served (default /srv/tftp)")
     return p
 
 
+class _VersionAction(argparse.Action):
+    """-V: the version text, made only when asked for (it loads the data path)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show the version and the data path in use, and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def version_text() -> str:
+    # The data path is loaded here, when the text is wanted, not when config.py is.
     from tftpd.datapath import ext_error, get_datapath
 
     try:

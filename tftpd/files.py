@@ -202,7 +202,7 @@ def identity(st: os.stat_result) -> Identity:
     """What says a file is still the one we opened, with the rights it had then: a
     replaced or rewritten file changes its inode, size or mtime; a change of mode or
     owner (a permission revoked) changes those and the ctime. C's tftpd_dir_holds
-    compares the same fields (struct tftpd_refusal)."""
+    compares the same fields (struct tftpd_known_answer)."""
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode,
             st.st_uid, st.st_gid)
 

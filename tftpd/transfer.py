@@ -30,10 +30,23 @@ UNANSWERED_RETRIES = 3
 
 
 def wire_block(k: int, rollover: int = 0) -> int:
-    """The 16-bit block number of absolute block k (rollover to 0 or 1 past 65535)."""
+    """The 16-bit block number of absolute block k (rollover to 0 or 1 past 65535).
+    C twin: tftpd_wire_block (_ext/tftpd_send.c)."""
     if k < 65536:
         return k
     return rollover + (k - 65536) % (65536 - rollover)
+
+
+# ERROR codes that answer an OACK when the client only wanted its tsize: an existence
+# probe (PXE, EDK2, U-Boot send 8; GRUB and others 0; Qualcomm modems 9).
+PROBE_END_CODES = frozenset({0, 8, 9})
+
+
+def is_probe_end(datagram: bytes) -> bool:
+    """The datagram is ERROR 0, 8 or 9: to an OACK, an existence probe's end.
+    C twin: tftpd_is_probe_end (_ext/tftpd_ack.c)."""
+    return len(datagram) >= 4 and datagram[:3] == b"\x00\x05\x00" \
+        and datagram[3] in PROBE_END_CODES
 
 
 def block_count(size: int, blksize: int) -> int:
@@ -82,7 +95,7 @@ class XferState:
 
     The pure-Python twin of the C struct: with the C data path the worker hands
     ReadTransfer a cffi struct instead, and C's pump answers the common ACK itself,
-    with the same rules as `ReadTransfer._on_ack` (see _ext/tftpd_datapath.h).
+    with the same rules as `ReadTransfer._on_ack` (see _ext/tftpd_ack.c).
     """
 
     __slots__ = ("sock", "fd", "addrlen", "addr", "filesize", "nblocks", "last_acked",
@@ -228,7 +241,8 @@ class ReadTransfer:
         packet: it is sent again at once, unless we sent it less than RTO_FLOOR ago
         (legacy ROMs send every RRQ twice, microseconds apart). A PXE ROM that
         reboots reuses its port too; a stale transfer must not swallow its requests
-        until the timer backs off to nothing."""
+        until the timer backs off to nothing. C twin of the OACK_SENT case, for a
+        transfer C started: tftpd_repeat (_ext/tftpd_requests.c)."""
         s = self.s
         if now - s.armed_at < RTO_FLOOR or s.last_acked > 0 \
                 or s.retries >= UNANSWERED_RETRIES:
@@ -270,6 +284,7 @@ class ReadTransfer:
         return action
 
     def _send_window(self, now: float, first: int, fresh: bool = True) -> SendBlocks:
+        """The window from `first`. C twin: tftpd_next_window (_ext/tftpd_ack.c)."""
         s = self.s
         count = min(s.windowsize, s.nblocks - first + 1)
         s.sent_upto = first + count - 1
@@ -278,7 +293,8 @@ class ReadTransfer:
         return action
 
     def _absolute(self, n: int) -> int | None:
-        """The absolute block acknowledged by wire number n, or None if not in flight."""
+        """The absolute block acknowledged by wire number n, or None if not in flight.
+        C twin: tftpd_absolute (_ext/tftpd_ack.c)."""
         s = self.s
         base = s.last_acked
         for cycle in (65536, 65535) if s.rollover else (65536,):
@@ -288,6 +304,7 @@ class ReadTransfer:
         return None
 
     def _sample_rtt(self, now: float) -> None:
+        """An RTT sample and the RTO from it. C twin: tftpd_sample_rtt (tftpd_ack.c)."""
         s = self.s
         if s.fixed_rto or s.resent:
             return
@@ -310,6 +327,8 @@ class ReadTransfer:
         s.rto = s.base_rto
 
     def _on_ack(self, n: int, now: float) -> list[Action]:
+        """C twin (once SENDING, for the ACKs C's pump answers): tftpd_on_ack
+        (_ext/tftpd_ack.c)."""
         s = self.s
         if self.state == OACK_SENT:
             if n != 0:
@@ -357,9 +376,8 @@ class ReadTransfer:
         s.armed_at = deadline - s.rto
 
     def _on_error(self, pkt: P.Error) -> list[Action]:
-        if self.state == OACK_SENT and pkt.code in (0, 8, 9):
-            # A client that read the OACK's tsize and stops: an existence probe (PXE,
-            # EDK2, U-Boot send 8; GRUB and others 0; Qualcomm modems 9).
+        if self.state == OACK_SENT and pkt.code in PROBE_END_CODES:
+            # A client that read the OACK's tsize and stops: an existence probe.
             return [self._finish("probe")]
         return [self._finish("aborted", f"client error {pkt.code}: {pkt.message}")]
 

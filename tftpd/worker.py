@@ -33,6 +33,7 @@ from tftpd.datapath import (
     EV_PROBE,
     EV_READY,
     EV_REARM,
+    EV_SHRANK,
     IP_PKTINFO,
     IPV6_RECVPKTINFO,
     REQ_ANSWERED,
@@ -42,9 +43,10 @@ from tftpd.datapath import (
     SO_TIMESTAMPNS,
     DataPath,
     FileShrank,
+    KnownAnswer,
+    KnownAnswers,
     Pump,
-    Refusal,
-    Refusals,
+    PumpEvent,
     encode_sockaddr,
     pktinfo_cmsg,
 )
@@ -329,9 +331,9 @@ class Worker:
         # Known misses, answered by the data path. Only where the answer depends on
         # the request's bytes alone: no map rules (they see the client's address), no
         # per-client limit, no per-request log line (-v).
-        self.refusals: Refusals | None = None
+        self.refusals: KnownAnswers | None = None
         if rules is None and not cfg.max_per_client and cfg.verbose < 1:
-            self.refusals = Refusals(datapath)
+            self.refusals = KnownAnswers(datapath)
 
     # -- setup in the child (nothing process-wide happens before fork) --------------
 
@@ -451,15 +453,16 @@ class Worker:
         # sessions now, and acted on after the requests (new requests first).
         ready = []
         for ev in events:
-            if ev[1] == EV_READY:
-                ready.append(self._tokens.get(ev[0]))
-            elif ev[1] == EV_PROBE:
-                self._probe_done(*ev)  # C ended it: nothing of it is left in C
-            elif (session := self.by_slot.get(ev[0])) is not None:
+            if ev.kind == EV_READY:
+                ready.append(self._tokens.get(ev.slot))
+            elif ev.kind == EV_PROBE:
+                # C ended it: nothing of it is left in C
+                self._probe_done(ev.slot, ev.err, ev.offered, ev.source)
+            elif (session := self.by_slot.get(ev.slot)) is not None:
                 self._pending[session] = ev  # one event per slot per call
-            elif self.pump.is_started(ev[0]):
+            elif self.pump.is_started(ev.slot):
                 # C started it and cannot judge this datagram (ACK 0, a foreign TID).
-                session = self._adopt(ev[0], time.monotonic())
+                session = self._adopt(ev.slot, time.monotonic())
                 if session is not None:
                     self._pending[session] = ev
         backlog: list[Listener] = []
@@ -540,7 +543,7 @@ class Worker:
             except OSError as err:
                 log.warning("listen socket: %s", err)
                 return False
-            for kind, refusal, err, data, src, dst, ifindex, arrival, answered in batch:
+            for kind, refusal, err, data, src, dst, ifindex, arrival, answered, _ in batch:
                 if kind == REQ_STARTED:
                     self._spares_used = True
                     self._started(refusal, err, arrival, answered)
@@ -578,7 +581,7 @@ class Worker:
         if self.sessions.get(live.peer) is live:
             self._finish(live, Finish("aborted", "superseded by a new request"), now)
 
-    def _answered(self, refusal: Refusal, err: int, src: tuple, arrival: float,
+    def _answered(self, refusal: KnownAnswer, err: int, src: tuple, arrival: float,
                   answered: float) -> None:
         """A known miss the data path answered: the books and the log line."""
         c = self.counters
@@ -937,7 +940,7 @@ class Worker:
 
     # -- transfers C starts ----------------------------------------------------------
 
-    def _started(self, entry: Refusal | None, err: int, arrival: float,
+    def _started(self, entry: KnownAnswer | None, err: int, arrival: float,
                  answered: float) -> None:
         """C sent an OACK it had the answer for and owns the transfer: the books."""
         c = self.counters
@@ -953,7 +956,7 @@ class Worker:
         elif arrival:
             S.observe(c, "first_answer", max(0.0, answered - arrival))
 
-    def _probe_done(self, slot: int, kind: int, code: int, back: int, peer: tuple) -> None:
+    def _probe_done(self, slot: int, code: int, offered: bool, peer: tuple) -> None:
         """C ended a transfer it started on ERROR 0, 8 or 9: an existence probe."""
         assert self.pump is not None and self.refusals is not None
         x = self.pump.state(slot)
@@ -961,7 +964,7 @@ class Worker:
         entry = self.refusals.get(x.answer)
         duration = now - x.sent_at
         blksize, window, retransmits = x.blksize, x.windowsize, x.retransmits
-        self.pump.ended(slot, back)  # closes its socket, takes back what C did not
+        self.pump.ended(slot, offered)  # closes its socket, takes back what C did not
         c = self.counters
         c[S.INDEX["probe"]] += 1
         S.observe(c, "duration", duration)
@@ -1063,10 +1066,10 @@ class Worker:
         for session, event in pending.items():
             self._pump_event(session, event, now)
 
-    def _pump_event(self, session: Session, event: tuple, now: float) -> None:
+    def _pump_event(self, session: Session, event: PumpEvent, now: float) -> None:
         if self.sessions.get(session.peer) is not session:
             return  # ended since C spoke of it
-        _, kind, err, data, src = event
+        _, kind, err, data, src, _ = event
         t = session.transfer
         if kind == EV_PACKET:
             if self.cfg.verbose >= 3 and self.noise.allow(src[0], now):
@@ -1077,7 +1080,7 @@ class Worker:
             self._apply(session, t.on_pumped_done(), now)
         elif kind == EV_REARM:
             self._apply(session, [], now)  # the timer heap learns the sooner deadline
-        elif err == -1:
+        elif kind == EV_SHRANK:
             self._abort(session, P.E_UNDEFINED, "File changed during transfer",
                         "file shrank under the transfer", now)
         else:

@@ -110,7 +110,7 @@ int main(int argc, char **argv)
     static char scratch[1 << 20];
     unsigned int blksize, count, gso;
     unsigned long long first;
-    int fd, tx, rx, rc, pass;
+    int fd, tx, rx, rc, pass, shrank = 0;
     int rcvbuf = 8 << 20;
 
     if (argc != 6)
@@ -144,7 +144,11 @@ int main(int argc, char **argv)
         gso = pass ? 0 : 1;
         rc = tftpd_send_window(tx, (const char *)&a, sizeof(a), fd, NULL,
                                (unsigned long long)st.st_size, blksize, first, count, 0,
-                               scratch, sizeof(scratch), &gso);
+                               scratch, sizeof(scratch), &gso, &shrank);
+        if (shrank) {
+            printf("%s: tftpd_send_window found the file shrunk\n", what);
+            return 1;
+        }
         if (rc != (int)count) {
             printf("%s: tftpd_send_window returned %d, not %u\n", what, rc, count);
             return 1;
