@@ -1,27 +1,38 @@
-"""The load generator's C core (bench/_cgen.c), built through cffi at first use.
+"""The storm's C engine: _cgen.c compiled with the system cc at first use, run via cffi.
 
-The module is compiled into bench/.build/cgen/ (never committed) when it is missing or
-older than its sources; `run_storm_c` then has the signature and result of
-bench.loadgen.run_storm_python.
+The sources ship as package data. The shared object goes to a per-user cache directory
+($XDG_CACHE_HOME/tftpd-storm, else ~/.cache/tftpd-storm; TFTPD_STORM_CACHE overrides),
+named by a hash of the sources and the compiler command, so a changed source or compiler
+builds anew and an unchanged one is built once. It is loaded in cffi's ABI mode (dlopen):
+building needs a C compiler and libc headers, not Python's headers nor setuptools.
+`$CC` chooses the compiler (default `cc`). `run_storm_c` has the signature and result of
+pyengine.run_storm_python, plus `faults`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import resource
+import shlex
+import shutil
 import socket
+import stat
+import subprocess
 from collections import Counter
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
-from bench.build import BUILD_DIR, build_cffi, load_cffi
-from bench.content import expected
-from bench.loadgen import Faults, StormResult, _raise_nofile, apply_overrides, encode_rrq
-from bench.workload import Workload
+from tftpd.storm.content import expected
+from tftpd.storm.pyengine import apply_overrides, encode_rrq, raise_nofile
+from tftpd.storm.result import Faults, StormResult
+from tftpd.storm.workload import Workload
 
 HERE = Path(__file__).resolve().parent
-SOURCES = [HERE / "_cgen.c", HERE / "_cgen.h"]
-MODNAME = "_tftpbench_cgen"
-OUT_DIR = BUILD_DIR / "cgen"
+SOURCES = [HERE / "_cgen.c", HERE / "_cgen_faults.c"]
+HEADERS = [HERE / "_cgen.h", HERE / "_cgen_int.h"]
+CFLAGS = ["-O2", "-Wall", "-shared", "-fPIC"]
+BUILD_TIMEOUT_S = 120
 
 REASONS = {
     1: "rrq-timeout", 2: "data-timeout", 3: "wrong-tid", 4: "corrupt", 5: "short-file",
@@ -32,25 +43,88 @@ REASONS = {
 EXPECT = {"data": 0, "probe": 1, "notfound": 2}
 ASK = {"blksize": 1, "tsize": 2, "windowsize": 4, "timeout": 8}
 
-_mod: ModuleType | None = None
+
+class BuildError(RuntimeError):
+    """The C engine cannot be built or loaded here (no compiler, a failed build, an
+    unsafe cache directory)."""
 
 
-def _cdef() -> str:
-    return (HERE / "_cgen.h").read_text()
+_lib: tuple[Any, Any] | None = None
+
+
+def cache_dir() -> Path:
+    """Where the built engine goes: per user, never shared."""
+    override = os.environ.get("TFTPD_STORM_CACHE")
+    if override:
+        return Path(override)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tftpd-storm"
+
+
+def _safe_dir(path: Path) -> Path:
+    """Make `path` (mode 0700) if missing; refuse one that another user could write into:
+    a shared object loaded from it runs as the caller."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+    except OSError as exc:
+        raise BuildError(f"cache directory {path}: {exc.strerror or exc}") from None
+    if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise BuildError(f"cache directory {path} is not owned by this user or is writable "
+                         "by others; set TFTPD_STORM_CACHE to a private directory")
+    return path
+
+
+def _compiler() -> list[str]:
+    cc = shlex.split(os.environ.get("CC", "").strip() or "cc")
+    if shutil.which(cc[0]) is None:
+        raise BuildError(f"no C compiler ({cc[0]!r} not found; install gcc or set CC)")
+    return cc
 
 
 def build(force: bool = False) -> Path:
-    """Compile the C core if needed; return the path of the extension module."""
-    return build_cffi(MODNAME, _cdef(), '#include <stdint.h>\n#include "_cgen.h"\n',
-                      [HERE / "_cgen.c"], SOURCES, OUT_DIR, "the C load generator",
-                      force=force)
+    """Compile the C core unless this user's cache holds it already; return its path."""
+    cc = _compiler()
+    digest = hashlib.sha256(" ".join(cc + CFLAGS).encode())
+    for src in SOURCES + HEADERS:
+        digest.update(src.name.encode() + b"\0" + src.read_bytes())
+    out_dir = _safe_dir(cache_dir())
+    so = out_dir / f"cgen-{digest.hexdigest()[:20]}.so"
+    if so.exists() and not force:
+        return so
+    tmp = so.with_name(f"{so.name}.tmp{os.getpid()}")
+    cmd = [*cc, *CFLAGS, "-I", str(HERE), "-o", str(tmp), *map(str, SOURCES)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                              timeout=BUILD_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BuildError(f"running {cc[0]} failed: {exc}") from None
+    if proc.returncode != 0 or not tmp.exists():
+        tmp.unlink(missing_ok=True)
+        tail = (proc.stderr or proc.stdout).strip()[-800:]
+        raise BuildError(f"{shlex.join(cmd)} exited with {proc.returncode}"
+                         + (f": {tail}" if tail else ""))
+    os.replace(tmp, so)  # atomic: a concurrent run sees the old name or the whole file
+    return so
 
 
-def load_module() -> ModuleType:
-    global _mod
-    if _mod is None:
-        _mod = load_cffi(MODNAME, build())
-    return _mod
+def load() -> tuple[Any, Any]:
+    """(ffi, lib) of the C engine, built at first use. Raises BuildError."""
+    global _lib
+    if _lib is None:
+        try:
+            import cffi
+        except ImportError as exc:  # pragma: no cover - cffi is a dependency of tftpd
+            raise BuildError("cffi is not installed") from exc
+        so = build()
+        ffi = cffi.FFI()
+        ffi.cdef((HERE / "_cgen.h").read_text())
+        try:
+            lib = ffi.dlopen(str(so))
+        except OSError as exc:
+            raise BuildError(f"loading {so} failed: {exc}") from None
+        _lib = (ffi, lib)
+    return _lib
 
 
 def reason_name(code: int) -> str:
@@ -64,14 +138,13 @@ def run_storm_c(
     workload: Workload,
     clients: int,
     *,
-    files: dict[str, bytes] | None = None,
+    files: dict[str, bytes | None] | None = None,
     deadline_s: float | None = None,
     ramp_ms: float | None = None,
     overrides: dict[str, int] | None = None,
     faults: Faults | None = None,
 ) -> StormResult:
-    mod = load_module()
-    ffi, lib = mod.ffi, mod.lib
+    ffi, lib = load()
     files = expected(workload) if files is None else files
     steps = apply_overrides(workload, overrides)
     keep: list[object] = []
@@ -85,12 +158,13 @@ def run_storm_c(
         cs.rrq = rbuf
         cs.rrq_len = len(rrq)
         cs.expect = EXPECT[s.expect]
-        if s.expect != "notfound":
-            data = files[s.file]
+        data = files.get(s.file) if s.expect != "notfound" else None
+        if data is not None:
             dbuf = ffi.from_buffer(data)
             keep.append(dbuf)
             cs.data = dbuf
             cs.size = len(data)
+            cs.known = 1
         ask = 0
         for k in s.options:
             ask |= ASK[k]
@@ -130,7 +204,7 @@ def run_storm_c(
     fa = ffi.new("double[]", max(1, cap))
     out = ffi.new("struct tb_client_out[]", clients)
     res = ffi.new("struct tb_result *")
-    _raise_nofile(clients + 256)
+    raise_nofile(clients + 256)
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     rc = lib.tb_run(cfg, csteps, res, out, fa)
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
