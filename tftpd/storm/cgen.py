@@ -19,6 +19,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -112,11 +113,12 @@ def load() -> tuple[Any, Any]:
     """(ffi, lib) of the C engine, built at first use. Raises BuildError."""
     global _lib
     if _lib is None:
+        so = build()
         try:
             import cffi
-        except ImportError as exc:  # pragma: no cover - cffi is a dependency of tftpd
-            raise BuildError("cffi is not installed") from exc
-        so = build()
+        except ImportError as exc:  # cffi is a dependency of tftpd; another Python may lack it
+            raise BuildError(f"built {so.name}, but cffi is not installed for "
+                             f"{sys.executable}") from exc
         ffi = cffi.FFI()
         ffi.cdef((HERE / "_cgen.h").read_text())
         try:
