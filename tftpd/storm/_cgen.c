@@ -377,50 +377,97 @@ void tb_on_packet(struct storm *s, struct client *c, const unsigned char *b, siz
     }
 }
 
+static void storm_free(struct storm *s)
+{
+    free(s->heap);
+    free(s->running);
+    free(s->c);
+    if (s->ep >= 0)
+        close(s->ep);
+}
+
+static int storm_init(struct storm *s, const struct tb_config *cfg,
+                      const struct tb_step *steps, struct tb_result *res,
+                      struct tb_client_out *out, double *first_answers)
+{
+    memset(s, 0, sizeof *s);
+    s->cfg = cfg;
+    s->steps = steps;
+    s->res = res;
+    s->out = out;
+    s->fa = first_answers;
+    s->server.sin_family = AF_INET;
+    s->server.sin_addr.s_addr = cfg->server_ip;
+    s->server.sin_port = cfg->server_port;
+    s->next_port = PORT_LO + ((unsigned)getpid() * 7919u) % (PORT_HI - PORT_LO);
+    s->faults = cfg->f_loss > 0 || cfg->f_dup > 0 || cfg->f_reorder > 0;
+    s->rng = cfg->f_seed;
+    s->ep = epoll_create1(EPOLL_CLOEXEC);
+    s->c = calloc((size_t)cfg->nclients, sizeof *s->c);
+    s->running = calloc((size_t)cfg->nclients, sizeof *s->running);
+    if (s->faults && cfg->f_reorder > 0 && cfg->f_max_held > 0)
+        s->heap = calloc(cfg->f_max_held, sizeof *s->heap);
+    if (s->ep < 0 || !s->c || !s->running ||
+        (s->faults && cfg->f_reorder > 0 && cfg->f_max_held > 0 && !s->heap)) {
+        storm_free(s);
+        return -1;
+    }
+    for (int i = 0; i < cfg->nclients; i++) {
+        s->c[i].fd = -1;
+        out[i].reason = 0;
+        out[i].completion = -1;
+    }
+    return 0;
+}
+
+/* Time out the running clients that are due; drop the finished from the list. */
+static void scan_timers(struct storm *s, double now)
+{
+    int k = 0;
+    for (int i = 0; i < s->nrunning; i++) {
+        struct client *c = &s->c[s->running[i]];
+        if (c->state == S_DONE || c->state == S_FAILED)
+            continue;
+        if (c->deadline <= now) {
+            on_timeout(s, c, now);
+            if (c->state == S_DONE || c->state == S_FAILED)
+                continue;
+        }
+        s->running[k++] = s->running[i];
+    }
+    s->nrunning = k;
+}
+
+/* Read what the ready sockets hold (at most 64 datagrams a socket a round). */
+static void receive(struct storm *s, const struct epoll_event *evs, int ne, double now)
+{
+    static unsigned char buf[65536 + 4];
+    for (int e = 0; e < ne; e++) {
+        struct client *c = &s->c[evs[e].data.u32];
+        int fd = c->fd;
+        for (int k = 0; k < 64 && fd >= 0 && c->fd == fd; k++) {
+            struct sockaddr_in from;
+            socklen_t fl = sizeof from;
+            ssize_t r = recvfrom(fd, buf, sizeof buf, MSG_DONTWAIT, (struct sockaddr *)&from,
+                                 &fl);
+            if (r < 0)
+                break;
+            tb_deliver(s, c, buf, (size_t)r, &from, now);
+        }
+    }
+}
+
 int tb_run(const struct tb_config *cfg, const struct tb_step *steps, struct tb_result *res,
            struct tb_client_out *out, double *first_answers)
 {
     struct storm s;
-    memset(&s, 0, sizeof s);
-    s.cfg = cfg;
-    s.steps = steps;
-    s.res = res;
-    s.out = out;
-    s.fa = first_answers;
-    s.server.sin_family = AF_INET;
-    s.server.sin_addr.s_addr = cfg->server_ip;
-    s.server.sin_port = cfg->server_port;
-    s.next_port = PORT_LO + ((unsigned)getpid() * 7919u) % (PORT_HI - PORT_LO);
-    s.c = calloc((size_t)cfg->nclients, sizeof *s.c);
-    if (!s.c)
+    if (storm_init(&s, cfg, steps, res, out, first_answers) < 0)
         return -1;
-    s.faults = cfg->f_loss > 0 || cfg->f_dup > 0 || cfg->f_reorder > 0;
-    s.rng = cfg->f_seed;
-    if (s.faults && cfg->f_reorder > 0 && cfg->f_max_held > 0) {
-        s.heap = calloc(cfg->f_max_held, sizeof *s.heap);
-        if (!s.heap) {
-            free(s.c);
-            return -1;
-        }
-    }
-    s.ep = epoll_create1(EPOLL_CLOEXEC);
-    if (s.ep < 0) {
-        free(s.c);
-        return -1;
-    }
     int n = cfg->nclients;
-    for (int i = 0; i < n; i++) {
-        s.c[i].fd = -1;
-        out[i].reason = 0;
-        out[i].completion = -1;
-    }
-    static unsigned char buf[65536 + 4];
     struct epoll_event evs[1024];
     double t0 = mono();
     double hard_end = t0 + cfg->deadline;
     int next_start = 0;
-    int *running = malloc((size_t)n * sizeof *running);
-    int nrunning = 0;
     double next_scan = t0;
     for (;;) {
         double now = mono();
@@ -431,7 +478,7 @@ int tb_run(const struct tb_config *cfg, const struct tb_step *steps, struct tb_r
         while (next_start < n &&
                (cfg->ramp <= 0 || t0 + cfg->ramp * next_start / n <= now)) {
             struct client *c = &s.c[next_start];
-            running[nrunning++] = next_start++;
+            s.running[s.nrunning++] = next_start++;
             c->started = now;
             c->loop_end = now + cfg->repeat_seconds;
             c->step = 0;
@@ -439,21 +486,9 @@ int tb_run(const struct tb_config *cfg, const struct tb_step *steps, struct tb_r
         }
         tb_release_due(&s, now);
         if (now >= next_scan) {
-            int k = 0;
-            for (int i = 0; i < nrunning; i++) {
-                struct client *c = &s.c[running[i]];
-                if (c->state == S_DONE || c->state == S_FAILED)
-                    continue;
-                if (c->deadline <= now) {
-                    on_timeout(&s, c, now);
-                    if (c->state == S_DONE || c->state == S_FAILED)
-                        continue;
-                }
-                running[k++] = running[i];
-            }
-            nrunning = k;
+            scan_timers(&s, now);
             next_scan = now + 0.01;
-            if (!nrunning && next_start >= n)
+            if (!s.nrunning && next_start >= n)
                 break;
         }
         double wait = next_scan - now;
@@ -466,24 +501,8 @@ int tb_run(const struct tb_config *cfg, const struct tb_step *steps, struct tb_r
             wait = s.heap[0].due - now;
         int ms = wait > 0 ? (int)(wait * 1000) + 1 : 0; /* round up: never spin */
         int ne = epoll_wait(s.ep, evs, 1024, ms);
-        if (ne <= 0)
-            continue;
-        now = mono();
-        for (int e = 0; e < ne; e++) {
-            struct client *c = &s.c[evs[e].data.u32];
-            int fd = c->fd;
-            if (fd < 0)
-                continue;
-            for (int k = 0; k < 64 && c->fd == fd; k++) {
-                struct sockaddr_in from;
-                socklen_t fl = sizeof from;
-                ssize_t r = recvfrom(fd, buf, sizeof buf, MSG_DONTWAIT,
-                                     (struct sockaddr *)&from, &fl);
-                if (r < 0)
-                    break;
-                tb_deliver(&s, c, buf, (size_t)r, &from, now);
-            }
-        }
+        if (ne > 0)
+            receive(&s, evs, ne, mono());
     }
     res->wall = mono() - t0;
     for (int i = 0; i < n; i++) {
@@ -492,9 +511,6 @@ int tb_run(const struct tb_config *cfg, const struct tb_step *steps, struct tb_r
             fail(&s, c, c->state == S_IDLE ? TB_R_NOT_STARTED : TB_R_DEADLINE);
     }
     tb_drop_held(&s);
-    free(s.heap);
-    free(running);
-    close(s.ep);
-    free(s.c);
+    storm_free(&s);
     return 0;
 }

@@ -55,6 +55,8 @@ struct storm {
     uint64_t rng;
     struct held *heap;
     uint32_t nheld;
+    int *running;          /* clients started and not yet done or failed */
+    int nrunning;
 };
 
 /* Client ports in turn from this range: see PORT_LO in pyengine.py. */

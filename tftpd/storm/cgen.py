@@ -27,7 +27,7 @@ from typing import Any
 from tftpd.storm.content import expected
 from tftpd.storm.pyengine import apply_overrides, encode_rrq, raise_nofile
 from tftpd.storm.result import Faults, StormResult
-from tftpd.storm.workload import Workload
+from tftpd.storm.workload import Step, Workload
 
 HERE = Path(__file__).resolve().parent
 SOURCES = [HERE / "_cgen.c", HERE / "_cgen_faults.c"]
@@ -135,6 +135,89 @@ def reason_name(code: int) -> str:
     return REASONS.get(code, f"reason-{code}")
 
 
+def _c_steps(ffi: Any, steps: tuple[Step, ...], files: dict[str, bytes | None],
+             keep: list[object]) -> Any:
+    """The steps as struct tb_step[]; `keep` holds the buffers they point into."""
+    csteps = ffi.new("struct tb_step[]", len(steps))
+    for cs, s in zip(csteps, steps, strict=True):
+        rrq = encode_rrq(s.file, s.options)
+        rbuf = ffi.from_buffer(rrq)
+        keep += [rrq, rbuf]
+        cs.rrq = rbuf
+        cs.rrq_len = len(rrq)
+        cs.expect = EXPECT[s.expect]
+        data = files.get(s.file) if s.expect != "notfound" else None
+        if data is not None:
+            dbuf = ffi.from_buffer(data)
+            keep.append(dbuf)
+            cs.data = dbuf
+            cs.size = len(data)
+            cs.known = 1
+        cs.ask = sum(ASK[k] for k in s.options)
+        cs.ask_blksize = s.options.get("blksize", 0)
+        cs.ask_window = s.options.get("windowsize", 0)
+        cs.ask_timeout = s.options.get("timeout", 0)
+    return csteps
+
+
+def _c_config(ffi: Any, server: tuple[str, int], workload: Workload, clients: int,
+              nsteps: int, deadline_s: float, ramp_s: float, faults: Faults | None) -> Any:
+    cfg = ffi.new("struct tb_config *")
+    cfg.server_ip = int.from_bytes(socket.inet_aton(server[0]), "little")
+    cfg.server_port = socket.htons(server[1])
+    cfg.nclients = clients
+    cfg.nsteps = nsteps
+    cfg.ramp = ramp_s
+    cfg.deadline = deadline_s
+    timeouts = workload.client.rrq_timeouts_s[:16]
+    for i, t in enumerate(timeouts):
+        cfg.rrq_timeouts[i] = t
+    cfg.n_rrq_timeouts = len(timeouts)
+    cfg.ack_timeout = workload.client.ack_timeout_s
+    cfg.ack_retries = workload.client.ack_retries
+    rounds = 1
+    if workload.repeat is not None:
+        cfg.repeat_seconds = workload.repeat.seconds
+        cfg.repeat_max = rounds = workload.repeat.max
+    cfg.fa_cap = min(clients * nsteps * rounds, 4_000_000)  # first answers kept
+    if faults:
+        cfg.f_loss = faults.loss / 100.0
+        cfg.f_dup = faults.dup / 100.0
+        cfg.f_reorder = faults.reorder / 100.0
+        cfg.f_hold_min = faults.hold_ms[0] / 1000.0
+        cfg.f_hold_max = faults.hold_ms[1] / 1000.0
+        cfg.f_seed = faults.seed & 0xFFFFFFFFFFFFFFFF
+        cfg.f_max_held = faults.max_held
+    return cfg
+
+
+def _read_result(result: StormResult, ffi: Any, res: Any, out: Any, fa: Any, cap: int,
+                 faults: Faults | None) -> None:
+    reasons: Counter[str] = Counter()
+    for i in range(result.clients):
+        o = out[i]
+        if o.reason:
+            reasons[reason_name(o.reason)] += 1
+        elif o.completion >= 0:
+            result.completion_s.append(o.completion)
+    n_fa = min(res.first_answers, cap)
+    result.first_answer_s = list(ffi.unpack(fa, n_fa)) if n_fa else []
+    result.failed = dict(reasons)
+    result.wall_s = res.wall
+    result.deadline_hit = bool(res.deadline_hit)
+    for name in ("ok", "requests_ok", "requests_failed", "rrq_sent", "rrq_retransmits",
+                 "ack_retransmits", "wrong_tid_packets", "duplicate_data", "bytes_ok"):
+        setattr(result, name, int(getattr(res, name)))
+    if faults:
+        result.faults = faults.to_json()
+        for i, way in enumerate(("sent", "received")):
+            result.faults[way] = {
+                "seen": res.f_seen[i], "dropped": res.f_dropped[i],
+                "duplicated": res.f_duplicated[i], "held": res.f_held[i],
+                "overtaken": res.f_overtaken[i], "stale": res.f_stale[i]}
+        result.faults["held_peak"] = res.f_held_peak
+
+
 def run_storm_c(
     server: tuple[str, int],
     workload: Workload,
@@ -146,103 +229,27 @@ def run_storm_c(
     overrides: dict[str, int] | None = None,
     faults: Faults | None = None,
 ) -> StormResult:
+    """pyengine.run_storm_python's storm, run by the C engine (built at first use)."""
     ffi, lib = load()
     files = expected(workload) if files is None else files
     steps = apply_overrides(workload, overrides)
     keep: list[object] = []
-    csteps = ffi.new("struct tb_step[]", len(steps))
-    for i, s in enumerate(steps):
-        rrq = encode_rrq(s.file, s.options)
-        rbuf = ffi.from_buffer(rrq)
-        keep.append(rrq)
-        keep.append(rbuf)
-        cs = csteps[i]
-        cs.rrq = rbuf
-        cs.rrq_len = len(rrq)
-        cs.expect = EXPECT[s.expect]
-        data = files.get(s.file) if s.expect != "notfound" else None
-        if data is not None:
-            dbuf = ffi.from_buffer(data)
-            keep.append(dbuf)
-            cs.data = dbuf
-            cs.size = len(data)
-            cs.known = 1
-        ask = 0
-        for k in s.options:
-            ask |= ASK[k]
-        cs.ask = ask
-        cs.ask_blksize = s.options.get("blksize", 0)
-        cs.ask_window = s.options.get("windowsize", 0)
-        cs.ask_timeout = s.options.get("timeout", 0)
-    cfg = ffi.new("struct tb_config *")
-    cfg.server_ip = int.from_bytes(socket.inet_aton(server[0]), "little")
-    cfg.server_port = socket.htons(server[1])
-    cfg.nclients = clients
-    cfg.nsteps = len(steps)
-    cfg.ramp = (workload.ramp_ms if ramp_ms is None else ramp_ms) / 1000.0
-    cfg.deadline = workload.default_deadline_s(clients) if deadline_s is None else deadline_s
-    timeouts = workload.client.rrq_timeouts_s[:16]
-    for i, t in enumerate(timeouts):
-        cfg.rrq_timeouts[i] = t
-    cfg.n_rrq_timeouts = len(timeouts)
-    cfg.ack_timeout = workload.client.ack_timeout_s
-    cfg.ack_retries = workload.client.ack_retries
-    if workload.repeat is not None:
-        cfg.repeat_seconds = workload.repeat.seconds
-        cfg.repeat_max = workload.repeat.max
-        cap = clients * len(steps) * workload.repeat.max
-    else:
-        cap = clients * len(steps)
-    cap = min(cap, 4_000_000)
-    cfg.fa_cap = cap
-    if faults:
-        cfg.f_loss = faults.loss / 100.0
-        cfg.f_dup = faults.dup / 100.0
-        cfg.f_reorder = faults.reorder / 100.0
-        cfg.f_hold_min = faults.hold_ms[0] / 1000.0
-        cfg.f_hold_max = faults.hold_ms[1] / 1000.0
-        cfg.f_seed = faults.seed & 0xFFFFFFFFFFFFFFFF
-        cfg.f_max_held = faults.max_held
-    fa = ffi.new("double[]", max(1, cap))
+    csteps = _c_steps(ffi, steps, files, keep)
+    cfg = _c_config(ffi, server, workload, clients, len(steps),
+                    workload.default_deadline_s(clients) if deadline_s is None else deadline_s,
+                    (workload.ramp_ms if ramp_ms is None else ramp_ms) / 1000.0, faults)
+    fa = ffi.new("double[]", max(1, cfg.fa_cap))
     out = ffi.new("struct tb_client_out[]", clients)
     res = ffi.new("struct tb_result *")
     raise_nofile(clients + 256)
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     rc = lib.tb_run(cfg, csteps, res, out, fa)
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    del keep
     if rc != 0:
         raise OSError("tb_run failed to start (memory or epoll)")
     result = StormResult(workload=workload.name, clients=clients,
                          server=f"{server[0]}:{server[1]}", engine="c")
-    reasons: Counter[str] = Counter()
-    for i in range(clients):
-        o = out[i]
-        if o.reason:
-            reasons[reason_name(o.reason)] += 1
-        elif o.completion >= 0:
-            result.completion_s.append(o.completion)
-    n_fa = min(res.first_answers, cap)
-    result.first_answer_s = list(ffi.unpack(fa, n_fa)) if n_fa else []
-    result.ok = res.ok
-    result.failed = dict(reasons)
-    result.wall_s = res.wall
-    result.requests_ok = res.requests_ok
-    result.requests_failed = res.requests_failed
-    result.rrq_sent = res.rrq_sent
-    result.rrq_retransmits = res.rrq_retransmits
-    result.ack_retransmits = res.ack_retransmits
-    result.wrong_tid_packets = res.wrong_tid_packets
-    result.duplicate_data = res.duplicate_data
-    result.bytes_ok = res.bytes_ok
-    result.deadline_hit = bool(res.deadline_hit)
-    if faults:
-        result.faults = faults.to_json()
-        for i, way in enumerate(("sent", "received")):
-            result.faults[way] = {
-                "seen": res.f_seen[i], "dropped": res.f_dropped[i],
-                "duplicated": res.f_duplicated[i], "held": res.f_held[i],
-                "overtaken": res.f_overtaken[i], "stale": res.f_stale[i]}
-        result.faults["held_peak"] = res.f_held_peak
+    _read_result(result, ffi, res, out, fa, cfg.fa_cap, faults)
     result.gen_cpu_s = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
-    del keep
     return result
