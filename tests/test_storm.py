@@ -160,7 +160,18 @@ def test_python_engine_when_the_compiler_fails(nobody: Nobody, daemon: Daemon) -
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rec = _storm_json(proc)
     assert rec["engine"] == "python" and rec["ok"] == CLIENTS and rec["failed"] == 0, rec
-    assert "C engine is unavailable" in proc.stderr and "/bin/false" in proc.stderr
+    assert "C engine is unavailable" in proc.stderr, proc.stderr
+    # The reason is the compiler's unless that interpreter lacks cffi (checked first).
+    assert "/bin/false" in proc.stderr or "cffi is not installed" in proc.stderr
+
+
+def test_failed_build_names_the_compiler(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TFTPD_STORM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", "/bin/false")
+    with pytest.raises(cgen.BuildError, match="/bin/false .* exited with 1"):
+        cgen.build()
+    assert not list((tmp_path / "cache").iterdir())  # no half-built object left
 
 
 def test_table_output(nobody: Nobody, daemon: Daemon) -> None:
@@ -257,3 +268,19 @@ def test_man_page_covers_every_flag_and_renders() -> None:
     out = subprocess.run(["groff", "-man", "-ww", "-z", str(REPO / "man" / "tftpd-storm.1")],
                          capture_output=True, text=True, check=False)
     assert out.returncode == 0 and out.stderr == "", out.stderr
+
+
+def test_no_home_builds_in_a_temporary_directory(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    (tmp_path / "file").write_text("")
+    monkeypatch.delenv("TFTPD_STORM_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # cannot hold a directory
+    so = cgen.build()
+    try:
+        assert so.exists() and not so.is_relative_to(tmp_path)
+        assert so.parent.name.startswith("tftpd-storm-")
+        assert stat.S_IMODE(so.parent.stat().st_mode) == 0o700
+    finally:
+        shutil.rmtree(so.parent)

@@ -4,13 +4,16 @@ The sources ship as package data. The shared object goes to a per-user cache dir
 ($XDG_CACHE_HOME/tftpd-storm, else ~/.cache/tftpd-storm; TFTPD_STORM_CACHE overrides),
 named by a hash of the sources and the compiler command, so a changed source or compiler
 builds anew and an unchanged one is built once. It is loaded in cffi's ABI mode (dlopen):
-building needs a C compiler and libc headers, not Python's headers nor setuptools.
+building needs a C compiler and libc headers, not Python's headers nor setuptools. A user
+without a usable cache directory (no home) gets a build in a temporary directory, removed
+at exit.
 `$CC` chooses the compiler (default `cc`). `run_storm_c` has the signature and result of
 pyengine.run_storm_python, plus `faults`.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import resource
@@ -20,6 +23,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -89,7 +93,16 @@ def build(force: bool = False) -> Path:
     digest = hashlib.sha256(" ".join(cc + CFLAGS).encode())
     for src in SOURCES + HEADERS:
         digest.update(src.name.encode() + b"\0" + src.read_bytes())
-    out_dir = _safe_dir(cache_dir())
+    try:
+        out_dir = _safe_dir(cache_dir())
+    except BuildError as exc:
+        if os.environ.get("TFTPD_STORM_CACHE"):
+            raise
+        # No usable home (user nobody's is /nonexistent): build for this run only.
+        out_dir = Path(tempfile.mkdtemp(prefix="tftpd-storm-"))
+        atexit.register(shutil.rmtree, out_dir, ignore_errors=True)
+        print(f"tftpd-storm: {exc}; building the C engine in {out_dir} for this run",
+              file=sys.stderr)
     so = out_dir / f"cgen-{digest.hexdigest()[:20]}.so"
     if so.exists() and not force:
         return so
@@ -113,12 +126,11 @@ def load() -> tuple[Any, Any]:
     """(ffi, lib) of the C engine, built at first use. Raises BuildError."""
     global _lib
     if _lib is None:
-        so = build()
         try:
             import cffi
         except ImportError as exc:  # cffi is a dependency of tftpd; another Python may lack it
-            raise BuildError(f"built {so.name}, but cffi is not installed for "
-                             f"{sys.executable}") from exc
+            raise BuildError(f"cffi is not installed for {sys.executable}") from exc
+        so = build()
         ffi = cffi.FFI()
         ffi.cdef((HERE / "_cgen.h").read_text())
         try:
