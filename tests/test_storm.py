@@ -1,7 +1,7 @@
 """tftpd-storm, the operator's storm: run as an unprivileged user against the real daemon.
 
 The tool runs as user nobody (runuser; the tests run as root), from a copy of the package
-in a directory nobody can read, with a HOME (and so a cache directory) of nobody's own.
+in a directory user nobody can read, with a HOME (and so a cache directory) of nobody's own.
 """
 
 from __future__ import annotations
