@@ -153,7 +153,7 @@ def test_the_loaders_eleven_requests(tmp_path: Path, datapath: str, gz_present: 
 
     from conftest import REPO
 
-    seq = json.loads((REPO / "bench" / "workloads" / "mfs.json").read_text())["sequence"]
+    seq = json.loads((REPO / "tftpd" / "storm" / "workloads" / "mfs.json").read_text())["sequence"]
     assert len(seq) == 11
     root = tmp_path / "root"
     (root / "boot" / "defaults").mkdir(parents=True)
