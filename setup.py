@@ -72,6 +72,6 @@ setup(
     # Man pages land in <prefix>/share/man, where man(1) finds them for a venv or
     # a system install alike.
     data_files=[("share/man/man8", ["man/tftpd.8"]), ("share/man/man5", ["man/tftpd.conf.5"]),
-                ("share/man/man1", ["man/tftpd-fuzz.1"]),
+                ("share/man/man1", ["man/tftpd-fuzz.1", "man/tftpd-storm.1"]),
                 ("share/tftpd/systemd", ["systemd/tftpd.service", "systemd/tftpd.socket"])],
 )

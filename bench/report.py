@@ -6,20 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-
-def _f(v: float | None, fmt: str = "{:.2f}") -> str:
-    return "-" if v is None else fmt.format(v)
-
-
-def _ms(v: float | None) -> str:
-    if v is None:
-        return "-"
-    return f"{v * 1000:.0f}" if v >= 0.01 else f"{v * 1000:.1f}"
-
-
-def _reasons(rec: dict) -> str:
-    by = rec.get("failed_by") or {}
-    return ",".join(f"{k}:{v}" for k, v in sorted(by.items()))
+from tftpd.storm.report import fault_label, fault_note, fmt, ms, reasons
 
 
 def progress_line(rec: dict) -> str:
@@ -28,29 +15,12 @@ def progress_line(rec: dict) -> str:
         head += f" faults {fault_label(rec['faults'])}"
     if rec["status"] != "ok":
         return f"{head}  {rec['status'].upper()}: {rec['note'][:200]}"
-    return (f"{head}  ok {rec['ok']}/{rec['clients']} {_reasons(rec)}  "
-            f"wall {rec['wall_s']:.2f}s  max {_f(rec['completion_max_s'])}s  "
+    return (f"{head}  ok {rec['ok']}/{rec['clients']} {reasons(rec)}  "
+            f"wall {rec['wall_s']:.2f}s  max {fmt(rec['completion_max_s'])}s  "
             f"rrq-rexmit {rec['rrq_retransmits']}  {rec['mb_per_s']:.0f} MB/s  "
             f"{rec['requests_per_s']:.0f} req/s  cpu srv {rec['server_cpu_s']:.2f}s "
             f"gen {rec['gen_cpu_s']:.2f}s other {rec.get('other_cpu_s', 0):.2f}s  "
             f"pss {rec['server_peak_pss_mb']:.1f}MB")
-
-
-def fault_label(f: dict) -> str:
-    """`l5d5r5` for loss, dup and reorder percentages of the generator's faults."""
-    return "".join(f"{k[0]}{f[k + '_pct']:g}" for k in ("loss", "dup", "reorder")
-                   if f.get(k + "_pct")) or "-"
-
-
-def fault_note(f: dict) -> str:
-    parts = []
-    for way in ("sent", "received"):
-        d = f.get(way)
-        if d:
-            parts.append(f"{way} {d['seen']}: dropped {d['dropped']}, doubled "
-                         f"{d['duplicated']}, held {d['held']} (overtaken {d['overtaken']}, "
-                         f"stale {d['stale']})")
-    return "; ".join(parts)
 
 
 COLUMNS = [
@@ -75,20 +45,20 @@ def text_table(records: list[dict]) -> str:
             continue
         cells = [
             rec["server"], rec["workload"], str(rec["clients"]), f"{rec['loss_pct']}%",
-            str(rec["ok"]), str(rec["failed"]), _f(rec["wall_s"]),
-            _f(rec["completion_p50_s"]), _f(rec["completion_p99_s"]),
-            _f(rec["completion_max_s"]),
-            _ms(rec["first_answer_p50_s"]), _ms(rec["first_answer_p99_s"]),
-            _ms(rec["first_answer_max_s"]), str(rec["rrq_retransmits"]),
+            str(rec["ok"]), str(rec["failed"]), fmt(rec["wall_s"]),
+            fmt(rec["completion_p50_s"]), fmt(rec["completion_p99_s"]),
+            fmt(rec["completion_max_s"]),
+            ms(rec["first_answer_p50_s"]), ms(rec["first_answer_p99_s"]),
+            ms(rec["first_answer_max_s"]), str(rec["rrq_retransmits"]),
             f"{rec['mb_per_s']:.0f}", f"{rec['requests_per_s']:.0f}",
-            _f(rec["server_cpu_s"]), _f(rec["gen_cpu_s"]), _f(rec.get("other_cpu_s")),
-            _f(rec["server_peak_pss_mb"], "{:.1f}"),
+            fmt(rec["server_cpu_s"]), fmt(rec["gen_cpu_s"]), fmt(rec.get("other_cpu_s")),
+            fmt(rec["server_peak_pss_mb"], "{:.1f}"),
         ]
         lines.append(" ".join(f"{c:>{w}}" if i > 1 else f"{c:<{w}}"
                               for i, (c, (_, w)) in enumerate(zip(cells, COLUMNS, strict=True))))
         if rec["failed"]:
             notes.append(f"{rec['server']} {rec['workload']} {rec['clients']} "
-                         f"loss {rec['loss_pct']}%: failed by reason {_reasons(rec)}")
+                         f"loss {rec['loss_pct']}%: failed by reason {reasons(rec)}")
         if rec.get("faults"):
             notes.append(f"{rec['server']} {rec['workload']} {rec['clients']} faults "
                          f"{fault_label(rec['faults'])}: {fault_note(rec['faults'])}")

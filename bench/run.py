@@ -30,12 +30,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import netns, report
-from bench.content import build_root, expected
-from bench.loadgen import Faults, StormResult, run_storm
 from bench.measure import MemorySampler, ProcessGroup, cleanup_stale_groups, host_cpu
 from bench.servers import SERVERS, STANDARD, Server
-from bench.workload import Workload, load
 from tftpd.config import default_workers
+from tftpd.storm.content import build_root, expected
+from tftpd.storm.engine import choose, run_storm
+from tftpd.storm.result import Faults, StormResult
+from tftpd.storm.workload import Workload, load
 
 HERE = Path(__file__).resolve().parent
 PORT = 69
@@ -373,17 +374,13 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="tftpbench-"))
     os.chmod(work, 0o755)
 
-    if args.engine != "python":
-        try:
-            from bench import cgen
-
-            cgen.load_module()  # build once here, not in every forked generator
-        except Exception as exc:  # noqa: BLE001
-            if args.engine == "c" or faults:
-                print(f"bench.run: C engine: {exc}", file=sys.stderr)
-                return 2
-            print(f"bench.run: C engine unavailable, using Python: {exc}", file=sys.stderr)
-            args.engine = "python"
+    # Chosen (and the C engine built) once here, not in every forked generator.
+    try:
+        args.engine = choose(args.engine, faults,
+                             warn=lambda msg: print(f"bench.run: {msg}", file=sys.stderr))
+    except Exception as exc:  # noqa: BLE001 - a C engine that "c" or faults require
+        print(f"bench.run: C engine: {exc}", file=sys.stderr)
+        return 2
 
     servers: list[Server] = []
     skipped: dict[str, str] = {}

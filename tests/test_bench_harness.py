@@ -24,9 +24,10 @@ from pathlib import Path
 import pytest
 
 from bench import netns
-from bench.content import build_root, content, expected
-from bench.loadgen import Faults, StormResult, run_storm
-from bench.workload import Workload, WorkloadError, load, parse
+from tftpd.storm.content import build_root, content, expected
+from tftpd.storm.engine import c_engine_error, run_storm
+from tftpd.storm.result import Faults, StormResult
+from tftpd.storm.workload import Workload, WorkloadError, load, parse
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_WORKLOADS = REPO.parent / "shared" / "workloads"
@@ -71,20 +72,10 @@ def need_nft() -> None:
         pytest.skip("nft is not installed (apt-get install nftables)")
 
 
-def _c_engine_error() -> str | None:
-    try:
-        from bench import cgen
-
-        cgen.load_module()
-    except Exception as exc:  # noqa: BLE001
-        return str(exc)
-    return None
-
-
 @pytest.fixture(params=["python", "c"])
 def engine(request: pytest.FixtureRequest) -> str:
     if request.param == "c":
-        err = _c_engine_error()
+        err = c_engine_error()
         if err:
             pytest.fail(f"the C load generator does not build: {err}")
     return request.param
@@ -106,7 +97,7 @@ class FakeServer:
     fault: None (correct), "corrupt" (one byte of block 2 flipped), "silent" (never
     answers), "wrong-port" (block 2 onwards from a second port), "listen-port" (answers
     from the port the RRQ went to), "ignore-options" (plain RFC 1350, no OACK).
-    Files it has: FILES with bench.content bytes, except those in `missing`.
+    Files it has: FILES with tftpd.storm.content bytes, except those in `missing`.
     """
 
     def __init__(self, fault: str | None = None, missing: tuple[str, ...] = ()) -> None:
@@ -244,7 +235,8 @@ def test_workloads_parse_and_match_shared_copies() -> None:
     assert load("stream").sequence[0].options["windowsize"] > 1
     if SHARED_WORKLOADS.is_dir():
         for name in ("pxe", "mfs"):
-            ours = json.loads((REPO / "bench" / "workloads" / f"{name}.json").read_text())
+            ours = json.loads((REPO / "tftpd" / "storm" / "workloads" / f"{name}.json")
+                              .read_text())
             theirs = json.loads((SHARED_WORKLOADS / f"{name}.json").read_text())
             assert ours == theirs
     with pytest.raises(WorkloadError):
@@ -416,7 +408,7 @@ def test_fault_layer_duplicates_and_reorders_and_a_correct_server_survives(
     directions: held copies are overtaken by later datagrams of their socket, so windows
     arrive out of order and the client sees repeated blocks; limit still delivers every
     byte. Patient rules: a failure here is a bug, not bad luck."""
-    if _c_engine_error():
+    if c_engine_error():
         pytest.skip("the fault layer is in the C engine")
     wl = parse({"name": "faulty", "files": FILES,
                 "client": {"rrq_timeouts_s": [0.5] * 10,

@@ -146,14 +146,14 @@ def test_daemon_serves_both_ways_to_curl(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("gz_present", [True, False])
 def test_the_loaders_eleven_requests(tmp_path: Path, datapath: str, gz_present: bool) -> None:
-    """The FreeBSD loader of the disk-imaging MFS, as bench/workloads/mfs.json has it:
+    """The FreeBSD loader of the disk-imaging MFS, as tftpd/storm/workloads/mfs.json has it:
     with the `.gz` files on disk they are served as they are; with only the plain
     files, `--gz` makes each `.gz` asked for, its tsize true before the download."""
     import json
 
     from conftest import REPO
 
-    seq = json.loads((REPO / "bench" / "workloads" / "mfs.json").read_text())["sequence"]
+    seq = json.loads((REPO / "tftpd" / "storm" / "workloads" / "mfs.json").read_text())["sequence"]
     assert len(seq) == 11
     root = tmp_path / "root"
     (root / "boot" / "defaults").mkdir(parents=True)

@@ -18,14 +18,14 @@ import pytest
 from conftest import Daemon, start_daemon
 from test_process import udp, wait_workers, warm_up
 
-from bench.content import build_root
-from bench.loadgen import run_storm
-from bench.workload import load
 from tftpd import client
 from tftpd import packet as P
 from tftpd.files import FileCache, Root
 from tftpd.gz import CHUNK, GzCache
 from tftpd.master import HUNG_AFTER
+from tftpd.storm.content import build_root
+from tftpd.storm.engine import run_storm
+from tftpd.storm.workload import load
 
 # Within this of a SIGSTOP the worker is replaced: HUNG_AFTER, one check period of the
 # master, a fork, and slack for a loaded machine.

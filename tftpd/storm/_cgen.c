@@ -1,8 +1,8 @@
 /*
- * The load generator's C core: the same client state machine as bench/loadgen.py's
- * Python engine (read that first: this is a transcription), one epoll loop over every
- * client socket, so that the generator is never what limits a storm. Built by cffi at
- * first use (bench/cgen.py); Python prepares the steps and reads the results.
+ * The storm's C core: the same client state machine as pyengine.py's Python engine (read
+ * that first: this is a transcription), one epoll loop over every client socket, so that
+ * the generator is never what limits a storm. Compiled with cc at first use (cgen.py);
+ * Python prepares the steps and reads the results. The fault layer is _cgen_faults.c.
  */
 #include <errno.h>
 #include <arpa/inet.h>
@@ -16,229 +16,12 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "_cgen.h"
-
-enum { S_IDLE, S_WAIT_FIRST, S_WAIT_OACK_DONE, S_DATA, S_DONE, S_FAILED };
-
-struct client {
-    int state, step, fd;
-    struct sockaddr_in tid;
-    int has_tid;
-    double started, t_req, deadline, loop_end;
-    int rrq_try, retries;
-    uint32_t blksize, window, inwin;
-    uint64_t nblk;
-    int gap_acked, wrong_tid, iteration, acked;
-    uint32_t gen;          /* bumped with every new socket: held copies know their own */
-    uint64_t nout, nin;    /* datagrams sent / delivered on the current socket */
-};
-
-/* A datagram the fault layer holds back (a min-heap on `due`). */
-struct held {
-    double due;
-    uint32_t client, gen;
-    int dir;               /* 0: the client sends it, 1: the client receives it */
-    uint64_t seq;          /* the socket's count in that direction when it was held */
-    struct sockaddr_in addr;
-    uint32_t len;
-    unsigned char *buf;
-};
-
-struct storm {
-    const struct tb_config *cfg;
-    const struct tb_step *steps;
-    struct tb_result *res;
-    struct tb_client_out *out;
-    double *fa;
-    struct client *c;
-    int ep;
-    struct sockaddr_in server;
-    unsigned next_port;
-    int faults;
-    uint64_t rng;
-    struct held *heap;
-    uint32_t nheld;
-};
-
-/* Client ports in turn from this range: see PORT_LO in loadgen.py. */
-#define PORT_LO 10000u
-#define PORT_HI 65000u
-
-static double mono(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-/* -- faults: loss, duplication, reordering of the generator's own datagrams ---------- */
-
-static double rnd(struct storm *s) /* splitmix64: seeded, the same run for the same seed */
-{
-    uint64_t z = (s->rng += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    z ^= z >> 31;
-    return (double)(z >> 11) * 0x1.0p-53;
-}
-
-static int chance(struct storm *s, double p)
-{
-    return p > 0 && rnd(s) < p;
-}
-
-static void heap_swap(struct held *a, struct held *b)
-{
-    struct held t = *a;
-    *a = *b;
-    *b = t;
-}
-
-/* Hold a copy of a datagram for later; 0 when the heap is full (the caller sends now). */
-static int hold(struct storm *s, struct client *c, int dir, const void *buf, size_t len,
-                const struct sockaddr_in *addr)
-{
-    const struct tb_config *cfg = s->cfg;
-    if (s->nheld >= cfg->f_max_held)
-        return 0;
-    unsigned char *copy = malloc(len ? len : 1);
-    if (!copy)
-        return 0;
-    memcpy(copy, buf, len);
-    struct held h = {
-        .due = mono() + cfg->f_hold_min + (cfg->f_hold_max - cfg->f_hold_min) * rnd(s),
-        .client = (uint32_t)(c - s->c), .gen = c->gen, .dir = dir,
-        .seq = dir ? c->nin : c->nout, .addr = *addr, .len = (uint32_t)len, .buf = copy,
-    };
-    uint32_t i = s->nheld++;
-    s->heap[i] = h;
-    while (i > 0 && s->heap[(i - 1) / 2].due > s->heap[i].due) {
-        heap_swap(&s->heap[(i - 1) / 2], &s->heap[i]);
-        i = (i - 1) / 2;
-    }
-    s->res->f_held[dir]++;
-    if (s->nheld > s->res->f_held_peak)
-        s->res->f_held_peak = s->nheld;
-    return 1;
-}
-
-static struct held heap_pop(struct storm *s)
-{
-    struct held top = s->heap[0];
-    s->heap[0] = s->heap[--s->nheld];
-    uint32_t i = 0;
-    for (;;) {
-        uint32_t l = 2 * i + 1, r = l + 1, m = i;
-        if (l < s->nheld && s->heap[l].due < s->heap[m].due)
-            m = l;
-        if (r < s->nheld && s->heap[r].due < s->heap[m].due)
-            m = r;
-        if (m == i)
-            break;
-        heap_swap(&s->heap[i], &s->heap[m]);
-        i = m;
-    }
-    return top;
-}
-
-/* Every datagram a client sends goes through here. */
-static ssize_t fsend(struct storm *s, struct client *c, const void *buf, size_t len,
-                     const struct sockaddr_in *to)
-{
-    if (!s->faults)
-        return sendto(c->fd, buf, len, MSG_DONTWAIT, (const struct sockaddr *)to, sizeof *to);
-    const struct tb_config *cfg = s->cfg;
-    struct tb_result *res = s->res;
-    res->f_seen[0]++;
-    if (chance(s, cfg->f_loss)) {
-        res->f_dropped[0]++;
-        return (ssize_t)len;
-    }
-    int copies = 1;
-    if (chance(s, cfg->f_dup)) {
-        copies = 2;
-        res->f_duplicated[0]++;
-    }
-    ssize_t r = (ssize_t)len;
-    for (int i = 0; i < copies; i++) {
-        if (chance(s, cfg->f_reorder) && hold(s, c, 0, buf, len, to))
-            continue;
-        c->nout++;
-        ssize_t k = sendto(c->fd, buf, len, MSG_DONTWAIT, (const struct sockaddr *)to,
-                           sizeof *to);
-        if (k < 0)
-            r = k;
-    }
-    return r;
-}
-
-static void xsend(struct storm *s, struct client *c, const void *buf, size_t len,
-                  const struct sockaddr_in *to)
-{
-    (void)fsend(s, c, buf, len, to);
-}
-
-static void on_packet(struct storm *s, struct client *c, const unsigned char *b, size_t n,
-                      const struct sockaddr_in *from, double now);
-
-/* Every datagram a client receives goes through here. */
-static void deliver(struct storm *s, struct client *c, const unsigned char *b, size_t n,
-                    const struct sockaddr_in *from, double now)
-{
-    if (!s->faults) {
-        on_packet(s, c, b, n, from, now);
-        return;
-    }
-    const struct tb_config *cfg = s->cfg;
-    struct tb_result *res = s->res;
-    res->f_seen[1]++;
-    if (chance(s, cfg->f_loss)) {
-        res->f_dropped[1]++;
-        return;
-    }
-    int copies = 1;
-    if (chance(s, cfg->f_dup)) {
-        copies = 2;
-        res->f_duplicated[1]++;
-    }
-    uint32_t gen = c->gen;
-    for (int i = 0; i < copies && c->gen == gen && c->fd >= 0; i++) {
-        if (chance(s, cfg->f_reorder) && hold(s, c, 1, b, n, from))
-            continue;
-        c->nin++;
-        on_packet(s, c, b, n, from, now);
-    }
-}
-
-/* Send or deliver the held copies that are due. A copy whose socket has closed since is
- * lost (a real network would deliver it to a closed port). */
-static void release_due(struct storm *s, double now)
-{
-    while (s->nheld && s->heap[0].due <= now) {
-        struct held h = heap_pop(s);
-        struct client *c = &s->c[h.client];
-        if (c->gen != h.gen || c->fd < 0) {
-            s->res->f_stale[h.dir]++;
-        } else if (h.dir == 0) {
-            if (c->nout > h.seq)
-                s->res->f_overtaken[0]++;
-            c->nout++;
-            (void)sendto(c->fd, h.buf, h.len, MSG_DONTWAIT, (const struct sockaddr *)&h.addr,
-                         sizeof h.addr);
-        } else {
-            if (c->nin > h.seq)
-                s->res->f_overtaken[1]++;
-            c->nin++;
-            on_packet(s, c, h.buf, h.len, &h.addr, now);
-        }
-        free(h.buf);
-    }
-}
+#include "_cgen_int.h"
 
 static void send_ack(struct storm *s, struct client *c, unsigned blk)
 {
     unsigned char a[4] = {0, 4, (unsigned char)(blk >> 8), (unsigned char)blk};
-    xsend(s, c, a, 4, &c->tid);
+    (void)tb_send(s, c, a, 4, &c->tid);
 }
 
 static void send_err(struct storm *s, struct client *c, int code, const char *msg,
@@ -251,7 +34,7 @@ static void send_err(struct storm *s, struct client *c, int code, const char *ms
     p[2] = 0;
     p[3] = (unsigned char)code;
     memcpy(p + 4, msg, l + 1);
-    xsend(s, c, p, 5 + l, to);
+    (void)tb_send(s, c, p, 5 + l, to);
 }
 
 static void close_sock(struct storm *s, struct client *c)
@@ -278,7 +61,7 @@ static void fail(struct storm *s, struct client *c, int reason)
 static void send_rrq(struct storm *s, struct client *c, double now)
 {
     const struct tb_step *st = &s->steps[c->step];
-    ssize_t r = fsend(s, c, st->rrq, st->rrq_len, &s->server);
+    ssize_t r = tb_send(s, c, st->rrq, st->rrq_len, &s->server);
     if (r < 0 && errno != EAGAIN && errno != ENOBUFS) {
         fail(s, c, TB_R_SEND);
         return;
@@ -317,6 +100,7 @@ static void start_step(struct storm *s, struct client *c, double now)
     c->window = 1;
     c->inwin = 0;
     c->nblk = 1;
+    c->size = s->steps[c->step].known ? s->steps[c->step].size : TB_SIZE_UNKNOWN;
     c->gap_acked = 0;
     c->retries = 0;
     c->acked = -1;
@@ -443,7 +227,9 @@ static void on_oack(struct storm *s, struct client *c, const unsigned char *b, s
             window = (uint32_t)val;
         } else if (kl == 5 && strncasecmp(k, "tsize", 5) == 0 && (st->ask & TB_ASK_TSIZE)) {
             got_tsize = 1;
-            if (st->expect != TB_NOTFOUND && val != st->size) {
+            if (st->expect != TB_NOTFOUND && !st->known) {
+                c->size = val; /* the bytes are unknown: hold the server to its word */
+            } else if (st->expect != TB_NOTFOUND && val != st->size) {
                 fail(s, c, TB_R_BAD_TSIZE);
                 return;
             }
@@ -522,11 +308,11 @@ static void on_data(struct storm *s, struct client *c, const unsigned char *b, s
         return;
     }
     uint64_t off = (c->nblk - 1) * bs;
-    if (off + plen > st->size) {
+    if (off + plen > c->size) { /* never, for TB_SIZE_UNKNOWN */
         fail(s, c, TB_R_LONG_FILE);
         return;
     }
-    if (memcmp(st->data + off, b + 4, plen) != 0) {
+    if (st->known && memcmp(st->data + off, b + 4, plen) != 0) {
         fail(s, c, TB_R_CORRUPT);
         return;
     }
@@ -536,7 +322,7 @@ static void on_data(struct storm *s, struct client *c, const unsigned char *b, s
     c->deadline = now + s->cfg->ack_timeout;
     c->nblk++;
     if (plen < bs) {
-        if (off + plen != st->size) {
+        if (c->size != TB_SIZE_UNKNOWN && off + plen != c->size) {
             fail(s, c, TB_R_SHORT_FILE);
             return;
         }
@@ -551,8 +337,8 @@ static void on_data(struct storm *s, struct client *c, const unsigned char *b, s
     }
 }
 
-static void on_packet(struct storm *s, struct client *c, const unsigned char *b, size_t n,
-                      const struct sockaddr_in *from, double now)
+void tb_on_packet(struct storm *s, struct client *c, const unsigned char *b, size_t n,
+                  const struct sockaddr_in *from, double now)
 {
     if (!c->has_tid || from->sin_port != c->tid.sin_port ||
         from->sin_addr.s_addr != c->tid.sin_addr.s_addr) {
@@ -591,50 +377,97 @@ static void on_packet(struct storm *s, struct client *c, const unsigned char *b,
     }
 }
 
+static void storm_free(struct storm *s)
+{
+    free(s->heap);
+    free(s->running);
+    free(s->c);
+    if (s->ep >= 0)
+        close(s->ep);
+}
+
+static int storm_init(struct storm *s, const struct tb_config *cfg,
+                      const struct tb_step *steps, struct tb_result *res,
+                      struct tb_client_out *out, double *first_answers)
+{
+    memset(s, 0, sizeof *s);
+    s->cfg = cfg;
+    s->steps = steps;
+    s->res = res;
+    s->out = out;
+    s->fa = first_answers;
+    s->server.sin_family = AF_INET;
+    s->server.sin_addr.s_addr = cfg->server_ip;
+    s->server.sin_port = cfg->server_port;
+    s->next_port = PORT_LO + ((unsigned)getpid() * 7919u) % (PORT_HI - PORT_LO);
+    s->faults = cfg->f_loss > 0 || cfg->f_dup > 0 || cfg->f_reorder > 0;
+    s->rng = cfg->f_seed;
+    s->ep = epoll_create1(EPOLL_CLOEXEC);
+    s->c = calloc((size_t)cfg->nclients, sizeof *s->c);
+    s->running = calloc((size_t)cfg->nclients, sizeof *s->running);
+    if (s->faults && cfg->f_reorder > 0 && cfg->f_max_held > 0)
+        s->heap = calloc(cfg->f_max_held, sizeof *s->heap);
+    if (s->ep < 0 || !s->c || !s->running ||
+        (s->faults && cfg->f_reorder > 0 && cfg->f_max_held > 0 && !s->heap)) {
+        storm_free(s);
+        return -1;
+    }
+    for (int i = 0; i < cfg->nclients; i++) {
+        s->c[i].fd = -1;
+        out[i].reason = 0;
+        out[i].completion = -1;
+    }
+    return 0;
+}
+
+/* Time out the running clients that are due; drop the finished from the list. */
+static void scan_timers(struct storm *s, double now)
+{
+    int k = 0;
+    for (int i = 0; i < s->nrunning; i++) {
+        struct client *c = &s->c[s->running[i]];
+        if (c->state == S_DONE || c->state == S_FAILED)
+            continue;
+        if (c->deadline <= now) {
+            on_timeout(s, c, now);
+            if (c->state == S_DONE || c->state == S_FAILED)
+                continue;
+        }
+        s->running[k++] = s->running[i];
+    }
+    s->nrunning = k;
+}
+
+/* Read what the ready sockets hold (at most 64 datagrams a socket a round). */
+static void receive(struct storm *s, const struct epoll_event *evs, int ne, double now)
+{
+    static unsigned char buf[65536 + 4];
+    for (int e = 0; e < ne; e++) {
+        struct client *c = &s->c[evs[e].data.u32];
+        int fd = c->fd;
+        for (int k = 0; k < 64 && fd >= 0 && c->fd == fd; k++) {
+            struct sockaddr_in from;
+            socklen_t fl = sizeof from;
+            ssize_t r = recvfrom(fd, buf, sizeof buf, MSG_DONTWAIT, (struct sockaddr *)&from,
+                                 &fl);
+            if (r < 0)
+                break;
+            tb_deliver(s, c, buf, (size_t)r, &from, now);
+        }
+    }
+}
+
 int tb_run(const struct tb_config *cfg, const struct tb_step *steps, struct tb_result *res,
            struct tb_client_out *out, double *first_answers)
 {
     struct storm s;
-    memset(&s, 0, sizeof s);
-    s.cfg = cfg;
-    s.steps = steps;
-    s.res = res;
-    s.out = out;
-    s.fa = first_answers;
-    s.server.sin_family = AF_INET;
-    s.server.sin_addr.s_addr = cfg->server_ip;
-    s.server.sin_port = cfg->server_port;
-    s.next_port = PORT_LO + ((unsigned)getpid() * 7919u) % (PORT_HI - PORT_LO);
-    s.c = calloc((size_t)cfg->nclients, sizeof *s.c);
-    if (!s.c)
+    if (storm_init(&s, cfg, steps, res, out, first_answers) < 0)
         return -1;
-    s.faults = cfg->f_loss > 0 || cfg->f_dup > 0 || cfg->f_reorder > 0;
-    s.rng = cfg->f_seed;
-    if (s.faults && cfg->f_reorder > 0 && cfg->f_max_held > 0) {
-        s.heap = calloc(cfg->f_max_held, sizeof *s.heap);
-        if (!s.heap) {
-            free(s.c);
-            return -1;
-        }
-    }
-    s.ep = epoll_create1(EPOLL_CLOEXEC);
-    if (s.ep < 0) {
-        free(s.c);
-        return -1;
-    }
     int n = cfg->nclients;
-    for (int i = 0; i < n; i++) {
-        s.c[i].fd = -1;
-        out[i].reason = 0;
-        out[i].completion = -1;
-    }
-    static unsigned char buf[65536 + 4];
     struct epoll_event evs[1024];
     double t0 = mono();
     double hard_end = t0 + cfg->deadline;
     int next_start = 0;
-    int *running = malloc((size_t)n * sizeof *running);
-    int nrunning = 0;
     double next_scan = t0;
     for (;;) {
         double now = mono();
@@ -645,29 +478,17 @@ int tb_run(const struct tb_config *cfg, const struct tb_step *steps, struct tb_r
         while (next_start < n &&
                (cfg->ramp <= 0 || t0 + cfg->ramp * next_start / n <= now)) {
             struct client *c = &s.c[next_start];
-            running[nrunning++] = next_start++;
+            s.running[s.nrunning++] = next_start++;
             c->started = now;
             c->loop_end = now + cfg->repeat_seconds;
             c->step = 0;
             start_step(&s, c, now);
         }
-        release_due(&s, now);
+        tb_release_due(&s, now);
         if (now >= next_scan) {
-            int k = 0;
-            for (int i = 0; i < nrunning; i++) {
-                struct client *c = &s.c[running[i]];
-                if (c->state == S_DONE || c->state == S_FAILED)
-                    continue;
-                if (c->deadline <= now) {
-                    on_timeout(&s, c, now);
-                    if (c->state == S_DONE || c->state == S_FAILED)
-                        continue;
-                }
-                running[k++] = running[i];
-            }
-            nrunning = k;
+            scan_timers(&s, now);
             next_scan = now + 0.01;
-            if (!nrunning && next_start >= n)
+            if (!s.nrunning && next_start >= n)
                 break;
         }
         double wait = next_scan - now;
@@ -680,24 +501,8 @@ int tb_run(const struct tb_config *cfg, const struct tb_step *steps, struct tb_r
             wait = s.heap[0].due - now;
         int ms = wait > 0 ? (int)(wait * 1000) + 1 : 0; /* round up: never spin */
         int ne = epoll_wait(s.ep, evs, 1024, ms);
-        if (ne <= 0)
-            continue;
-        now = mono();
-        for (int e = 0; e < ne; e++) {
-            struct client *c = &s.c[evs[e].data.u32];
-            int fd = c->fd;
-            if (fd < 0)
-                continue;
-            for (int k = 0; k < 64 && c->fd == fd; k++) {
-                struct sockaddr_in from;
-                socklen_t fl = sizeof from;
-                ssize_t r = recvfrom(fd, buf, sizeof buf, MSG_DONTWAIT,
-                                     (struct sockaddr *)&from, &fl);
-                if (r < 0)
-                    break;
-                deliver(&s, c, buf, (size_t)r, &from, now);
-            }
-        }
+        if (ne > 0)
+            receive(&s, evs, ne, mono());
     }
     res->wall = mono() - t0;
     for (int i = 0; i < n; i++) {
@@ -705,14 +510,7 @@ int tb_run(const struct tb_config *cfg, const struct tb_step *steps, struct tb_r
         if (c->state != S_DONE && c->state != S_FAILED)
             fail(&s, c, c->state == S_IDLE ? TB_R_NOT_STARTED : TB_R_DEADLINE);
     }
-    while (s.nheld) {
-        struct held h = heap_pop(&s);
-        res->f_stale[h.dir]++;
-        free(h.buf);
-    }
-    free(s.heap);
-    free(running);
-    close(s.ep);
-    free(s.c);
+    tb_drop_held(&s);
+    storm_free(&s);
     return 0;
 }

@@ -1,4 +1,4 @@
-/* Interface of the load generator's C core; cffi reads this file as its cdef. */
+/* Interface of the storm's C core; cffi reads this file as its cdef (ABI mode). */
 enum {
     TB_DATA = 0, TB_PROBE = 1, TB_NOTFOUND = 2,
     TB_ASK_BLKSIZE = 1, TB_ASK_TSIZE = 2, TB_ASK_WINDOW = 4, TB_ASK_TIMEOUT = 8
@@ -16,8 +16,9 @@ struct tb_step {
     const unsigned char *rrq;
     uint32_t rrq_len;
     int expect;
-    const unsigned char *data;
+    const unsigned char *data; /* the file's bytes when known (known = 1) */
     uint64_t size;
+    int known;                 /* 0: bytes unknown; size comes from the OACK's tsize */
     int ask;
     uint32_t ask_blksize;
     uint32_t ask_window;

@@ -1,33 +1,30 @@
-"""The load generator: N simulated boot clients against one TFTP server.
+"""The storm's Python engine: N simulated boot clients against one TFTP server.
 
 One thread, one epoll loop over every client's socket. Each request of each client gets a
 UDP socket (its own TID) of its own; the client follows its workload's retry rules, checks
-every byte it receives against bench.content, and records why it failed when it does.
+what it receives, and records why it failed when it does. What it checks depends on what
+it knows of a file (`files` of run_storm_python): its bytes (every payload byte is
+compared), or nothing (None: the bytes received must add up to the tsize the server
+announced, when the step asks tsize).
 
-    python3 -m bench.loadgen --server 127.0.0.1:69 --clients 100 pxe
-
-runs one storm against a server whose root was built with `python3 -m bench.content`.
-The C core (bench/_cgen) runs the same state machine when it can be built; `--engine`
-chooses (both give the same StormResult).
+The C engine (tftpd/storm/_cgen.c) is a transcription of this state machine; both give
+the same StormResult.
 """
 
 from __future__ import annotations
 
-import argparse
 import errno
-import json
 import os
 import resource
 import select
 import socket
 import struct
-import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
 
-from bench.content import expected
-from bench.workload import Step, Workload, load
+from tftpd.storm.content import expected
+from tftpd.storm.result import StormResult
+from tftpd.storm.workload import Step, Workload
 
 OP_RRQ, OP_WRQ, OP_DATA, OP_ACK, OP_ERROR, OP_OACK = 1, 2, 3, 4, 5, 6
 _ACK = struct.Struct("!HH")
@@ -37,6 +34,9 @@ _ACK = struct.Struct("!HH")
 # repeat of the last one to a server whose transfer has not ended yet (servers merge
 # those, RFC 1350 TIDs). In turn, a port comes back only after ~55000 other requests.
 PORT_LO, PORT_HI = 10000, 65000
+
+# A file whose size no one has announced (no tsize asked, bytes unknown).
+UNKNOWN_SIZE = -1
 
 # Client states
 _IDLE, _WAIT_FIRST, _WAIT_OACK_DONE, _DATA, _DONE, _FAILED = range(6)
@@ -75,141 +75,10 @@ def parse_oack(body: bytes | memoryview) -> dict[str, str] | None:
     return out
 
 
-@dataclass(frozen=True)
-class Faults:
-    """Faults the C generator injects on its own datagrams, in both directions: each one
-    it sends or receives is dropped with `loss` %; otherwise doubled with `dup` %; each
-    copy is held back `hold_ms` (a range, uniform) with `reorder` %, so that the socket's
-    later datagrams overtake it. Seeded: the same seed gives the same choices for the
-    same traffic. At most `max_held` copies are held at once (beyond: sent at once)."""
-
-    loss: float = 0.0
-    dup: float = 0.0
-    reorder: float = 0.0
-    hold_ms: tuple[float, float] = (1.0, 30.0)
-    seed: int = 1
-    max_held: int = 65536
-
-    def __bool__(self) -> bool:
-        return self.loss > 0 or self.dup > 0 or self.reorder > 0
-
-    @classmethod
-    def parse(cls, text: str) -> Faults:
-        """`loss=5,dup=5,reorder=5[,hold=1-30][,seed=N]` (percentages, milliseconds)."""
-        kw: dict = {}
-        for item in filter(None, (x.strip() for x in text.split(","))):
-            key, sep, val = item.partition("=")
-            if not sep:
-                raise ValueError(f"faults: {item!r} is not NAME=VALUE")
-            if key in ("loss", "dup", "reorder"):
-                pct = float(val)
-                if not 0 <= pct < 100:
-                    raise ValueError(f"faults: {key} must be in [0, 100)")
-                kw[key] = pct
-            elif key == "hold":
-                lo, _, hi = val.partition("-")
-                pair = (float(lo), float(hi or lo))
-                if not 0 <= pair[0] <= pair[1] <= 10_000:
-                    raise ValueError("faults: hold is MS or MIN-MAX, 0..10000 ms")
-                kw["hold_ms"] = pair
-            elif key == "seed":
-                kw["seed"] = int(val)
-            elif key == "max_held":
-                kw["max_held"] = int(val)
-            else:
-                raise ValueError(f"faults: unknown {key!r} (loss, dup, reorder, hold, seed)")
-        return cls(**kw)
-
-    def label(self) -> str:
-        """Short form for tables: `l5d5r5`."""
-        return "".join(f"{k[0]}{v:g}" for k, v in
-                       (("loss", self.loss), ("dup", self.dup), ("reorder", self.reorder))
-                       if v) or "-"
-
-    def to_json(self) -> dict:
-        return {"loss_pct": self.loss, "dup_pct": self.dup, "reorder_pct": self.reorder,
-                "hold_ms": list(self.hold_ms), "seed": self.seed, "max_held": self.max_held}
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """The q-th percentile (0..100), nearest rank; None for no values."""
-    if not values:
-        return None
-    s = sorted(values)
-    k = max(0, min(len(s) - 1, int(-(-q * len(s) // 100)) - 1))
-    return s[k]
-
-
-@dataclass
-class StormResult:
-    workload: str
-    clients: int
-    server: str
-    engine: str
-    ok: int = 0
-    failed: dict[str, int] = field(default_factory=dict)
-    wall_s: float = 0.0
-    completion_s: list[float] = field(default_factory=list)
-    first_answer_s: list[float] = field(default_factory=list)
-    requests_ok: int = 0
-    requests_failed: int = 0
-    rrq_sent: int = 0
-    rrq_retransmits: int = 0
-    ack_retransmits: int = 0
-    wrong_tid_packets: int = 0
-    duplicate_data: int = 0
-    bytes_ok: int = 0
-    gen_cpu_s: float = 0.0
-    deadline_hit: bool = False
-    # What the fault layer did (C engine, `Faults`): the settings, then per direction
-    # ("sent", "received") datagrams seen, dropped, duplicated, held, overtaken (a held
-    # copy released after a later datagram of its socket passed it: reordered) and
-    # stale (held, but its socket had closed by release: lost).
-    faults: dict = field(default_factory=dict)
-
-    @property
-    def n_failed(self) -> int:
-        return sum(self.failed.values())
-
-    def summary(self) -> dict:
-        """Scalar figures of the storm (what the tables print)."""
-        wall = self.wall_s or 1e-9
-        return {
-            "workload": self.workload,
-            "clients": self.clients,
-            "ok": self.ok,
-            "failed": self.n_failed,
-            "failed_by": dict(sorted(self.failed.items())),
-            "wall_s": self.wall_s,
-            "completion_p50_s": percentile(self.completion_s, 50),
-            "completion_p99_s": percentile(self.completion_s, 99),
-            "completion_max_s": max(self.completion_s) if self.completion_s else None,
-            "first_answer_p50_s": percentile(self.first_answer_s, 50),
-            "first_answer_p99_s": percentile(self.first_answer_s, 99),
-            "first_answer_max_s": max(self.first_answer_s) if self.first_answer_s else None,
-            "requests_ok": self.requests_ok,
-            "requests_per_s": self.requests_ok / wall,
-            "rrq_sent": self.rrq_sent,
-            "rrq_retransmits": self.rrq_retransmits,
-            "ack_retransmits": self.ack_retransmits,
-            "wrong_tid_packets": self.wrong_tid_packets,
-            "duplicate_data": self.duplicate_data,
-            "bytes_ok": self.bytes_ok,
-            "mb_per_s": self.bytes_ok / wall / 1e6,
-            "gen_cpu_s": self.gen_cpu_s,
-            "deadline_hit": self.deadline_hit,
-            "engine": self.engine,
-            "faults": self.faults,
-        }
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
 class _Storm:
     """Shared state of one storm (the Python engine)."""
 
-    def __init__(self, server: tuple[str, int], workload: Workload, files: dict[str, bytes],
+    def __init__(self, server: tuple[str, int], workload: Workload, files: dict[str, bytes | None],
                  steps: tuple[Step, ...], rrqs: list[bytes], result: StormResult) -> None:
         self.server = server
         self.workload = workload
@@ -248,8 +117,8 @@ class _Client:
         self.window = 1
         self.inwin = 0
         self.nblk = 1
-        self.exp = b""
-        self.size = 0
+        self.exp: bytes | None = b""
+        self.size = 0  # UNKNOWN_SIZE until an OACK announces it
         self.gap_acked = False
         self.wrong_tid = 0
         self.iteration = 0
@@ -295,7 +164,7 @@ class _Client:
         self.acked = -1
         if step.expect != "notfound":
             self.exp = st.files[step.file]
-            self.size = len(self.exp)
+            self.size = UNKNOWN_SIZE if self.exp is None else len(self.exp)
         self.state = _WAIT_FIRST
         self.rrq_try = 0
         self.t_req = now
@@ -464,7 +333,11 @@ class _Client:
                     return
                 window = val
             elif k == "tsize":
-                if step.expect != "notfound" and val != self.size:
+                if step.expect == "notfound":
+                    pass
+                elif self.exp is None:
+                    self.size = val  # the bytes are unknown: hold the server to its word
+                elif val != self.size:
                     self.fail("bad-tsize")
                     return
             elif k == "timeout" and val != asked[k]:
@@ -533,10 +406,10 @@ class _Client:
             self.fail("oversize-block")
             return
         off = (self.nblk - 1) * bs
-        if off + plen > self.size:
+        if self.size != UNKNOWN_SIZE and off + plen > self.size:
             self.fail("long-file")
             return
-        if not self.exp.startswith(buf[4:n], off):
+        if self.exp is not None and not self.exp.startswith(buf[4:n], off):
             self.fail("corrupt")
             return
         st.result.bytes_ok += plen
@@ -545,7 +418,7 @@ class _Client:
         self.deadline = now + st.rules.ack_timeout_s
         self.nblk += 1
         if plen < bs:
-            if off + plen != self.size:
+            if self.size != UNKNOWN_SIZE and off + plen != self.size:
                 self.fail("short-file")
                 return
             try:
@@ -566,17 +439,20 @@ class _Client:
                 pass
 
 
-def _raise_nofile(need: int) -> None:
+def raise_nofile(need: int) -> int:
+    """Raise the soft limit of open files towards `need` (within the hard limit unless
+    privileged); return the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft >= need:
-        return
+        return soft
     if hard != resource.RLIM_INFINITY and hard < need:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
-            return
+            return need
         except (ValueError, OSError):
             need = hard
     resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    return need
 
 
 def _cpu_now() -> float:
@@ -607,7 +483,7 @@ def run_storm_python(
     workload: Workload,
     clients: int,
     *,
-    files: dict[str, bytes] | None = None,
+    files: dict[str, bytes | None] | None = None,
     deadline_s: float | None = None,
     ramp_ms: float | None = None,
     overrides: dict[str, int] | None = None,
@@ -619,7 +495,7 @@ def run_storm_python(
     rrqs = [encode_rrq(s.file, s.options) for s in steps]
     result = StormResult(workload=workload.name, clients=clients,
                          server=f"{server[0]}:{server[1]}", engine="python")
-    _raise_nofile(clients + 256)
+    raise_nofile(clients + 256)
     st = _Storm(server, workload, files, steps, rrqs, result)
     ramp = (workload.ramp_ms if ramp_ms is None else ramp_ms) / 1000.0
     limit = workload.default_deadline_s(clients) if deadline_s is None else deadline_s
@@ -693,86 +569,3 @@ def run_storm_python(
         result.gen_cpu_s = _cpu_now() - cpu0
         result.failed = dict(st.reasons)
     return result
-
-
-def run_storm(
-    server: tuple[str, int],
-    workload: Workload,
-    clients: int,
-    *,
-    engine: str = "auto",
-    files: dict[str, bytes] | None = None,
-    deadline_s: float | None = None,
-    ramp_ms: float | None = None,
-    overrides: dict[str, int] | None = None,
-    faults: Faults | None = None,
-) -> StormResult:
-    """One storm: `clients` clients of `workload` against `server` (host, port).
-
-    engine: "python", "c" (bench/_cgen, built at first use), or "auto" (C when it builds).
-    `faults` need the C engine.
-    """
-    if faults and engine == "python":
-        raise ValueError("faults are injected by the C engine only")
-    if faults:
-        from bench import cgen
-        return cgen.run_storm_c(server, workload, clients, files=files, deadline_s=deadline_s,
-                                ramp_ms=ramp_ms, overrides=overrides, faults=faults)
-    if engine in ("c", "auto"):
-        try:
-            from bench import cgen
-            runner = cgen.run_storm_c
-        except Exception as exc:  # noqa: BLE001 - a missing compiler falls back
-            if engine == "c":
-                raise
-            print(f"bench.loadgen: C engine unavailable ({exc}); using Python",
-                  file=sys.stderr)
-        else:
-            return runner(server, workload, clients, files=files, deadline_s=deadline_s,
-                          ramp_ms=ramp_ms, overrides=overrides)
-    return run_storm_python(server, workload, clients, files=files, deadline_s=deadline_s,
-                            ramp_ms=ramp_ms, overrides=overrides)
-
-
-def parse_overrides(items: list[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for item in items:
-        k, _, v = item.partition("=")
-        out[k.strip()] = int(v) if v else -1
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python3 -m bench.loadgen", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("workload", help="workload name (bench/workloads/NAME.json) or path")
-    ap.add_argument("--server", default="127.0.0.1:69", help="HOST:PORT (default %(default)s)")
-    ap.add_argument("--clients", type=int, default=None, help="default: the workload's first")
-    ap.add_argument("--deadline", type=float, default=None, help="seconds; default from rules")
-    ap.add_argument("--ramp-ms", type=float, default=None)
-    ap.add_argument("--engine", choices=("auto", "python", "c"), default="auto")
-    ap.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
-                    help="override an option of every data step (NAME= drops it)")
-    ap.add_argument("--faults", default="", metavar="loss=P,dup=P,reorder=P",
-                    help="inject faults on the generator's datagrams (C engine; see "
-                         "bench/README.md, Faults)")
-    ap.add_argument("--json", action="store_true", help="print the full result as JSON")
-    args = ap.parse_args(argv)
-    wl = load(args.workload)
-    host, _, port = args.server.rpartition(":")
-    clients = args.clients if args.clients is not None else wl.clients[0]
-    res = run_storm((host, int(port)), wl, clients, engine=args.engine,
-                    deadline_s=args.deadline, ramp_ms=args.ramp_ms,
-                    overrides=parse_overrides(args.option),
-                    faults=Faults.parse(args.faults) if args.faults else None)
-    if args.json:
-        json.dump(res.to_json(), sys.stdout)
-        print()
-    else:
-        for k, v in res.summary().items():
-            print(f"{k:20} {v}")
-    return 0 if res.n_failed == 0 else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,8 +1,9 @@
-"""Boot workloads: the JSON format of ../shared/workloads, loaded and checked.
+"""Boot workloads: a JSON format, loaded and checked.
 
 A workload names the files a server root holds (path -> size), the retry rules of the
-client being imitated, and the requests each client makes in order. bench/README.md
-documents the two extensions used here (`repeat`, `deadline_s`).
+client being imitated, and the requests each client makes in order. The workloads that
+come with tftpd-storm are in workloads/ beside this file; bench/README.md documents the
+format and its extensions (`repeat`, `deadline_s`).
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def parse(doc: dict, source: str = "") -> Workload:
 
 
 def load(name_or_path: str | os.PathLike[str]) -> Workload:
-    """Load a workload by name (`pxe`: bench/workloads/pxe.json) or by path."""
+    """Load a workload by name (`pxe`: workloads/pxe.json here) or by path."""
     p = Path(name_or_path)
     if not p.suffix and not p.exists():
         p = WORKLOAD_DIR / f"{p}.json"
@@ -175,5 +176,6 @@ def load(name_or_path: str | os.PathLike[str]) -> Workload:
         return parse(json.load(fh), source=str(p))
 
 
-def standard_names() -> list[str]:
-    return ["pxe", "mfs", "probe", "stream"]
+def names() -> list[str]:
+    """The workloads that come with the package, by name."""
+    return sorted(p.stem for p in WORKLOAD_DIR.glob("*.json"))

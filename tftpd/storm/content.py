@@ -15,7 +15,7 @@ import os
 import random
 from pathlib import Path
 
-from bench.workload import Workload
+from tftpd.storm.workload import Workload
 
 _cache: dict[tuple[str, int], bytes] = {}
 
@@ -60,7 +60,7 @@ def build_root(workload: Workload, root: str | os.PathLike[str]) -> Path:
                 continue
         except FileNotFoundError:
             pass
-        tmp = target.with_name(target.name + ".tmp-bench")
+        tmp = target.with_name(target.name + ".tmp-storm")
         tmp.write_bytes(data)
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
@@ -68,25 +68,3 @@ def build_root(workload: Workload, root: str | os.PathLike[str]) -> Path:
         if step.expect == "notfound" and (base / step.file).exists():
             raise FileExistsError(f"{base / step.file} exists but the workload expects a miss")
     return base
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from bench.workload import load
-
-    ap = argparse.ArgumentParser(
-        prog="python3 -m bench.content",
-        description="Build a server root holding a workload's files (deterministic bytes).")
-    ap.add_argument("workload", help="workload name (bench/workloads/NAME.json) or path")
-    ap.add_argument("root", help="directory to fill (made if missing)")
-    args = ap.parse_args(argv)
-    wl = load(args.workload)
-    root = build_root(wl, args.root)
-    total = sum(wl.files.values())
-    print(f"{root}: {len(wl.files)} files, {total} bytes for workload {wl.name}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
