@@ -1,0 +1,164 @@
+"""Who a client is, beyond its address: its MAC from the kernel's neighbour table,
+and the per-client directories (--root-per-client) tried before the root.
+
+A boot client asks from the address DHCP just gave it, on a link the server shares,
+so the kernel has just resolved it (ARP or NDP): the neighbour table knows its MAC.
+It is asked once per client address through netlink (pyroute2) and the answer is
+cached: bounded in size, and a missing entry only for a few seconds, since it may
+appear a moment later.
+
+pyroute2 is imported here, at import, because a worker may be chrooted (-s) by the
+time it first asks; without pyroute2 every lookup answers None.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+try:
+    from pyroute2 import IPRoute
+except ImportError:  # pragma: no cover - pyroute2 is a dependency; the server runs without
+    IPRoute = None
+
+# Neighbour states (linux/neighbour.h) whose link-layer address is not worth using.
+NUD_INCOMPLETE = 0x01
+NUD_FAILED = 0x20
+_UNUSABLE = NUD_INCOMPLETE | NUD_FAILED
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+def plain_ip(host: str) -> str:
+    """The client's address as logs, prefixes and hooks show it: an IPv4-mapped IPv6
+    address (::ffff:10.0.0.5, from a dual-stack socket) as plain IPv4, an IPv6 address
+    in its short form without a scope (%eth0). Anything unparsable is returned as is."""
+    text = host.partition("%")[0]
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def mac_prefix(mac: str) -> str:
+    """A MAC as PXELINUX names a per-host file: ARP type 1 (Ethernet), then the bytes
+    in lower-case hex joined by dashes: aa:bb:cc:dd:ee:ff -> 01-aa-bb-cc-dd-ee-ff."""
+    return "01-" + mac.lower().replace(":", "-")
+
+
+def normal_mac(lladdr: object) -> str | None:
+    """An Ethernet address as "aa:bb:cc:dd:ee:ff", None for anything else (another
+    link type, the all-zero address of a NOARP device)."""
+    if not isinstance(lladdr, str):
+        return None
+    mac = lladdr.lower()
+    if not _MAC.fullmatch(mac) or mac == "00:00:00:00:00:00":
+        return None
+    return mac
+
+
+class NeighbourCache:
+    """MAC by client address, from the kernel's neighbour table, cached.
+
+    Safe to share between threads. `lookup(ip)` answers the MAC the table holds or
+    None; the default asks netlink. Found MACs are kept `ttl` seconds, misses
+    `miss_ttl` seconds; at most `size` addresses are kept (the oldest go first).
+    """
+
+    def __init__(self, *, size: int = 4096, ttl: float = 300.0, miss_ttl: float = 3.0,
+                 clock: Callable[[], float] = time.monotonic,
+                 lookup: Callable[[str], str | None] | None = None) -> None:
+        self.size = size
+        self.ttl = ttl
+        self.miss_ttl = miss_ttl
+        self.clock = clock
+        self._lookup = lookup if lookup is not None else self._netlink
+        self._known: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._ipr: Any = None
+        self.lookups = 0  # questions asked of the kernel (for tests and metrics)
+
+    def mac(self, ip: str) -> str | None:
+        ip = plain_ip(ip)
+        now = self.clock()
+        with self._lock:
+            hit = self._known.get(ip)
+            if hit is not None and hit[0] > now:
+                self._known.move_to_end(ip)
+                return hit[1]
+            self.lookups += 1
+            try:
+                mac = self._lookup(ip)
+            except Exception:  # noqa: BLE001 - no answer is an answer: no MAC
+                mac = None
+            self._known[ip] = (now + (self.ttl if mac is not None else self.miss_ttl), mac)
+            self._known.move_to_end(ip)
+            while len(self._known) > self.size:
+                self._known.popitem(last=False)
+            return mac
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    def _netlink(self, ip: str) -> str | None:
+        if IPRoute is None:
+            return None
+        if self._ipr is None:
+            self._ipr = IPRoute()
+        try:
+            entries = list(self._ipr.neigh("dump", dst=ip))
+        except Exception:
+            # A socket that went bad is opened afresh next time.
+            self.close()
+            raise
+        for entry in entries:
+            if entry.get("state", 0) & _UNUSABLE:
+                continue
+            mac = normal_mac(entry.get("NDA_LLADDR"))
+            if mac is not None and entry.get("NDA_DST") == ip:
+                return mac
+        return None
+
+    def close(self) -> None:
+        ipr, self._ipr = self._ipr, None
+        if ipr is not None:
+            try:
+                ipr.close()
+            except Exception:  # noqa: BLE001 - closing must not fail the caller
+                pass
+
+
+ROOT_KINDS = ("ip", "mac")
+
+
+class ClientRoots:
+    """--root-per-client ip|mac: the directory under the root tried first for a client.
+
+    "ip": ROOT/10.0.0.5/NAME (IPv6 in its short form, ROOT/fd00::5/NAME); "mac":
+    ROOT/01-aa-bb-cc-dd-ee-ff/NAME, as PXELINUX writes MACs. A client whose MAC the
+    neighbour table does not know has no such directory; ROOT/NAME serves it.
+    """
+
+    def __init__(self, kind: str, neighbours: NeighbourCache) -> None:
+        if kind not in ROOT_KINDS:
+            raise ValueError(f"root per client by {kind!r}: want one of {ROOT_KINDS}")
+        self.kind = kind
+        self.neighbours = neighbours
+
+    def prefixes(self, client_ip: str) -> list[str]:
+        ip = plain_ip(client_ip)
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            return []  # not an IP address (a test's socket pair): no directory of its own
+        if self.kind == "ip":
+            return [ip]
+        mac = self.neighbours.mac(ip)
+        return [mac_prefix(mac)] if mac is not None else []
