@@ -48,7 +48,7 @@ def test_the_mac_of_a_client_in_another_namespace() -> None:
         m = re.search(r"link/ether ([0-9a-f:]{17})", peer_mac)
         assert m, peer_mac
         expected = m.group(1)
-        cache = NeighbourCache(miss_ttl=0.0)
+        cache = NeighbourCache(miss_ttl=0.0, refresh=0.0)
         assert cache.mac(peer_ip) is None  # nothing has been said yet
         # One UDP datagram from the namespace: its ARP request for the host's address
         # tells the host's kernel the peer's MAC.
@@ -67,6 +67,9 @@ def test_the_mac_of_a_client_in_another_namespace() -> None:
         assert cache.mac(f"::ffff:{peer_ip}") == expected  # a mapped address is the same
         assert ClientRoots("mac", cache).prefixes(peer_ip) == \
             ["01-" + expected.replace(":", "-")]
+        # One dump remembers the whole table: the host's own neighbours come with it.
+        asked = cache.lookups
+        assert cache.mac(peer_ip) == expected and cache.lookups == asked
         cache.close()
     finally:
         _ip("link", "del", host_if, check=False)
@@ -105,6 +108,25 @@ def test_answers_are_cached_misses_briefly_and_the_cache_is_bounded() -> None:
     assert len(cache) == 3 and len(asked) == 8
     cache.mac("10.0.0.1")  # pushed out by the others: asked again
     assert len(asked) == 9
+
+
+def test_the_table_is_read_whole_and_not_more_than_once_per_refresh() -> None:
+    clock = FakeClock()
+    cache = NeighbourCache(refresh=0.5, miss_ttl=3.0, clock=clock)
+    dumps: list[float] = []
+    table = {"10.0.0.1": "52:54:00:00:00:01", "10.0.0.2": "52:54:00:00:00:02"}
+
+    def dump() -> dict[str, str]:
+        dumps.append(clock.now)
+        return dict(table)
+
+    cache._dump = dump  # type: ignore[method-assign]
+    assert cache.mac("10.0.0.1") == "52:54:00:00:00:01"
+    assert cache.mac("10.0.0.2") == "52:54:00:00:00:02" and len(dumps) == 1
+    assert cache.mac("10.0.0.3") is None and len(dumps) == 1  # within refresh: no dump
+    table["10.0.0.3"] = "52:54:00:00:00:03"
+    clock.now += 0.6  # the miss was kept only until the next dump was allowed
+    assert cache.mac("10.0.0.3") == "52:54:00:00:00:03" and len(dumps) == 2
 
 
 def test_a_failing_lookup_is_a_miss() -> None:

@@ -62,13 +62,26 @@ def load_function(module: str, function: str, search: Sequence[str]) -> Callable
                 and not spec.submodule_search_locations:
             path = spec.origin
     if path is not None:
+        before = sys.modules.get(module)
+        if before is not None and not getattr(before, "__tftpd_hook__", False):
+            # Loading it would replace a module the server (or Python) already uses.
+            raise HookUnavailable(f"{path}: the name {module!r} is taken by a module "
+                                  "already imported; give the hook module another name")
         with open(path, "rb") as f:
             source = f.read()
         mod = types.ModuleType(module)
         mod.__file__ = path
+        mod.__tftpd_hook__ = True  # type: ignore[attr-defined]
         code = compile(source, path, "exec", dont_inherit=True)
         sys.modules[module] = mod  # what dataclasses and pickle look up while it runs
-        exec(code, mod.__dict__)  # noqa: S102 - running the configured hook is the point
+        try:
+            exec(code, mod.__dict__)  # noqa: S102 - running the configured hook is the point
+        except BaseException:
+            if before is not None:
+                sys.modules[module] = before
+            else:
+                del sys.modules[module]
+            raise
     else:
         loaded = sys.modules.get(module)
         mod = importlib.reload(loaded) if loaded is not None else \

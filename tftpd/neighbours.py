@@ -3,9 +3,9 @@ and the per-client directories (--root-per-client) tried before the root.
 
 A boot client asks from the address DHCP just gave it, on a link the server shares,
 so the kernel has just resolved it (ARP or NDP): the neighbour table knows its MAC.
-It is asked once per client address through netlink (pyroute2) and the answer is
-cached: bounded in size, and a missing entry only for a few seconds, since it may
-appear a moment later.
+The table is read through netlink (pyroute2), whole, at most twice a second, and
+what it says is cached: bounded in size, and a missing entry only for a few seconds,
+since it may appear a moment later.
 
 pyroute2 is imported here, at import, because a worker may be chrooted (-s) by the
 time it first asks; without pyroute2 every lookup answers None.
@@ -67,23 +67,28 @@ def normal_mac(lladdr: object) -> str | None:
 class NeighbourCache:
     """MAC by client address, from the kernel's neighbour table, cached.
 
-    Safe to share between threads. `lookup(ip)` answers the MAC the table holds or
-    None; the default asks netlink. Found MACs are kept `ttl` seconds, misses
-    `miss_ttl` seconds; at most `size` addresses are kept (the oldest go first).
+    Safe to share between threads. Found MACs are kept `ttl` seconds, misses
+    `miss_ttl` seconds; at most `size` addresses are kept (the least recently asked
+    go first). The kernel is asked for its whole table at once, at most once per
+    `refresh` seconds, and every entry is remembered: a storm of a thousand new
+    clients costs a few dumps, not a dump per client. `lookup(ip)`, if given,
+    answers one address instead (tests).
     """
 
-    def __init__(self, *, size: int = 4096, ttl: float = 300.0, miss_ttl: float = 3.0,
-                 clock: Callable[[], float] = time.monotonic,
+    def __init__(self, *, size: int = 65536, ttl: float = 300.0, miss_ttl: float = 3.0,
+                 refresh: float = 0.5, clock: Callable[[], float] = time.monotonic,
                  lookup: Callable[[str], str | None] | None = None) -> None:
         self.size = size
         self.ttl = ttl
         self.miss_ttl = miss_ttl
+        self.refresh = refresh
         self.clock = clock
-        self._lookup = lookup if lookup is not None else self._netlink
+        self._lookup = lookup
         self._known: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
         self._lock = threading.Lock()
         self._ipr: Any = None
-        self.lookups = 0  # questions asked of the kernel (for tests and metrics)
+        self._next_dump = 0.0
+        self.lookups = 0  # questions asked of the kernel (or of `lookup`)
 
     def mac(self, ip: str) -> str | None:
         ip = plain_ip(ip)
@@ -93,38 +98,59 @@ class NeighbourCache:
             if hit is not None and hit[0] > now:
                 self._known.move_to_end(ip)
                 return hit[1]
-            self.lookups += 1
-            try:
-                mac = self._lookup(ip)
-            except Exception:  # noqa: BLE001 - no answer is an answer: no MAC
-                mac = None
-            self._known[ip] = (now + (self.ttl if mac is not None else self.miss_ttl), mac)
-            self._known.move_to_end(ip)
-            while len(self._known) > self.size:
-                self._known.popitem(last=False)
+            if self._lookup is not None:
+                self.lookups += 1
+                try:
+                    mac = self._lookup(ip)
+                except Exception:  # noqa: BLE001 - no answer is an answer: no MAC
+                    mac = None
+                miss_until = now + self.miss_ttl
+            elif now >= self._next_dump:
+                self.lookups += 1
+                self._next_dump = now + self.refresh
+                try:
+                    table = self._dump()
+                except Exception:  # noqa: BLE001
+                    table = {}
+                for addr, found in table.items():
+                    self._put(addr, now + self.ttl, found)
+                mac = table.get(ip)
+                miss_until = now + self.miss_ttl
+            else:
+                mac = None  # asked moments ago; the next dump may know
+                miss_until = self._next_dump
+            self._put(ip, now + self.ttl if mac is not None else miss_until, mac)
             return mac
+
+    def _put(self, ip: str, expires: float, mac: str | None) -> None:
+        self._known[ip] = (expires, mac)
+        self._known.move_to_end(ip)
+        while len(self._known) > self.size:
+            self._known.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._known)
 
-    def _netlink(self, ip: str) -> str | None:
+    def _dump(self) -> dict[str, str]:
+        """Every usable entry of the kernel's neighbour tables (ARP and NDP)."""
         if IPRoute is None:
-            return None
+            return {}
         if self._ipr is None:
             self._ipr = IPRoute()
         try:
-            entries = list(self._ipr.neigh("dump", dst=ip))
+            entries = list(self._ipr.neigh("dump"))
         except Exception:
-            # A socket that went bad is opened afresh next time.
-            self.close()
+            self.close()  # a socket that went bad is opened afresh next time
             raise
+        table = {}
         for entry in entries:
             if entry.get("state", 0) & _UNUSABLE:
                 continue
             mac = normal_mac(entry.get("NDA_LLADDR"))
-            if mac is not None and entry.get("NDA_DST") == ip:
-                return mac
-        return None
+            dst = entry.get("NDA_DST")
+            if mac is not None and isinstance(dst, str):
+                table[plain_ip(dst)] = mac
+        return table
 
     def close(self) -> None:
         ipr, self._ipr = self._ipr, None
