@@ -210,9 +210,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_file", ("--log-file",), "append the log to FILE instead of stderr (or "
             "syslog with -l)", None, str, metavar="FILE"),
     Setting("content_hook", ("--content-hook",), "call FUNCTION of the Python module "
-            "MODULE for each read (TFTP and HTTP) to serve bytes it returns, another file, or "
-            "the file asked (None); MODULE is looked for in the config file's "
-            "directory, then the current one, then sys.path", None, _hook_spec,
+            "MODULE with each read request (TFTP and HTTP): it returns None (serve the name "
+            "asked), bytes (served as the file) or a path under ROOT (served instead); "
+            "MODULE is looked for in the config file's directory, then the current "
+            "directory, then sys.path, and loaded by each worker", None, _hook_spec,
             metavar="MODULE:FUNCTION"),
     Setting("content_hook_timeout", ("--content-hook-timeout",), "seconds a content hook "
             "call may take, waiting for a thread included; later, the request is refused "
