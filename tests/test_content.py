@@ -384,3 +384,27 @@ def test_without_hook_or_roots_the_answer_is_the_file_and_not_per_client(root: P
     assert isinstance(r, Resolution) and _text(r) == "other file\n"
     r = res.begin(b"nope", "octet", ("10.0.0.5", 1), "http", {})
     assert isinstance(r, Resolution) and r.http_status == 404
+
+
+def test_many_callers_at_once_each_get_their_own_answer(root: Path, hook_module) -> None:  # type: ignore[no-untyped-def]
+    import threading
+    from types import SimpleNamespace
+
+    make, _ = hook_module
+    hook = make("answer_bytes", threads=4)
+    results: dict[str, object] = {}
+
+    def caller(k: int) -> None:
+        futures = {f"f{k}-{i}": hook.submit(SimpleNamespace(filename=f"f{k}-{i}"))
+                   for i in range(50)}
+        for name, fut in futures.items():
+            results[name] = fut.result(timeout=WAIT)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert len(results) == 200
+    assert all(v == b"hello " + k.encode() for k, v in results.items())
+    assert hook.threads <= 4

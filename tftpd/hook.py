@@ -154,7 +154,8 @@ class ContentHook:
                 return fut
             self._queued += 1
             heapq.heappush(self._due, (self.clock() + self.timeout, next(self._seq), fut))
-            self._wake.notify()
+            if self._due[0][2] is fut:  # the watchdog sleeps until the earliest deadline
+                self._wake.notify()
             if self._idle == 0 and len(self._threads) < self._max_threads:
                 t = threading.Thread(target=self._serve, name="tftpd-hook", daemon=True)
                 self._threads.append(t)
