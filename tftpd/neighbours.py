@@ -7,8 +7,9 @@ The table is read through netlink (pyroute2), whole, at most twice a second, and
 what it says is cached: bounded in size, and a missing entry only for a few seconds,
 since it may appear a moment later.
 
-pyroute2 is imported here, at import, because a worker may be chrooted (-s) by the
-time it first asks; without pyroute2 every lookup answers None.
+pyroute2 is imported by load_netlink(), not at import (it costs half a second): the
+master calls it before any chroot (-s) when the settings need MACs. Without pyroute2
+every lookup answers None.
 """
 
 from __future__ import annotations
@@ -21,10 +22,20 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-try:
-    from pyroute2 import IPRoute
-except ImportError:  # pragma: no cover - pyroute2 is a dependency; the server runs without
-    IPRoute = None
+_netlink: list[Any] = []  # [IPRoute] once load_netlink() found pyroute2, [None] if not
+
+
+def load_netlink() -> bool:
+    """Import pyroute2 (slow: about half a second) if that has not been tried yet;
+    whether it is there. The master calls this before any chroot when the settings
+    need MACs; a worker that cannot import it answers None for every MAC."""
+    if not _netlink:
+        try:
+            from pyroute2 import IPRoute
+        except ImportError:
+            IPRoute = None  # noqa: N806 - the class, or its absence
+        _netlink.append(IPRoute)
+    return _netlink[0] is not None
 
 # Neighbour states (linux/neighbour.h) whose link-layer address is not worth using.
 NUD_INCOMPLETE = 0x01
@@ -133,10 +144,10 @@ class NeighbourCache:
 
     def _dump(self) -> dict[str, str]:
         """Every usable entry of the kernel's neighbour tables (ARP and NDP)."""
-        if IPRoute is None:
+        if not load_netlink():
             return {}
         if self._ipr is None:
-            self._ipr = IPRoute()
+            self._ipr = _netlink[0]()
         try:
             entries = list(self._ipr.neigh("dump"))
         except Exception:
