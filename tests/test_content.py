@@ -408,3 +408,21 @@ def test_many_callers_at_once_each_get_their_own_answer(root: Path, hook_module)
     assert len(results) == 200
     assert all(v == b"hello " + k.encode() for k, v in results.items())
     assert hook.threads <= 4
+
+
+@pytest.mark.parametrize("data,mode,served", [
+    (b"", "octet", b""),
+    (b"a\r\nb\n", "octet", b"a\r\nb\n"),
+    (b"a\rb\n", "netascii", b"a\r\0b\r\n"),
+])
+def test_memory_files_hold_exactly_what_is_served(data: bytes, mode: str,
+                                                  served: bytes) -> None:
+    from tftpd.content import memory_file
+
+    f = memory_file(data, "x", mode)
+    try:
+        assert f.size == len(served) == os.fstat(f.fd).st_size
+        assert os.pread(f.fd, len(served) + 10, 0) == served and f.image == served
+        assert f.release is None and not f.derived
+    finally:
+        f.close()
