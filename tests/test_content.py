@@ -317,6 +317,26 @@ def test_a_hook_that_cannot_load_fails_each_request(tmp_path: Path, root: Path) 
         sys.modules.pop("hook_without_function", None)
 
 
+def test_a_module_where_clients_may_upload_is_refused(tmp_path: Path, root: Path) -> None:
+    name = f"uploaded_hook_{os.getpid()}"
+    (root / f"{name}.py").write_text("RAN = True\ndef content(req):\n    return b'pwned'\n")
+    hook = ContentHook(f"{name}:content", 5.0, [str(root)], forbid=str(root))
+    try:
+        assert hook.error is not None and "outside the served root" in hook.error
+        assert name not in sys.modules  # refused before it ran
+        res = ContentResolver(FileCache(Root(str(root))), hook=hook)
+        assert _resolve(res, b"other.txt").http_status == 500
+    finally:
+        hook.close()
+    # the same module outside the forbidden directory loads
+    hook = ContentHook(f"{name}:content", 5.0, [str(root)], forbid=str(tmp_path / "elsewhere"))
+    try:
+        assert hook.error is None and sys.modules[name].RAN
+    finally:
+        hook.close()
+        sys.modules.pop(name, None)
+
+
 @pytest.mark.parametrize("spec", ["mod", "mod:", ":f", "a b:f", "mod:f:g", "1mod:f", "mod:f()"])
 def test_bad_specs_are_refused(spec: str) -> None:
     with pytest.raises(ValueError):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 import importlib
 import importlib.machinery
+import importlib.util
 import itertools
 import logging
 import os
@@ -53,14 +54,28 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return m.group(1), m.group(2)
 
 
-def load_function(module: str, function: str, search: Sequence[str]) -> Callable[..., Any]:
-    """The hook function, its module loaded afresh (see the module's docstring)."""
+def load_function(module: str, function: str, search: Sequence[str],
+                  forbid: str | None = None) -> Callable[..., Any]:
+    """The hook function, its module loaded afresh (see the module's docstring).
+
+    A module whose file lies under `forbid` is refused before it runs: with uploads
+    allowed (--create) that is the served root, where a client could write it."""
     path = None
     if "." not in module:
         spec = importlib.machinery.PathFinder.find_spec(module, [d for d in search if d])
         if spec is not None and isinstance(spec.loader, importlib.machinery.SourceFileLoader) \
                 and not spec.submodule_search_locations:
             path = spec.origin
+    if forbid is not None:
+        where = path
+        if where is None:
+            # What an import would run first: the top-level module or package (finding
+            # a top-level spec runs nothing).
+            top = importlib.util.find_spec(module.partition(".")[0])
+            where = top.origin if top is not None else None
+        if where is not None and _under(where, forbid):
+            raise HookUnavailable(f"{where} is under {forbid}, where clients may upload "
+                                  "files; keep the hook module outside the served root")
     if path is not None:
         before = sys.modules.get(module)
         if before is not None and not getattr(before, "__tftpd_hook__", False):
@@ -92,13 +107,20 @@ def load_function(module: str, function: str, search: Sequence[str]) -> Callable
     return fn
 
 
+def _under(path: str, directory: str) -> bool:
+    real, top = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([real, top]) == top
+
+
 class ContentHook:
     """The configured hook, shared by the threads of one worker."""
 
     def __init__(self, spec: str, timeout: float, search: Sequence[str] = (), *,
-                 threads: int = POOL_THREADS, max_queued: int = MAX_QUEUED,
+                 forbid: str | None = None, threads: int = POOL_THREADS,
+                 max_queued: int = MAX_QUEUED,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.spec = spec
+        self.forbid = forbid  # no module from under here (the root, when uploads are on)
         self.module, self.function = parse_spec(spec)
         self.timeout = timeout
         self.search = tuple(search)
@@ -128,7 +150,7 @@ class ContentHook:
         """Load the module afresh. When that fails the function loaded before stays
         (and the error is logged); with none loaded, every call fails."""
         try:
-            fn = load_function(self.module, self.function, self.search)
+            fn = load_function(self.module, self.function, self.search, self.forbid)
         except Exception as err:  # noqa: BLE001 - a broken hook must not stop the worker
             self.error = f"content hook {self.spec}: {type(err).__name__}: {err}"
             log.error("%s%s", self.error,
