@@ -6,8 +6,9 @@ its submission (time spent queued behind busy threads included); a watchdog thre
 completes a call that overran with HookTimeout, whatever the hook is still doing, and
 a call whose time ran out while queued is never started.
 
-The module is loaded by the worker (after privileges are dropped), looked up first in
-the directories given (the config file's, then the current one), then on sys.path. A
+A ContentHook loads the module when it is made, so it is made where the hook runs: in
+a worker, after privileges are dropped. The module is looked up first in the
+directories given (the config file's, then the current one), then on sys.path. A
 module found as a single file in those directories is compiled afresh from its source
 on every load, so reload() sees the file as it is now.
 """

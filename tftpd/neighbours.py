@@ -7,9 +7,10 @@ The table is read through netlink (pyroute2), whole, at most twice a second, and
 what it says is cached: bounded in size, and a missing entry only for a few seconds,
 since it may appear a moment later.
 
-pyroute2 is imported by load_netlink(), not at import (it costs half a second): the
-master calls it before any chroot (-s) when the settings need MACs. Without pyroute2
-every lookup answers None.
+pyroute2 is imported by load_netlink(), not at import (it costs half a second); it
+must have been called before any chroot (-s) when the settings need MACs, or the
+first lookup imports it (outside a chroot). Without pyroute2 every lookup answers
+None.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ _netlink: list[Any] = []  # [IPRoute] once load_netlink() found pyroute2, [None]
 
 def load_netlink() -> bool:
     """Import pyroute2 (slow: about half a second) if that has not been tried yet;
-    whether it is there. The master calls this before any chroot when the settings
-    need MACs; a worker that cannot import it answers None for every MAC."""
+    whether it is there. Call it before any chroot when the settings need MACs; a
+    process that cannot import it answers None for every MAC."""
     if not _netlink:
         try:
             from pyroute2 import IPRoute
@@ -36,6 +37,7 @@ def load_netlink() -> bool:
             IPRoute = None  # noqa: N806 - the class, or its absence
         _netlink.append(IPRoute)
     return _netlink[0] is not None
+
 
 # Neighbour states (linux/neighbour.h) whose link-layer address is not worth using.
 NUD_INCOMPLETE = 0x01
