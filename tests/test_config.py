@@ -39,6 +39,25 @@ def test_bad_values_are_refused(argv: list[str]) -> None:
         from_argv(argv)
 
 
+def test_content_hook_settings(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cfg = from_argv(["--content-hook", "pernode_hook:content", "--content-hook-timeout", "0.5",
+                     "--root-per-client", "mac"])
+    assert cfg.content_hook == "pernode_hook:content" and cfg.content_hook_timeout == 0.5
+    assert cfg.root_per_client == "mac"
+    assert from_argv([]).content_hook_timeout == 2.0
+    conf = tmp_path / "tftpd.conf"
+    conf.write_text('content-hook = "hooks.pxe:answer"\ncontent-hook-timeout = 3\n'
+                    'root-per-client = "ip"\n')
+    cfg = from_argv(["-C", str(conf)])
+    assert (cfg.content_hook, cfg.content_hook_timeout, cfg.root_per_client) == \
+        ("hooks.pxe:answer", 3.0, "ip")
+    for argv in (["--content-hook", "pernode_hook"], ["--content-hook", "a:b:c"],
+                 ["--content-hook-timeout", "0"], ["--content-hook-timeout", "soon"],
+                 ["--root-per-client", "uuid"]):
+        with pytest.raises(ConfigError):
+            from_argv(argv)
+
+
 # -- tftpd.conf and the man pages ----------------------------------------------------------
 
 def test_config_file_then_command_line(tmp_path) -> None:  # type: ignore[no-untyped-def]

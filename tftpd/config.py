@@ -88,6 +88,26 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return check
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 3600:
+        raise ConfigError(f"{text!r}: want more than 0 and at most 3600 seconds")
+    return value
+
+
+def _hook_spec(text: str) -> str:
+    from tftpd.hook import parse_spec  # the hook itself is loaded by each worker
+
+    try:
+        parse_spec(text)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return text.strip()
+
+
 def _umask(text: str) -> int:
     try:
         value = int(text, 8)
@@ -189,6 +209,19 @@ SETTINGS: tuple[Setting, ...] = (
             "json", "text", _choice("text", "json"), metavar="text|json"),
     Setting("log_file", ("--log-file",), "append the log to FILE instead of stderr (or "
             "syslog with -l)", None, str, metavar="FILE"),
+    Setting("content_hook", ("--content-hook",), "call FUNCTION of the Python module "
+            "MODULE with each read request (TFTP and HTTP): it returns None (serve the name "
+            "asked), bytes (served as the file) or a path under ROOT (served instead); "
+            "MODULE is looked for in the config file's directory, then the current "
+            "directory, then sys.path, and loaded by each worker", None, _hook_spec,
+            metavar="MODULE:FUNCTION"),
+    Setting("content_hook_timeout", ("--content-hook-timeout",), "seconds a content hook "
+            "call may take, waiting for a thread included; later, the request is refused "
+            "(TFTP error 0, HTTP 504)", 2.0, _seconds, metavar="SECONDS"),
+    Setting("root_per_client", ("--root-per-client",), "try ROOT/CLIENT/NAME before "
+            "ROOT/NAME, CLIENT being the client's IP address (ip) or its MAC as PXELINUX "
+            "writes it, 01-aa-bb-cc-dd-ee-ff (mac, from the kernel's neighbour table)",
+            None, _choice("ip", "mac"), metavar="ip|mac"),
     Setting("datapath", ("--datapath",), "force the C or the pure-Python data path "
             "(default: C when built; also TFTPD_DATAPATH)", None, _choice("c", "python"),
             metavar="c|python"),
@@ -277,6 +310,9 @@ class Config:
     metrics: str | None = None
     log_format: str = "text"
     log_file: str | None = None
+    content_hook: str | None = None
+    content_hook_timeout: float = 2.0
+    root_per_client: str | None = None
     datapath: str | None = None
     config: str | None = None
     demo: bool = False

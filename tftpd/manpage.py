@@ -46,6 +46,8 @@ def _toml_type(s: Setting) -> str:
         return "boolean"
     if s.repeat:
         return "array of strings"
+    if isinstance(s.default, float):
+        return "number"
     return "string or integer" if s.metavar in ("N", "MAX", "USEC", "BYTES", "SECONDS",
                                                 "MIB", "0|1") else "string"
 
