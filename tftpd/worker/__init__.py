@@ -1,9 +1,10 @@
 """A worker process: an event loop over the listen sockets it was handed and its
 transfers. The only place in tftpd that waits.
 
-    core      Worker: the request path (decide -> resolve -> negotiate -> start) and
-              the transfers, over the parts below
+    core      Worker: drives the transfers (applies what tftpd.transfer asks, ends
+              them, takes over those C started), over the parts below
     intake    Listener, Forward, Intake: listen sockets, forwarding between workers
+    requests  RequestPath: decide -> resolve the content -> negotiate -> start
     loops     Loop, SelectorLoop, PumpLoop: the event loop, chosen once at start;
               loop.watch(fd, on_readable) / loop.unwatch(fd) for any descriptor
     sessions  Session, SessionTable: live transfers, adoption of those C started
