@@ -7,8 +7,8 @@ timer is due. Both serve, in each turn, the watched descriptors first (a PXE ROM
 its RRQ one to four seconds; a running transfer tolerates a short wait), then the
 transfers, then the timers; `Loop.run` is that turn, and the drain, for both.
 
-Anything else that needs the loop watches a descriptor with a callback:
-`loop.watch(fd, on_readable)`, `loop.unwatch(fd)`.
+Anything else that needs the loop watches a descriptor with callbacks:
+`loop.watch(fd, on_readable, on_writable=None)`, `loop.unwatch(fd)`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import logging
 import selectors
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tftpd import logs
@@ -33,9 +34,30 @@ log = logging.getLogger("tftpd")
 
 IDLE_WAIT = 0.5  # s; the longest the loop sleeps with nothing scheduled (and beats)
 
-# Called when its descriptor is readable. A callback that returns True stopped with
-# input left (a batch limit): the pump loop calls it again next turn without waiting.
-OnReadable = Callable[[], object]
+# Called when its descriptor is readable (or writable). A read callback that returns
+# True stopped with input left (a batch limit): the pump loop calls it again next turn
+# without waiting.
+OnReady = Callable[[], object]
+
+
+@dataclass(slots=True, eq=False)
+class Watch:
+    """A watched descriptor's callbacks."""
+
+    fd: int
+    on_readable: OnReady | None
+    on_writable: OnReady | None
+
+    @property
+    def events(self) -> int:
+        return (selectors.EVENT_READ if self.on_readable is not None else 0) \
+            | (selectors.EVENT_WRITE if self.on_writable is not None else 0)
+
+    def serve(self, mask: int) -> None:
+        if mask & selectors.EVENT_READ and self.on_readable is not None:
+            self.on_readable()
+        if mask & selectors.EVENT_WRITE and self.on_writable is not None:
+            self.on_writable()
 # What a pump event asks of the worker, bound to its session; called with `now`.
 Handler = Callable[[float], None]
 
@@ -48,12 +70,17 @@ class Loop:
 
     # -- what a loop kind provides ------------------------------------------------------
 
-    def watch(self, fd: int, on_readable: OnReadable) -> None:
-        """Call `on_readable()` in each turn `fd` is readable (level-triggered)."""
+    def watch(self, fd: int, on_readable: OnReady | None = None,
+              on_writable: OnReady | None = None) -> None:
+        """Call `on_readable()` in each turn `fd` is readable, `on_writable()` in each
+        turn it is writable (level-triggered: unwatch, or watch again without
+        `on_writable`, once there is nothing to write). Watching a watched `fd` again
+        replaces its callbacks."""
         raise NotImplementedError
 
     def unwatch(self, fd: int) -> None:
-        """Stop watching `fd` (before it is closed: its number may come back)."""
+        """Stop watching `fd` (before it is closed: its number may come back). A
+        descriptor not watched is ignored."""
         raise NotImplementedError
 
     def add_transfer(self, session: Session) -> None:
@@ -128,12 +155,20 @@ class SelectorLoop(Loop):
     def __init__(self, worker: Worker) -> None:
         super().__init__(worker)
         self.sel = selectors.DefaultSelector()
+        self._watches: dict[int, Watch] = {}
 
-    def watch(self, fd: int, on_readable: OnReadable) -> None:
-        self.sel.register(fd, selectors.EVENT_READ, on_readable)
+    def watch(self, fd: int, on_readable: OnReady | None = None,
+              on_writable: OnReady | None = None) -> None:
+        w = Watch(fd, on_readable, on_writable)
+        if fd in self._watches:
+            self.sel.modify(fd, w.events, w)
+        else:
+            self.sel.register(fd, w.events, w)
+        self._watches[fd] = w
 
     def unwatch(self, fd: int) -> None:
-        self.sel.unregister(fd)
+        if self._watches.pop(fd, None) is not None:
+            self.sel.unregister(fd)
 
     def add_transfer(self, session: Session) -> None:
         self.sel.register(session.sock, selectors.EVENT_READ, session)
@@ -147,11 +182,11 @@ class SelectorLoop(Loop):
     def turn(self, wait: float) -> None:
         # Watched descriptors first, then transfers: new requests beat running ones.
         transfers = []
-        for key, _ in self.sel.select(wait):
+        for key, mask in self.sel.select(wait):
             if isinstance(key.data, Session):
                 transfers.append(key.data)
-            else:
-                key.data()
+            elif self._watches.get(key.fd) is key.data:  # not unwatched by a callback
+                key.data.serve(mask)
         for session in transfers:
             self.worker.read_transfer(session)
 
@@ -159,34 +194,46 @@ class SelectorLoop(Loop):
 class PumpLoop(Loop):
     """Wait in C's pump: ACKs are answered there until something is Python's.
 
-    Python's descriptors are the pump's tokens. Uploads stay on the Python path: their
-    sockets are in a selector of their own, which is one token.
+    Python's descriptors are the pump's tokens (read readiness only). Uploads stay on
+    the Python path: their sockets are in a selector of their own, which is one token
+    and is read last in the turn; so are the descriptors watched for writing.
     """
 
     def __init__(self, worker: Worker, pump: Pump) -> None:
         super().__init__(worker)
         self.pump = pump
-        self.uploads = selectors.DefaultSelector()
+        self.uploads = selectors.DefaultSelector()  # and the descriptors written to
         self._uploads_token = pump.add_token(self.uploads.fileno())
-        self._watched: dict[int, tuple[int, OnReadable]] = {}  # token -> fd, callback
+        self._watched: dict[int, tuple[int, OnReady]] = {}  # token -> fd, on_readable
         self._token_of: dict[int, int] = {}  # fd -> token
+        self._writers: dict[int, Watch] = {}  # fd -> watch in self.uploads
         # Descriptors whose callbacks had input left last turn: called again this turn,
         # token or not (epoll puts a level-triggered socket it has reported at the back
         # of its ready list, behind every transfer socket with an ACK waiting).
         self._backlog: list[int] = []
         self._pending: dict[Session, Handler] = {}  # this turn's pump events, by session
 
-    def watch(self, fd: int, on_readable: OnReadable) -> None:
-        token = self.pump.add_token(fd)
-        self._watched[token] = (fd, on_readable)
-        self._token_of[fd] = token
+    def watch(self, fd: int, on_readable: OnReady | None = None,
+              on_writable: OnReady | None = None) -> None:
+        self.unwatch(fd)
+        w = Watch(fd, on_readable, on_writable)
+        if on_writable is not None:
+            self.uploads.register(fd, w.events, w)
+            self._writers[fd] = w
+        elif on_readable is not None:
+            token = self.pump.add_token(fd)
+            self._watched[token] = (fd, on_readable)
+            self._token_of[fd] = token
 
     def unwatch(self, fd: int) -> None:
-        token = self._token_of.pop(fd)
-        self.pump.remove_token(fd, token)
-        del self._watched[token]
-        if fd in self._backlog:
-            self._backlog.remove(fd)
+        token = self._token_of.pop(fd, None)
+        if token is not None:
+            self.pump.remove_token(fd, token)
+            del self._watched[token]
+            if fd in self._backlog:
+                self._backlog.remove(fd)
+        if self._writers.pop(fd, None) is not None:
+            self.uploads.unregister(fd)
 
     def add_transfer(self, session: Session) -> None:
         if session.slot < 0:  # an upload
@@ -271,8 +318,11 @@ class PumpLoop(Loop):
         self._backlog = backlog
         self._run_pending()
         if uploads:
-            for key, _ in self.uploads.select(0):
-                self.worker.read_transfer(key.data)
+            for key, mask in self.uploads.select(0):
+                if isinstance(key.data, Session):
+                    self.worker.read_transfer(key.data)
+                elif self._writers.get(key.fd) is key.data:  # not unwatched since
+                    key.data.serve(mask)
 
     def _sort_events(self, events: list) -> list[int]:
         """The one place that reads C's pump events: the tokens that are ready are
