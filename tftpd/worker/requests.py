@@ -6,7 +6,9 @@
 no I/O); `_resolve_read` opens the file; `_start_read` negotiates the options and starts
 the transfer. Each step takes the request's `Incoming` context and what the step before
 produced, and nothing else, so a resolve that completes later (from a callback on a
-watched descriptor, loop.watch) can call `_start_read` itself. An upload
+watched descriptor, loop.watch) can call `_start_read` itself, with a fresh
+`Incoming.now`, once it has checked that the client's address has no transfer yet (a
+repeat or a new request may have come meanwhile). An upload
 (`_serve_write`) negotiates before it resolves: its size limit refuses it before a file
 is made.
 """
