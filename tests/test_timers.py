@@ -1,13 +1,12 @@
-"""The worker's timer heap (Worker._run_timers), on stand-ins: one entry per session
+"""The worker's timer heap (tftpd.worker.timers.Timers), on stand-ins: one entry per session
 stays in the heap, and a timeout is judged only after what the client sent is read."""
 
 from __future__ import annotations
 
-import heapq
-import itertools
 from types import SimpleNamespace
 
-from tftpd.worker import Session, Worker
+from tftpd.worker import Session
+from tftpd.worker.timers import Timers
 
 
 class FakeTransfer:
@@ -22,8 +21,8 @@ class FakeTransfer:
 
 
 def _worker(sessions: list[Session], read: dict | None = None) -> SimpleNamespace:
-    w = SimpleNamespace(pump=None, _c_due=float("inf"), timers=[], _seq=itertools.count(),
-                        sessions={s.peer: s for s in sessions}, reads=0)
+    table = {s.peer: s for s in sessions}
+    w = SimpleNamespace(timers=Timers(), reads=0)
 
     def read_transfer(session: Session) -> None:
         w.reads += 1
@@ -31,13 +30,11 @@ def _worker(sessions: list[Session], read: dict | None = None) -> SimpleNamespac
             session.transfer.deadline = read.pop(session.peer)
 
     def apply(session: Session, actions: list, now: float) -> None:
-        t = session.transfer
-        if t.deadline is not None and t.deadline < session.heap_deadline:
-            session.heap_deadline = t.deadline
-            heapq.heappush(w.timers, (t.deadline, next(w._seq), session))
+        w.timers.arm(session, session.transfer.deadline)
 
-    w._read_transfer = read_transfer
-    w._apply = apply
+    w.is_current = lambda session: table.get(session.peer) is session
+    w.read_transfer = read_transfer
+    w.apply = apply
     return w
 
 
@@ -47,8 +44,7 @@ def _session(i: int, deadline: float) -> Session:
 
 
 def _push(w: SimpleNamespace, s: Session, deadline: float) -> None:
-    s.heap_deadline = min(s.heap_deadline, deadline)
-    heapq.heappush(w.timers, (deadline, next(w._seq), s))
+    w.timers.arm(s, deadline)
 
 
 def test_superseded_entries_leave_the_heap() -> None:
@@ -58,12 +54,12 @@ def test_superseded_entries_leave_the_heap() -> None:
         _push(w, s, 5.0)  # armed at 5 s, then the deadline moved up to 2 s:
         _push(w, s, 2.0)  # a second, earlier entry; the first is superseded
         s.transfer.deadline = 8.0  # progress since: the deadline is later again
-    Worker._run_timers(w, 6.0)  # type: ignore[arg-type]
-    assert len(w.timers) == 100  # one entry each, at the session's deadline
-    assert all(d == s.heap_deadline == 8.0 for d, _, s in w.timers)
+    w.timers.run(6.0, w)
+    assert len(w.timers.heap) == 100  # one entry each, at the session's deadline
+    assert all(d == s.heap_deadline == 8.0 for d, _, s in w.timers.heap)
     assert all(s.transfer.timeouts == 0 for s in sessions)
-    Worker._run_timers(w, 7.0)  # type: ignore[arg-type]
-    assert len(w.timers) == 100
+    w.timers.run(7.0, w)
+    assert len(w.timers.heap) == 100
 
 
 def test_a_queued_ack_is_read_before_a_timeout_is_taken() -> None:
@@ -71,8 +67,8 @@ def test_a_queued_ack_is_read_before_a_timeout_is_taken() -> None:
     w = _worker([waiting, silent], read={waiting.peer: 1.5})
     _push(w, waiting, 1.0)
     _push(w, silent, 1.0)
-    Worker._run_timers(w, 1.2)  # type: ignore[arg-type]
+    w.timers.run(1.2, w)
     assert w.reads == 2
     assert waiting.transfer.timeouts == 0 and waiting.heap_deadline == 1.5
     assert silent.transfer.timeouts == 1  # nothing was waiting: a real timeout
-    assert sorted(d for d, _, _ in w.timers) == [1.5, 2.2]
+    assert sorted(d for d, _, _ in w.timers.heap) == [1.5, 2.2]
