@@ -291,6 +291,7 @@ class Worker:
         self.mtu = MtuCache()
         self.forward = forward
         self.rules: Any = rules  # tftpd.remap.Rules
+        self.http: Any = None  # tftpd.http.HttpServer (--http), set by the master
         self.json_log = cfg.log_format == "json"
         self.listeners = listeners
         self.root = root
@@ -374,6 +375,8 @@ class Worker:
                 self._tokens[self.pump.add_token(fd)] = what
         self.counters[S.INDEX["listening"]] = 1
         logs.start_batching()
+        if self.http is not None:
+            self.http.start()
 
     def _on_term(self, signum: int, frame: object) -> None:
         # Only flags here: the loop does the work (no logging in a handler).
@@ -398,9 +401,12 @@ class Worker:
                 if self.sessions:
                     log.info("draining: %d transfer(s) to finish", len(self.sessions))
                 self.drain_deadline = time.monotonic() + self.cfg.drain_s
-            if drain_started and (not self.sessions or time.monotonic() >= self.drain_deadline):
+            if drain_started and ((not self.sessions and not (self.http and self.http.busy))
+                                  or time.monotonic() >= self.drain_deadline):
                 for s in list(self.sessions.values()):
                     self._finish(s, Finish("failed", "server shutting down"), time.monotonic())
+                if self.http is not None:
+                    self.http.stop()
                 return 0
             wait = IDLE_WAIT
             if self.timers:
@@ -505,6 +511,8 @@ class Worker:
                 self.sel.unregister(lst.sock)
             lst.sock.close()
         self.listeners = []
+        if self.http is not None:
+            self.http.stop_listening()
         # Forwarded requests stop too: the owner of a hash may be a new worker now.
         if self.forward is not None and self.pump is None:
             self.sel.unregister(self.forward.reader)
