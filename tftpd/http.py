@@ -147,12 +147,11 @@ def parse_range(value: str, size: int) -> tuple[int, int] | None:
             raise BadRequest(416, "range not satisfiable")
         return max(0, size - n), size - 1
     lo = int(first)
-    hi = int(last) if last else size - 1
-    if hi < lo:
+    if last and int(last) < lo:
         return None  # invalid: ignored
     if lo >= size:
         raise BadRequest(416, "range not satisfiable")
-    return lo, min(hi, size - 1)
+    return lo, min(int(last), size - 1) if last else size - 1
 
 
 def http_date(t: float) -> str:
@@ -466,6 +465,10 @@ class HttpServer:
         c.name, c.span, c.detail, c.sent = sanitize(req.target, 200), "", "", 0
         c.remaining = 0
         self.counters[S.INDEX["http_requests"]] += 1
+        if len(req.target) + sum(len(k) + len(v) + 4 for k, v in req.headers) > MAX_HEAD:
+            # h11 bounds a head that has not ended; this, one that came whole.
+            self._refuse(c, BadRequest(431, "request head too large"), close=True)
+            return True
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in req.headers}
         if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
             # RFC 9110 9.3.1: content in a GET has no meaning; it is a smuggling vector.
