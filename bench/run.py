@@ -446,11 +446,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kept: {work}")
         else:
             subprocess.run(["rm", "-rf", str(work)], check=False)
-    table = report.text_table([r for r in records if r["workload"] != "http"])
     from bench import http
 
-    if http.table(records):
-        table += "\n\n" + http.table(records)
+    tftp_records = [r for r in records if r["workload"] != "http"]
+    table = "\n\n".join(t for t in (report.text_table(tftp_records) if tftp_records
+                                      else "", http.table(records)) if t)
     (out / "table.txt").write_text(report.header(meta) + "\n" + table + "\n")
     print()
     print(report.header(meta))

@@ -523,3 +523,43 @@ def test_log_lines_from_two_threads_are_all_written() -> None:
     finally:
         sys.setswitchinterval(old)
         lg.removeHandler(h)
+
+
+def test_systemd_stream_socket_is_served_over_http(root: Path, files: dict[str, bytes]) -> None:
+    """A listening stream socket among LISTEN_FDS (ListenStream= in tftpd.socket) is
+    served over HTTP beside the datagram socket."""
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    tcp = socket.create_server(("127.0.0.1", 0))
+    tport, hport = udp.getsockname()[1], tcp.getsockname()[1]
+    launcher = (
+        "import os, sys\n"
+        f"os.dup2({udp.fileno()}, 3); os.dup2({tcp.fileno()}, 4)\n"
+        "os.environ.update(LISTEN_FDS='2', LISTEN_PID=str(os.getpid()))\n"
+        f"os.execv(sys.executable, [sys.executable, '-m', 'tftpd', '-L', {str(root)!r}])\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-c", launcher], env=env,
+                            pass_fds=(udp.fileno(), tcp.fileno()),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    udp.close()
+    tcp.close()
+    try:
+        r = ask(hport, b"GET /hello.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert r.status == 200 and r.body == files["hello.txt"]
+        assert client.get("127.0.0.1", tport, "hello.txt").data == files["hello.txt"]
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0
+
+
+def test_settings(tmp_path: Path) -> None:
+    from tftpd.config import from_argv
+
+    conf = tmp_path / "tftpd.conf"
+    conf.write_text('http = ["127.0.0.1:8080", "[::1]"]\nhttp-head-timeout = 5\n')
+    cfg = from_argv(["-C", str(conf)])
+    assert [str(a) for a in cfg.http] == ["127.0.0.1:8080", "[::1]:80"]
+    assert cfg.http_head_timeout == 5 and cfg.http_max_connections == 512
+    cfg = from_argv(["--http", "0.0.0.0", "--http", ":81", "--http-idle-timeout", "2"])
+    assert [str(a) for a in cfg.http] == ["0.0.0.0:80", "0.0.0.0:81"]
+    assert cfg.http_idle_timeout == 2
