@@ -198,6 +198,24 @@ def test_keep_alive_and_close(served: tuple[Daemon, int], files: dict[str, bytes
         assert closed_by_server(s, 5)
 
 
+def test_pipelined_requests_are_answered_in_order(served: tuple[Daemon, int]) -> None:
+    _, port = served
+    n = 3000  # more than the interpreter's recursion limit: answered in a loop
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"".join(f"GET /hello.txt?{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                           for i in range(n)))
+        data = b""
+        s.settimeout(10)
+        while data.count(b"\r\n\r\nhello over http\n") < n:
+            chunk = s.recv(1 << 20)
+            assert chunk, f"closed after {data.count(b'HTTP/1.1 200 OK')} answers"
+            data += chunk
+        assert data.count(b"HTTP/1.1 200 OK\r\n") == n
+        assert data.endswith(b"\r\n\r\nhello over http\n")
+        s.sendall(b"GET /hello.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_reply(s).body == b"hello over http\n"
+
+
 def test_curl_reuses_the_connection(served: tuple[Daemon, int]) -> None:
     curl = need("curl")
     _, port = served

@@ -223,7 +223,7 @@ class Conn:
         self.fd = sock.fileno()
         self.peer = peer
         self.h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        self.phase = READING
+        self.phase = IDLE
         self.deadline = deadline
         self.out = memoryview(b"")
         self.file: OpenFile | None = None
@@ -382,7 +382,7 @@ class HttpServer:
                     log.info("http: %s refused: %d connections", _peer(peer), len(self.conns))
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            c = Conn(sock, peer, time.monotonic() + self.head_s)
+            c = Conn(sock, peer, time.monotonic() + self.head_s)  # IDLE till a byte comes
             self.conns[c.fd] = c
             self.sel.register(sock, selectors.EVENT_READ, c)
             self.counters[S.INDEX["http_connections"]] = len(self.conns)
@@ -403,26 +403,39 @@ class HttpServer:
                 self._close(c)
 
     def _on_event(self, c: Conn, mask: int) -> None:
-        if c.phase == SENDING:
-            self._send(c)
-            return
         try:
-            data = c.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._close(c)  # the client is gone; an unfinished head is not a transfer
-            return
+            if c.phase == SENDING:
+                self._send(c)
+                if c.phase == IDLE and c.fd in self.conns:
+                    self._next_request(c)  # a pipelined request may be buffered already
+                return
+            try:
+                data = c.sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close(c)  # the client is gone; an unfinished head is not a transfer
+                return
+            self._reading(c)
+            c.h.receive_data(data)
+            self._next_request(c)
+        except Exception:  # noqa: BLE001 - one connection's failure ends it alone
+            if self.noise.allow(c.peer[0], time.monotonic()):
+                log.exception("http: %s: connection failed", _peer(c.peer))
+            self._end(c, "failed", "server error")
+
+    def _reading(self, c: Conn) -> None:
         if c.phase == IDLE:
-            c.phase = READING  # a new request begins: its head has head_s to arrive
-            c.deadline = time.monotonic() + self.head_s
-        c.h.receive_data(data)
-        self._next_request(c)
+            # A request begins: its head has head_s to arrive (from the accept, for
+            # the first request of a connection).
+            c.phase = READING
+            c.deadline = min(c.deadline, time.monotonic() + self.head_s)
 
     def _next_request(self, c: Conn) -> None:
-        """Read what h11 has buffered; start the response once a request is whole."""
+        """Read what h11 has buffered; respond to each request that is whole, in turn
+        (pipelined requests), until one waits for the socket or for more bytes."""
         while True:
             try:
                 ev = c.h.next_event()
@@ -432,17 +445,21 @@ class HttpServer:
             if ev is h11.NEED_DATA or ev is h11.PAUSED:
                 if c.h.their_state is h11.MUST_CLOSE and c.phase == IDLE:
                     self._close(c)
+                elif c.h.trailing_data[0]:
+                    self._reading(c)  # part of the next request is here
                 return
             if isinstance(ev, h11.Request):
-                if self._on_request(c, ev):
-                    self._respond(c)  # without waiting for the body it refuses
-                    return
-            elif isinstance(ev, h11.EndOfMessage):
-                self._respond(c)
-                return
+                self._reading(c)
+                if not self._on_request(c, ev):
+                    continue  # its end (EndOfMessage) is next
             elif isinstance(ev, h11.ConnectionClosed):
                 self._close(c)
                 return
+            elif not isinstance(ev, h11.EndOfMessage):
+                continue
+            self._respond(c)
+            if c.phase != IDLE or c.fd not in self.conns:
+                return  # the response waits for the socket, or the connection ended
 
     def _malformed(self, c: Conn, status: int, reason: str) -> None:
         self.counters[S.INDEX["http_malformed"]] += 1
@@ -619,7 +636,6 @@ class HttpServer:
         c.phase = IDLE
         c.deadline = time.monotonic() + self.idle_s
         self._watch(c, selectors.EVENT_READ)
-        self._next_request(c)  # a pipelined request may be buffered already
 
     def _watch(self, c: Conn, events: int) -> None:
         if c.events != events:
