@@ -1,187 +1,56 @@
-"""HTTP/1.1 on the TFTP root: GET and HEAD, served by every worker from a thread of its own.
+"""The HTTP server of one worker: a thread, its selector, its connections.
 
-Firmware that speaks HTTP (UEFI HTTP boot, iPXE) fetches kernels and images a hundred
-times faster over TCP than over lock-step TFTP. The workers serve both from one root
-under one set of rules: a name goes through the map file, then the confined root
-(normalize(), symlinks, `--gz`), exactly as a TFTP filename does.
-
-Each worker runs one HttpServer in a thread with its own selector: the TFTP loop is
-not touched by a slow TCP client, and neither waits for the other. The master binds the
-listening sockets (before privileges are dropped); every worker accepts from them,
-non-blocking (a worker that loses the race gets EAGAIN). h11 parses; bodies go out
-with sendfile(2) from the descriptors FileCache shares, without a copy.
-
-Every connection is hostile until it has been served: the head must arrive within
-http_head_timeout and fit in MAX_HEAD bytes, an idle keep-alive connection is closed
-after http_idle_timeout, a response that makes no progress for http_send_timeout is
-cut, and past http_max_connections a new connection gets 503 and is closed. The log
-lines a client can cause go through logs.Throttle.
+See tftpd/http/__init__.py for what it serves and the bounds it keeps.
 """
 
 from __future__ import annotations
 
-import email.utils
+import collections
 import logging
 import os
-import re
 import selectors
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import h11
 
-from tftpd import __version__, logs
+from tftpd import logs
 from tftpd import packet as P
 from tftpd import stats as S
-from tftpd.files import FileCache, FileError, OpenFile, Root, sanitize
+from tftpd.files import FileCache, FileError, Root, sanitize
 from tftpd.gz import GzCache
+from tftpd.http.message import (
+    ALLOW,
+    IDLE,
+    MAX_HEAD,
+    READING,
+    REASONS,
+    SENDING,
+    WAITING,
+    BadRequest,
+    Conn,
+    Resolution,
+    RootContent,
+    decode_target,
+    prepare,
+    prepare_file,
+    raw_response,
+)
 
 log = logging.getLogger("tftpd")
 
-MAX_HEAD = 8192  # bytes: a request head beyond this is answered 431
 RECV_SIZE = 65536
 ACCEPT_BATCH = 64  # connections accepted per readiness of a listening socket
 SENDFILE_MAX = 0x7FFFF000  # Linux's bound on one sendfile(2)
 SWEEP_EVERY = 0.1  # s between checks of the connections' deadlines
 STOP_WAIT = 2.0  # s the worker waits for the thread to stop listening or to end
-SERVER = f"tftpd/{__version__}"
-ALLOW = "GET, HEAD"
 # Log lines per client address and 10 s (logs.Throttle), as for TFTP: records of
 # served requests (the client completed a TCP handshake: its address is proven), and
 # lines about malformed input.
 RECORDS_PER_ADDRESS = 200
 NOISE_PER_ADDRESS, NOISE_TOTAL = 100, 1000
-REASONS = {200: "OK", 206: "Partial Content", 304: "Not Modified", 400: "Bad Request",
-           403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-           416: "Range Not Satisfiable", 431: "Request Header Fields Too Large",
-           500: "Internal Server Error", 503: "Service Unavailable"}
-# TFTP error code of a refused name -> HTTP status.
-_STATUS_OF = {P.E_NOT_FOUND: 404, P.E_ACCESS: 403}
-_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")  # a '%' not followed by two hex digits
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
-
-
-class BadRequest(Exception):
-    """A request that cannot be served as asked: its status and why."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-# -- names to files -------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Resolution:
-    """Exactly one of file and error is set (as tftpd.content.Resolution)."""
-
-    file: OpenFile | None
-    error: FileError | None
-    http_status: int
-
-
-class RootContent:
-    """Names to files from the confined root: FileCache's normalize(), confinement,
-    symlink checks and `--gz`. The interface of tftpd.content.ContentResolver
-    (begin/complete; this one never defers), so that a content hook or per-client
-    roots replace it without touching the server. One per thread: FileCache is not
-    thread-safe."""
-
-    per_client = False
-
-    def __init__(self, cache: FileCache) -> None:
-        self.cache = cache
-
-    def begin(self, filename: bytes, mode: str, client: tuple[str, int], protocol: str,
-              options: dict[str, str]) -> Resolution:
-        try:
-            return Resolution(self.cache.open(filename, mode), None, 200)
-        except FileError as err:
-            return Resolution(None, err, _STATUS_OF.get(err.code, 500))
-
-    def complete(self, pending: object) -> Resolution:
-        raise TypeError("RootContent resolves at once; nothing is pending")
-
-    def close(self) -> None:
-        self.cache.close()
-
-
-def decode_target(target: bytes) -> bytes:
-    """The name a request target asks for: the path without query, percent-decoded
-    once, without its leading '/'. BadRequest for what is not a path."""
-    if target.startswith((b"http://", b"https://")):  # absolute-form (RFC 9112 3.2.2)
-        slash = target.find(b"/", target.index(b"//") + 2)
-        target = target[slash:] if slash >= 0 else b"/"
-    path = target.split(b"?", 1)[0].split(b"#", 1)[0]
-    if not path.startswith(b"/"):
-        raise BadRequest(400, "request target is not a path")
-    if _ESCAPE.search(path):
-        raise BadRequest(400, "bad percent-encoding")
-    parts = path.split(b"%")
-    raw = parts[0] + b"".join(bytes([int(p[:2], 16)]) + p[2:] for p in parts[1:])
-    if b"\x00" in raw:
-        raise BadRequest(400, "NUL in path")
-    return raw[1:]
-
-
-def parse_range(value: str, size: int) -> tuple[int, int] | None:
-    """The one byte range [first, last] asked for, or None to serve the whole file.
-
-    Several ranges are answered with the whole file (RFC 9110 14.2: a server MAY
-    ignore Range), as is a value that is not a byte range. BadRequest(416) when the
-    one range asked for is not satisfiable."""
-    m = _RANGE.fullmatch(value.strip())
-    if m is None:
-        return None
-    first, last = m.group(1), m.group(2)
-    if not first and not last:
-        return None
-    if not first:  # suffix: the last N bytes
-        n = int(last)
-        if n == 0 or size == 0:
-            raise BadRequest(416, "range not satisfiable")
-        return max(0, size - n), size - 1
-    lo = int(first)
-    if last and int(last) < lo:
-        return None  # invalid: ignored
-    if lo >= size:
-        raise BadRequest(416, "range not satisfiable")
-    return lo, min(int(last), size - 1) if last else size - 1
-
-
-def http_date(t: float) -> str:
-    return email.utils.formatdate(t, usegmt=True)
-
-
-def _mtime(f: OpenFile) -> int:
-    """Seconds since the epoch the file (a derived file's source) was last changed."""
-    if len(f.ident) > 3:
-        return int(f.ident[3] // 1_000_000_000)
-    return int(os.fstat(f.fd).st_mtime)
-
-
-def _not_modified(since: str, mtime: int) -> bool:
-    try:
-        when = email.utils.parsedate_to_datetime(since)
-    except (TypeError, ValueError, IndexError):
-        return False  # an invalid date is ignored (RFC 9110 13.1.3)
-    if when.tzinfo is None:
-        return False
-    return mtime <= when.timestamp()
-
-
-def raw_response(status: int, reason: str) -> bytes:
-    """A complete error response, with no connection state behind it; it says close."""
-    body = f"{status} {REASONS.get(status, '')}: {reason}\n".encode()
-    extra = f"Allow: {ALLOW}\r\n" if status == 405 else ""
-    return (f"HTTP/1.1 {status} {REASONS.get(status, '')}\r\nDate: {http_date(time.time())}"
-            f"\r\nServer: {SERVER}\r\nContent-Type: text/plain\r\n{extra}"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
 
 def _peer(addr: tuple) -> str:
@@ -196,60 +65,20 @@ def _client(addr: tuple) -> tuple[str, int]:
     return host, int(addr[1])
 
 
-class _Span:
-    """The length of a body sent with sendfile, for h11's framing (its Data.data)."""
-
-    __slots__ = ("n",)
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-
-# -- connections ----------------------------------------------------------------------
-
-READING, SENDING, IDLE = 0, 1, 2
-
-
-class Conn:
-    __slots__ = ("sock", "fd", "peer", "h", "phase", "deadline", "out", "file", "offset",
-                 "remaining", "sent", "started", "name", "method", "status", "span",
-                 "detail", "close_after", "events")
-
-    def __init__(self, sock: socket.socket, peer: tuple[str, int], deadline: float) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.peer = peer
-        self.h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        self.phase = IDLE
-        self.deadline = deadline
-        self.out = memoryview(b"")
-        self.file: OpenFile | None = None
-        self.offset = 0
-        self.remaining = 0
-        self.sent = 0  # body bytes of this response sent
-        self.started = 0.0
-        self.name = ""
-        self.method = ""
-        self.status = 0
-        self.span = ""  # "first-last" of a 206
-        self.detail = ""
-        self.close_after = False  # close once this response is out
-        self.events = selectors.EVENT_READ
-
-
 class HttpServer:
     """One worker's HTTP service: a thread, its selector, its connections."""
 
     def __init__(self, cfg: Any, socks: list[socket.socket], root: Root,
                  gz: GzCache | None = None, rules: Any = None,
-                 counters: memoryview | None = None) -> None:
+                 counters: memoryview | None = None, content: Any = None) -> None:
         self.cfg = cfg
         self.listeners = list(socks)
         self.rules = rules  # tftpd.remap.Rules
-        self.content = RootContent(FileCache(root, gz=gz))
+        # Names to files: a tftpd.content.ContentResolver (content hook, per-client
+        # roots) over a FileCache of this thread's own, else the root alone.
+        self.content: Any = content if content is not None else \
+            RootContent(FileCache(root, gz=gz))
+        self._answered: collections.deque[Conn] = collections.deque()  # hook answers
         self.counters = counters if counters is not None else \
             memoryview(bytearray(8 * len(S.FIELDS))).cast("Q")
         self.max_conns = cfg.http_max_connections
@@ -266,7 +95,6 @@ class HttpServer:
         self._stopping = False
         self._stopped_listening = threading.Event()
         self._thread: threading.Thread | None = None
-        self._date = (0, "")
         self._logged = False  # a line written since the last flush
 
     # -- the worker's side (its main thread) ----------------------------------------
@@ -316,6 +144,7 @@ class HttpServer:
                     what = key.data
                     if what is None:
                         self._drain_wakeup()
+                        self._complete_answered()
                     elif isinstance(what, Conn):
                         self._on_event(what, mask)
                     else:
@@ -335,7 +164,7 @@ class HttpServer:
             for c in list(self.conns.values()):
                 self._end(c, "failed", "server shutting down")
             self._close_listeners()
-            self.content.close()
+            self.content.cache.close()
 
     def _drain_wakeup(self) -> None:
         try:
@@ -393,6 +222,9 @@ class HttpServer:
                 continue
             if c.phase == SENDING:
                 self._end(c, "failed", f"no progress in {self.send_s:.0f}s")
+            elif c.phase == WAITING:
+                c.status = 504
+                self._end(c, "failed", "no answer from the content hook")
             elif c.phase == IDLE:
                 self._close(c)
             else:
@@ -500,23 +332,56 @@ class HttpServer:
             self._refuse(c, err)
             return False
         c.name = sanitize(raw, 200)
+        c.headers = headers
         res = self._resolve(raw, c.peer)
+        if not isinstance(res, Resolution) and hasattr(res, "future"):
+            # The content hook answers in another thread; the connection waits, unread.
+            c.pending = res
+            c.phase = WAITING
+            c.deadline = time.monotonic() + self.send_s  # the hook has its own, shorter
+            self._watch(c, 0)
+            res.future.add_done_callback(lambda _f, c=c: self._hook_answered(c))
+            return False
+        self._answer(c, res)
+        return False
+
+    def _hook_answered(self, c: Conn) -> None:
+        """In the hook's thread (or at once in ours): only queue and wake."""
+        self._answered.append(c)
+        self._wake()
+
+    def _complete_answered(self) -> None:
+        while self._answered:
+            c = self._answered.popleft()
+            pending, c.pending = c.pending, None
+            if self.conns.get(c.fd) is not c or pending is None:
+                continue  # closed while it waited (its descriptor may be another's now)
+            self._answer(c, self.content.complete(pending))
+            if c.h.their_state is h11.DONE:  # the request's end was read while it waited
+                self._respond(c)
+                if c.phase == IDLE and c.fd in self.conns:
+                    self._watch(c, selectors.EVENT_READ)
+                    self._next_request(c)
+
+    def _answer(self, c: Conn, res: Resolution) -> None:
+        """The response to a resolved name, into c.out."""
+        headers = c.headers
         if res.file is None:
             assert res.error is not None
             c.detail = res.error.reason or res.error.message
-            self._prepare(c, res.http_status, [], body=f"{res.http_status} "
+            prepare(c, res.http_status, [], body=f"{res.http_status} "
                           f"{REASONS.get(res.http_status, '')}\n".encode())
-            return False
+            return
         try:
-            self._prepare_file(c, res.file, headers)
+            prepare_file(c, res.file, headers)
         except BadRequest as err:
             res.file.close()
             self._refuse(c, err, extra=[("Content-Range", f"bytes */{res.file.size}")])
-        return False
 
-    def _resolve(self, raw_name: bytes, client: tuple[str, int]) -> Resolution:
+    def _resolve(self, raw_name: bytes, client: tuple[str, int]) -> Any:
         """The file a name asks for, by the rules TFTP names follow: the map file first,
-        then the content resolver (confinement to the root, `--gz`)."""
+        then the content resolver (confinement to the root, `--gz`; a content hook, whose
+        answer comes later: a PendingContent)."""
         name = raw_name
         if self.rules is not None:
             mapped = self.rules.apply(os.fsdecode(raw_name), client[0], False)
@@ -532,66 +397,15 @@ class HttpServer:
         if err.status == 405:
             extra = [("Allow", ALLOW)]
         c.close_after = c.close_after or close
-        self._prepare(c, err.status, extra or [],
+        prepare(c, err.status, extra or [],
                       body=f"{err.status} {REASONS.get(err.status, '')}: {err.reason}\n"
                       .encode())
 
-    def _prepare_file(self, c: Conn, f: OpenFile, headers: dict[str, str]) -> None:
-        mtime = _mtime(f)
-        last_modified = http_date(mtime)
-        common = [("Last-Modified", last_modified), ("Accept-Ranges", "bytes")]
-        since = headers.get("if-modified-since")
-        if since is not None and "if-none-match" not in headers \
-                and _not_modified(since, mtime):
-            f.close()
-            self._prepare(c, 304, common)
-            return
-        first, last = 0, f.size - 1
-        status = 200
-        wanted = headers.get("range")
-        if wanted is not None and headers.get("if-range", last_modified) == last_modified:
-            span = parse_range(wanted, f.size)
-            if span is not None:
-                first, last = span
-                status = 206
-                c.span = f"{first}-{last}"
-                common.append(("Content-Range", f"bytes {first}-{last}/{f.size}"))
-        c.file, c.offset, c.remaining = f, first, max(0, last - first + 1)
-        self._prepare(c, status, common, length=c.remaining)
-
-    def _prepare(self, c: Conn, status: int, extra: list[tuple[str, str]],
-                 body: bytes = b"", length: int | None = None) -> None:
-        """The head (and a small body) of a response into c.out, through h11."""
-        c.status = status
-        size = len(body) if length is None else length
-        headers = [("Date", self._now_date()), ("Server", SERVER), *extra]
-        if status != 304:
-            headers += [("Content-Type", "application/octet-stream" if length is not None
-                         else "text/plain"), ("Content-Length", str(size))]
-        if c.close_after:
-            headers.append(("Connection", "close"))
-        h = c.h
-        out = h.send(h11.Response(status_code=status, headers=headers,
-                                  reason=REASONS.get(status, "")))
-        assert out is not None
-        if c.method == "HEAD" or status == 304:
-            c.remaining = 0  # a head alone
-        elif length is None and body:
-            out += h.send(h11.Data(data=body)) or b""
-        elif length:
-            h.send_with_data_passthrough(h11.Data(data=_Span(length)))  # sendfile's part
-        out += h.send(h11.EndOfMessage()) or b""
-        c.out = memoryview(out)
-
     def _respond(self, c: Conn) -> None:
+        if c.pending is not None:
+            return  # sent once the content hook has answered (_complete_answered)
         c.phase = SENDING
         self._send(c)
-
-    def _now_date(self) -> str:
-        now = int(time.time())
-        if self._date[0] != now:
-            self._date = (now, http_date(now))
-        return self._date[1]
 
     # -- sending ---------------------------------------------------------------------
 
@@ -638,23 +452,32 @@ class HttpServer:
         self._watch(c, selectors.EVENT_READ)
 
     def _watch(self, c: Conn, events: int) -> None:
-        if c.events != events:
-            c.events = events
+        """Wait for `events` on the connection (0: none, while the hook answers)."""
+        if c.events == events:
+            return
+        if not events:
+            self.sel.unregister(c.sock)
+        elif not c.events:
+            self.sel.register(c.sock, events, c)
+        else:
             self.sel.modify(c.sock, events, c)
+        c.events = events
 
     def _end(self, c: Conn, outcome: str, detail: str) -> None:
         """A response cut short."""
-        if c.phase == SENDING and c.status:
+        if c.phase in (SENDING, WAITING) and c.status:
             self._record(c, outcome, detail)
         self._close(c)
 
     def _close(self, c: Conn) -> None:
         if self.conns.pop(c.fd, None) is None:
             return
-        try:
-            self.sel.unregister(c.sock)
-        except (KeyError, ValueError):
-            pass
+        c.pending = None
+        if c.events:
+            try:
+                self.sel.unregister(c.sock)
+            except (KeyError, ValueError):
+                pass
         c.sock.close()
         if c.file is not None:
             c.file.close()
