@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import Daemon, need, start_daemon
 from tftpd import client
-from tftpd.http import BadRequest, decode_target, parse_range
+from tftpd.http import BadRequest, decode_target, listen_socket, parse_range
 
 HTTP_ON = re.compile(r"http on (\S+):(\d+)")
 BIG = 1 << 20
@@ -581,3 +581,64 @@ def test_settings(tmp_path: Path) -> None:
     cfg = from_argv(["--http", "0.0.0.0", "--http", ":81", "--http-idle-timeout", "2"])
     assert [str(a) for a in cfg.http] == ["0.0.0.0:80", "0.0.0.0:81"]
     assert cfg.http_idle_timeout == 2
+
+
+class DeferringContent:
+    """A content resolver that answers later, from another thread, as the content hook
+    of tftpd.content does (begin -> an object with a future; complete -> Resolution)."""
+
+    def __init__(self, inner: object, delay: float) -> None:
+        self.inner = inner
+        self.cache = inner.cache  # type: ignore[attr-defined]
+        self.delay = delay
+        self.asked: list[bytes] = []
+
+    def begin(self, filename: bytes, mode: str, client: tuple[str, int], protocol: str,
+              options: dict[str, str]) -> object:
+        import concurrent.futures
+        import types
+
+        self.asked.append(filename)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        threading.Timer(self.delay, fut.set_result, (filename,)).start()
+        return types.SimpleNamespace(future=fut, args=(filename, mode, client, protocol,
+                                                       options))
+
+    def complete(self, pending: object) -> object:
+        assert pending.future.done()  # type: ignore[attr-defined]
+        return self.inner.begin(*pending.args)  # type: ignore[attr-defined]
+
+
+def test_a_deferred_answer_is_waited_for(root: Path, files: dict[str, bytes]) -> None:
+    import dataclasses
+
+    from tftpd.config import Address, Config
+    from tftpd.files import FileCache, Root
+    from tftpd.http import HttpServer, RootContent
+
+    cfg = dataclasses.replace(Config(), http_head_timeout=2)
+    lst = listen_socket(Address(socket.AF_INET, "127.0.0.1", 0))
+    port = lst.getsockname()[1]
+    content = DeferringContent(RootContent(FileCache(Root(str(root)))), 0.3)
+    server = HttpServer(cfg, [lst], Root(str(root)), content=content)
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            started = time.monotonic()
+            s.sendall(b"GET /hello.txt HTTP/1.1\r\nHost: x\r\n\r\n"
+                      b"GET /missing HTTP/1.1\r\nHost: x\r\n\r\n")
+            r = read_reply(s)
+            assert r.status == 200 and r.body == files["hello.txt"]
+            assert time.monotonic() - started >= 0.25  # it did wait for the answer
+            assert read_reply(s).status == 404
+            s.sendall(b"HEAD /big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+            r = read_reply(s, head_only=True)
+            assert r.status == 200 and r.headers["content-length"] == str(BIG)
+        assert content.asked == [b"hello.txt", b"missing", b"big.bin"]
+        # A client that leaves while its answer is pending costs nothing after.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /hello.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert get(port, "/hello.txt").body == files["hello.txt"]
+    finally:
+        server.stop()
+        lst.close()
