@@ -642,3 +642,29 @@ def test_a_deferred_answer_is_waited_for(root: Path, files: dict[str, bytes]) ->
     finally:
         server.stop()
         lst.close()
+
+
+def test_reload_hands_http_to_the_new_workers(root: Path, files: dict[str, bytes]) -> None:
+    import signal
+
+    d, port = start_http(root)
+    try:
+        before = set(d.worker_pids())
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /hello.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_reply(s).status == 200
+            os.kill(d.proc.pid, signal.SIGHUP)
+            d.wait_for_log(r"SIGHUP: reloaded")
+            # The old worker closed this idle keep-alive connection as it drained.
+            assert closed_by_server(s, 10)
+        deadline = time.monotonic() + 10
+        for _ in range(1000):  # served all along, while the old generation leaves
+            if not set(d.worker_pids()) & before or time.monotonic() > deadline:
+                break
+            assert get(port, "/hello.txt").body == files["hello.txt"]
+            time.sleep(0.01)  # paces the requests; the condition above is polled
+        assert not set(d.worker_pids()) & before  # the old generation is gone
+        for _ in range(4):
+            assert get(port, "/hello.txt").body == files["hello.txt"]
+    finally:
+        d.stop()

@@ -107,6 +107,11 @@ class HttpServer:
         """Accept no more connections (drain, reload); running ones are finished, idle
         keep-alive ones closed. Returns once the listening sockets are closed."""
         self._draining = True
+        if self._thread is None or not self._thread.is_alive():
+            for lst in self.listeners:
+                lst.close()  # no thread to do it
+            self.listeners = []
+            return
         self._wake()
         self._stopped_listening.wait(STOP_WAIT)
 
