@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.utils
 import gzip
 import io
+import json
 import logging
 import os
 import re
@@ -666,5 +667,29 @@ def test_reload_hands_http_to_the_new_workers(root: Path, files: dict[str, bytes
         assert not set(d.worker_pids()) & before  # the old generation is gone
         for _ in range(4):
             assert get(port, "/hello.txt").body == files["hello.txt"]
+    finally:
+        d.stop()
+
+
+def test_bench_load_generator_against_the_daemon(root: Path) -> None:
+    """bench/httpload.c keeps connections busy; every response is whole (no errors)."""
+    need("cc")
+    from bench.build import BuildError
+    from bench.http import httpload_binary
+
+    try:
+        binary = httpload_binary()
+    except BuildError as err:
+        pytest.fail(str(err))
+    (root / "boot").mkdir()
+    (root / "boot" / "img").write_bytes(os.urandom(BIG))
+    d, port = start_http(root)
+    try:
+        out = subprocess.run([str(binary), "127.0.0.1", str(port), "/boot/img", "4", "1"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        res = json.loads(out)
+        assert res["errors"] == 0 and res["requests"] >= 4
+        # Whole responses, and what the 4 connections had of their last when time was up.
+        assert res["requests"] * BIG <= res["bytes"] < (res["requests"] + 4) * BIG
     finally:
         d.stop()
