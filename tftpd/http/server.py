@@ -34,6 +34,7 @@ from tftpd.http.message import (
     Resolution,
     RootContent,
     decode_target,
+    new_parser,
     prepare,
     prepare_file,
     raw_response,
@@ -324,6 +325,9 @@ class HttpServer:
             self._refuse(c, BadRequest(431, "request head too large"), close=True)
             return True
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in req.headers}
+        # Keep-alive as h11 would: HTTP/1.1 unless the client says close; not HTTP/1.0.
+        if req.http_version != b"1.1" or "close" in headers.get("connection", "").lower():
+            c.close_after = True
         if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
             # RFC 9110 9.3.1: content in a GET has no meaning; it is a smuggling vector.
             self._refuse(c, BadRequest(400, "a request body is not accepted"), close=True)
@@ -445,13 +449,17 @@ class HttpServer:
     def _done(self, c: Conn) -> None:
         """The response is out: log it, then wait for the next request or close."""
         self._record(c, "ok" if c.status < 400 else _outcome(c.status), c.detail)
-        if c.close_after or c.h.our_state is not h11.DONE or self._draining:
-            self._close(c)
+        if c.close_after or self._draining or c.h.their_state is not h11.DONE:
+            self._close(c)  # asked to, or the request was not read to its end
             return
-        if c.h.their_state is not h11.DONE:
-            self._close(c)
-            return
-        c.h.start_next_cycle()
+        # h11 reads the requests; the responses are ours (message.prepare): the next
+        # request is read by a parser of its own, from what the last one left.
+        data, closed = c.h.trailing_data
+        c.h = new_parser()
+        if data:
+            c.h.receive_data(data)
+        if closed:
+            c.h.receive_data(b"")
         c.phase = IDLE
         c.deadline = time.monotonic() + self.idle_s
         self._watch(c, selectors.EVENT_READ)
