@@ -693,3 +693,31 @@ def test_bench_load_generator_against_the_daemon(root: Path) -> None:
         assert res["requests"] * BIG <= res["bytes"] < (res["requests"] + 4) * BIG
     finally:
         d.stop()
+
+
+def test_a_failing_resolver_ends_one_connection_only(root: Path,
+                                                     files: dict[str, bytes]) -> None:
+
+    from tftpd.config import Address, Config
+    from tftpd.files import FileCache, Root
+    from tftpd.http import HttpServer, RootContent
+
+    class Failing(RootContent):
+        def begin(self, filename: bytes, *args: object) -> object:  # type: ignore[override]
+            if filename == b"boom":
+                raise RuntimeError("resolver failed")
+            return super().begin(filename, *args)  # type: ignore[arg-type]
+
+    lst = listen_socket(Address(socket.AF_INET, "127.0.0.1", 0))
+    port = lst.getsockname()[1]
+    server = HttpServer(Config(), [lst], Root(str(root)),
+                        content=Failing(FileCache(Root(str(root)))))
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert closed_by_server(s, 5)
+        assert get(port, "/hello.txt").body == files["hello.txt"]
+    finally:
+        server.stop()
+        lst.close()

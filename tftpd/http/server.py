@@ -260,9 +260,7 @@ class HttpServer:
             c.h.receive_data(data)
             self._next_request(c)
         except Exception:  # noqa: BLE001 - one connection's failure ends it alone
-            if self.noise.allow(c.peer[0], time.monotonic()):
-                log.exception("http: %s: connection failed", _peer(c.peer))
-            self._end(c, "failed", "server error")
+            self._failed(c)
 
     def _reading(self, c: Conn) -> None:
         if c.phase == IDLE:
@@ -304,7 +302,7 @@ class HttpServer:
         if self.noise.allow(c.peer[0], time.monotonic()):
             log.info("http: %s malformed request: %d %s", _peer(c.peer), status,
                      sanitize(reason, 200))
-        c.out = memoryview(raw_response(status, reason))
+        c.out = memoryview(raw_response(status, sanitize(reason, 200)))
         c.close_after = True
         c.phase = SENDING
         c.status = 0  # no transfer record: nothing was asked for
@@ -365,12 +363,20 @@ class HttpServer:
             pending, c.pending = c.pending, None
             if self.conns.get(c.fd) is not c or pending is None:
                 continue  # closed while it waited (its descriptor may be another's now)
-            self._answer(c, self.content.complete(pending))
-            if c.h.their_state is h11.DONE:  # the request's end was read while it waited
-                self._respond(c)
-                if c.phase == IDLE and c.fd in self.conns:
-                    self._watch(c, selectors.EVENT_READ)
-                    self._next_request(c)
+            try:
+                self._answer(c, self.content.complete(pending))
+                if c.h.their_state is h11.DONE:  # the request's end was read before
+                    self._respond(c)
+                    if c.phase == IDLE and c.fd in self.conns:
+                        self._watch(c, selectors.EVENT_READ)
+                        self._next_request(c)
+            except Exception:  # noqa: BLE001 - one connection's failure ends it alone
+                self._failed(c)
+
+    def _failed(self, c: Conn) -> None:
+        if self.noise.allow(c.peer[0], time.monotonic()):
+            log.exception("http: %s: connection failed", _peer(c.peer))
+        self._end(c, "failed", "server error")
 
     def _answer(self, c: Conn, res: Resolution) -> None:
         """The response to a resolved name, into c.out."""
