@@ -5,6 +5,7 @@
     python3 -m bench.run --servers tftpd --workloads pxe --clients 100 --loss 1,5
     python3 -m bench.run --servers tftpd,limit --clients 1000 --faults loss=5,dup=5,reorder=5
     python3 -m bench.run --list                     # which servers can run here
+    python3 -m bench.run --servers tftpd,nginx --workloads http --clients 64   # HTTP
 
 For each storm: a namespace (loopback only) is made, the server is started inside it on
 127.0.0.1:69 with a root built from the workload, the load generator runs inside the same
@@ -394,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
 
     workloads: list[tuple[Workload, list[int], int]] = []
     roots: dict[str, Path] = {}
+    http_counts = [c for w, c, _ in plan if w == "http"]  # bench/http.py
+    plan = [p for p in plan if p[0] != "http"]
     for wname, counts, reps in plan:
         wl = load(wname)
         roots[wl.name] = build_root(wl, work / "roots" / wl.name)
@@ -418,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             files = expected(wl)
             for clients in counts:
                 for loss in losses:
-                    for server in servers:
+                    for server in (s for s in servers if s.tftp):
                         tries = []
                         for _ in range(max(1, reps)):
                             t = time.monotonic()
@@ -430,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
                             print(report.progress_line(rec), flush=True)
                         records.append(pick(tries))
                         _save(out, meta, records)
+        if http_counts:
+            _run_http(servers, http_counts[0], args.workers, work, out, meta, records)
     finally:
         meta["total_s"] = time.monotonic() - t_start
         meta["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
@@ -438,16 +443,36 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kept: {work}")
         else:
             subprocess.run(["rm", "-rf", str(work)], check=False)
-    table = report.text_table(records)
+    from bench import http
+
+    tftp_records = [r for r in records if r["workload"] != "http"]
+    table = "\n\n".join(t for t in (report.text_table(tftp_records) if tftp_records
+                                      else "", http.table(records)) if t)
     (out / "table.txt").write_text(report.header(meta) + "\n" + table + "\n")
     print()
     print(report.header(meta))
     print(table)
     if not args.no_plots:
-        for path in report.plots(records, out):
+        for path in report.plots([r for r in records if r["workload"] != "http"], out):
             print(f"plot: {path}")
     print(f"results: {out}/results.json ({meta['total_s']:.0f} s)")
     return 0
+
+
+def _run_http(servers: list[Server], counts: list[int], workers: int, work: Path, out: Path,
+              meta: dict, records: list[dict]) -> None:
+    """The http workload (bench/http.py) against each server that serves HTTP."""
+    from bench import http
+
+    root = http.build_root(work / "roots" / "http")
+    for connections in counts or [http.DEFAULT_CONNECTIONS]:
+        for server in servers:
+            if server.http_launch is None:
+                continue
+            rec = http.run_one(server, connections, root, work, workers)
+            print(http.progress_line(rec), flush=True)
+            records.append(rec)
+            _save(out, meta, records)
 
 
 def _save(out: Path, meta: dict, records: list[dict]) -> None:

@@ -2,7 +2,8 @@
 
 Each server runs in the foreground inside a network namespace of its own, serves ROOT as
 TFTP only on 127.0.0.1:69, and has the limits a storm would hit first lifted (see
-../shared/PEERS.md). A server whose program is missing is skipped with a note.
+../shared/PEERS.md). A server whose program is missing is skipped with a note. Servers
+with an `http_launch` also run the `http` workload (bench/http.py); nginx runs only that.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class Server:
     # None when it can run here, else why not
     missing: Callable[[], str | None]
     version: Callable[[], str]
+    # (root, port, workdir, workers) -> Launch serving ROOT over HTTP on 127.0.0.1:port
+    http_launch: Callable[[Path, int, Path, int], Launch] | None = None
+    tftp: bool = True  # serves the TFTP workloads
 
 
 def _run_text(argv: list[str]) -> str:
@@ -85,6 +89,13 @@ def _tftpd_launch(python_path: bool) -> Callable[[Path, int, Path, int], Launch]
         return Launch(argv=[sys.executable, "-m", "tftpd", "-L", "-a", f"127.0.0.1:{port}",
                             "--workers", str(workers), str(root)], env=env, cwd=str(REPO))
     return launch
+
+
+def _tftpd_http_launch(root: Path, port: int, work: Path, workers: int) -> Launch:
+    env = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return Launch(argv=[sys.executable, "-m", "tftpd", "-L", "-a", "127.0.0.1:69",
+                        "--http", f"127.0.0.1:{port}", "--http-max-connections", "4096",
+                        "--workers", str(workers), str(root)], env=env, cwd=str(REPO))
 
 
 def _tftpd_version() -> str:
@@ -186,11 +197,54 @@ def _limit_launch(root: Path, port: int, work: Path, workers: int) -> Launch:
                         str(workers), str(root)])
 
 
+# -- nginx (HTTP only: the http workload) ---------------------------------------------------
+
+def _nginx_missing() -> str | None:
+    if not shutil.which("nginx"):
+        return "nginx not installed (apt-get install nginx-light or nginx)"
+    return None
+
+
+def _nginx_tftp(root: Path, port: int, work: Path, workers: int) -> Launch:
+    raise ValueError("nginx serves HTTP only (the http workload)")
+
+
+def _nginx_launch(root: Path, port: int, work: Path, workers: int) -> Launch:
+    """nginx as shipped but for sendfile on, as many workers as tftpd, a log line per
+    request as tftpd writes, and no bound on requests per connection (tftpd has none)."""
+    conf = work / "nginx.conf"
+    temp = work / "nginx-temp"
+    text = f"""daemon off;
+worker_processes {workers};
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log;
+events {{ worker_connections 8192; }}
+http {{
+    sendfile on;
+    keepalive_requests 1000000;
+    default_type application/octet-stream;
+    access_log {work}/nginx-access.log;
+    client_body_temp_path {temp}/body;
+    proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi;
+    uwsgi_temp_path {temp}/uwsgi;
+    scgi_temp_path {temp}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+    }}
+}}
+"""
+    temp.mkdir(exist_ok=True)
+    return Launch(argv=[shutil.which("nginx") or "nginx", "-e", f"{work}/nginx-error.log",
+                        "-c", str(conf), "-p", str(work)], files={str(conf): text})
+
+
 SERVERS: dict[str, Server] = {
     s.name: s
     for s in [
         Server("tftpd", "tftpd, C data path (preforked workers)", _tftpd_launch(False),
-               _tftpd_missing, _tftpd_version),
+               _tftpd_missing, _tftpd_version, http_launch=_tftpd_http_launch),
         Server("tftpd-python", "tftpd, TFTPD_DATAPATH=python", _tftpd_launch(True),
                _tftpd_missing, _tftpd_version),
         Server("hpa", "tftp-hpa in.tftpd standalone (-L)", _hpa_launch, _hpa_missing,
@@ -205,7 +259,10 @@ SERVERS: dict[str, Server] = {
                _atftpd_missing, _atftpd_version),
         Server("limit", "reference C sender, files in memory (bench/limit.c)", _limit_launch,
                _limit_missing, lambda: "bench/limit.c"),
+        Server("nginx", "nginx, sendfile on (the http workload only)", _nginx_tftp,
+               _nginx_missing, lambda: _run_text(["nginx", "-v"]),
+               http_launch=_nginx_launch, tftp=False),
     ]
 }
 
-STANDARD = list(SERVERS)
+STANDARD = [name for name, s in SERVERS.items() if s.tftp]

@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     # The listen sockets are bound: requests queue from here on, so this line is the
     # moment a test or a supervisor may start sending (or signalling).
     print(f"tftpd: listening on {', '.join(master.bound)} ({cfg.workers} workers, "
-          f"root {cfg.root}, {datapath.name} data path)", file=sys.stderr, flush=True)
+          f"root {cfg.root}, {datapath.name} data path)"
+          + (f"; http on {', '.join(master.http_bound)}" if master.http_bound else ""),
+          file=sys.stderr, flush=True)
     if demo_root:
         addr = master.bound[0]
         print(f"Demo root {demo_root} holds hello.txt and boot.img (1 MiB).\n"

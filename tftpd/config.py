@@ -18,6 +18,7 @@ from tftpd import __version__
 from tftpd.options import BLKSIZE_MAX, BLKSIZE_MIN, WINDOW_MAX
 
 DEFAULT_PORT = 69
+HTTP_PORT = 80
 
 
 class ConfigError(ValueError):
@@ -35,9 +36,9 @@ class Address:
             else f"{self.host}:{self.port}"
 
 
-def parse_address(text: str) -> Address:
+def parse_address(text: str, default_port: int = DEFAULT_PORT) -> Address:
     """ADDR, ADDR:PORT, :PORT, [V6], [V6]:PORT or a bare IPv6 address."""
-    host, port = text, str(DEFAULT_PORT)
+    host, port = text, str(default_port)
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
@@ -63,6 +64,10 @@ def parse_address(text: str) -> Address:
 def _address_text(text: str) -> str:
     parse_address(text)  # validated now, bound by the master
     return text
+
+
+def _http_address(text: str) -> Address:
+    return parse_address(text, HTTP_PORT)
 
 
 def _port_range(text: str) -> tuple[int, int]:
@@ -205,6 +210,21 @@ SETTINGS: tuple[Setting, ...] = (
             _int_in(0, 1 << 30), metavar="SECONDS"),
     Setting("metrics", ("--metrics",), "serve Prometheus metrics over HTTP on ADDR:PORT",
             None, _address_text, metavar="ADDR:PORT"),
+    Setting("http", ("--http",), "also serve the root over HTTP/1.1 (GET, HEAD, byte ranges) "
+            "on ADDR[:PORT] (default port 80), from the same workers and under the same "
+            "rules (map file, confinement, --gz); repeatable", (), _http_address,
+            repeat=True, metavar="ADDR[:PORT]"),
+    Setting("http_max_connections", ("--http-max-connections",), "HTTP connections at once "
+            "per worker; past it a connection is answered 503 and closed", 512,
+            _int_in(1, 1_000_000), metavar="N"),
+    Setting("http_head_timeout", ("--http-head-timeout",), "seconds an HTTP request's head "
+            "may take to arrive (slow senders are closed)", 10, _int_in(1, 3600),
+            metavar="SECONDS"),
+    Setting("http_idle_timeout", ("--http-idle-timeout",), "seconds an idle HTTP keep-alive "
+            "connection is kept", 30, _int_in(1, 3600), metavar="SECONDS"),
+    Setting("http_send_timeout", ("--http-send-timeout",), "seconds an HTTP response may "
+            "make no progress before its connection is closed", 60, _int_in(1, 3600),
+            metavar="SECONDS"),
     Setting("log_format", ("--log-format",), "one line per finished transfer as text or "
             "json", "text", _choice("text", "json"), metavar="text|json"),
     Setting("log_file", ("--log-file",), "append the log to FILE instead of stderr (or "
@@ -308,6 +328,11 @@ class Config:
     map_file: str | None = None
     idle_s: int = 900
     metrics: str | None = None
+    http: tuple[Address, ...] = ()
+    http_max_connections: int = 512
+    http_head_timeout: int = 10
+    http_idle_timeout: int = 30
+    http_send_timeout: int = 60
     log_format: str = "text"
     log_file: str | None = None
     content_hook: str | None = None

@@ -38,21 +38,27 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.flush()
 
     def flush(self) -> None:
-        pending, self.pending = self.pending, []
-        chunk: list[str] = []
-        size = 0
-        try:
-            for line in pending:
-                if chunk and size + len(line) > ATOMIC_WRITE:
+        # Lines come from more than one thread (the HTTP server has its own): under
+        # the handler's lock the lines written so far are taken off the front of the
+        # one list, so a line appended meanwhile goes out now or next time, never lost.
+        with self.lock:  # type: ignore[union-attr]
+            n = len(self.pending)
+            pending = self.pending[:n]
+            del self.pending[:n]
+            chunk: list[str] = []
+            size = 0
+            try:
+                for line in pending:
+                    if chunk and size + len(line) > ATOMIC_WRITE:
+                        self._write("".join(chunk))
+                        chunk, size = [], 0
+                    chunk.append(line)
+                    size += len(line)
+                if chunk:
                     self._write("".join(chunk))
-                    chunk, size = [], 0
-                chunk.append(line)
-                size += len(line)
-            if chunk:
-                self._write("".join(chunk))
-        except OSError:
-            pass
-        super().flush()
+            except OSError:
+                pass
+            super().flush()
 
     def _write(self, data: str) -> None:
         self.stream.write(data)

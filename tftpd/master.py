@@ -118,6 +118,8 @@ class Master:
     restarts: int = 0
     notifier: Notifier = field(default_factory=Notifier)
     metrics: MetricsServer | None = None
+    http_socks: list[socket.socket] = field(default_factory=list)  # --http, all workers'
+    http_bound: list[str] = field(default_factory=list)
     _sel: selectors.BaseSelector | None = None
     _wake_r: int = -1
     _last_requests: int = -1
@@ -156,8 +158,20 @@ class Master:
                 slot.forward = (r, w)
         if self.cfg.metrics:
             self.metrics = MetricsServer(_metrics_socket(self.cfg.metrics))
+        for addr in self.cfg.http:
+            self._add_http(_http_socket(addr))
+
+    def _add_http(self, sock: socket.socket) -> None:
+        """A listening TCP socket for HTTP: every worker accepts from it."""
+        self.http_socks.append(sock)
+        host, port = sock.getsockname()[:2]
+        self.http_bound.append(str(Address(sock.family, host, port)))
 
     def _adopt(self, sock: socket.socket) -> None:
+        if sock.type == socket.SOCK_STREAM and sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            self._add_http(sock)  # systemd's ListenStream=: served over HTTP
+            return
         if sock.type != socket.SOCK_DGRAM:
             raise StartupError(f"inherited socket {sock.fileno()} is not a datagram socket")
         family, host, port = sock.family, *sock.getsockname()[:2]
@@ -392,7 +406,7 @@ class Master:
             return
         kept = []
         for name in ("addresses", "workers", "secure", "user", "listen", "foreground",
-                     "metrics", "gz_cache"):
+                     "metrics", "gz_cache", "http"):
             if getattr(new, name) != getattr(self.cfg, name):
                 kept.append(name)
         if self.root is not None and self.root.chrooted and new.root != self.cfg.root:
@@ -600,6 +614,11 @@ class Master:
         try:
             worker = Worker(self.cfg, listeners, self.root, self.datapath, row, self.gz,
                             forward=forward, rules=self.rules)
+            if self.http_socks:
+                from tftpd.http import HttpServer
+
+                worker.http = HttpServer(self.cfg, self.http_socks, self.root, self.gz,
+                                         self.rules, row)
         except Exception:
             log.exception("worker %d failed to start", slot.index)
             return EXIT_BOOT_FAILED
@@ -625,6 +644,15 @@ def _metrics_socket(text: str) -> socket.socket:
         sock.close()
         raise StartupError(f"--metrics {text}: {err.strerror}") from None
     return sock
+
+
+def _http_socket(addr: Address) -> socket.socket:
+    from tftpd.http import listen_socket
+
+    try:
+        return listen_socket(addr)
+    except OSError as err:
+        raise StartupError(f"--http {addr}: {err.strerror}") from None
 
 
 def _claim_port(addr: Address) -> int:

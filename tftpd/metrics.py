@@ -21,22 +21,35 @@ _HELP = {
 
 
 def render(t: dict[str, int], restarts: int, workers: int) -> str:
+    # HTTP's series (tftpd.http) join the families of TFTP's with protocol="http",
+    # once HTTP has served anything; the series without a protocol label are TFTP's.
+    http = any(t[k] for k in ("http_requests", "http_connections", "http_refused_busy",
+                              "http_malformed"))
+
+    def h(*lines: str) -> list[str]:
+        return list(lines) if http else []
+
     out = [
         "# HELP tftpd_requests_total Requests read from the listen sockets.",
         "# TYPE tftpd_requests_total counter",
         f"tftpd_requests_total {t['requests']}",
+        *h(f'tftpd_requests_total{{protocol="http"}} {t["http_requests"]}'),
         "# HELP tftpd_transfers_total Finished transfers and refusals, by outcome.",
         "# TYPE tftpd_transfers_total counter",
         *(f'tftpd_transfers_total{{outcome="{o}"}} {t[o]}' for o in _OUTCOMES),
+        *h(*(f'tftpd_transfers_total{{protocol="http",outcome="{o}"}} {t["http_" + o]}'
+             for o in _HTTP_OUTCOMES)),
         "# HELP tftpd_probes_total Existence probes (OACK answered with ERROR 0, 8 or 9).",
         "# TYPE tftpd_probes_total counter",
         f"tftpd_probes_total {t['probe']}",
         "# HELP tftpd_misses_total Requests for files that do not exist.",
         "# TYPE tftpd_misses_total counter",
         f"tftpd_misses_total {t['notfound']}",
+        *h(f'tftpd_misses_total{{protocol="http"}} {t["http_notfound"]}'),
         "# HELP tftpd_refused_total Requests refused because the server was full.",
         "# TYPE tftpd_refused_total counter",
         f'tftpd_refused_total{{reason="busy"}} {t["refused_busy"]}',
+        *h(f'tftpd_refused_total{{protocol="http",reason="busy"}} {t["http_refused_busy"]}'),
         "# HELP tftpd_merged_requests_total Repeated requests merged into a live transfer.",
         "# TYPE tftpd_merged_requests_total counter",
         f"tftpd_merged_requests_total {t['merged']}",
@@ -47,15 +60,23 @@ def render(t: dict[str, int], restarts: int, workers: int) -> str:
         "# HELP tftpd_malformed_packets_total Datagrams on the listen port that were dropped.",
         "# TYPE tftpd_malformed_packets_total counter",
         f"tftpd_malformed_packets_total {t['malformed']}",
+        *h("# HELP tftpd_malformed_requests_total HTTP requests refused as malformed, "
+           "too large or too slow.",
+           "# TYPE tftpd_malformed_requests_total counter",
+           f'tftpd_malformed_requests_total{{protocol="http"}} {t["http_malformed"]}'),
         "# HELP tftpd_bytes_total Payload bytes acknowledged by clients (or received).",
         "# TYPE tftpd_bytes_total counter",
         f"tftpd_bytes_total {t['bytes']}",
+        *h(f'tftpd_bytes_total{{protocol="http"}} {t["http_bytes"]}'),
         "# HELP tftpd_retransmits_total Blocks, OACKs and ACKs sent again.",
         "# TYPE tftpd_retransmits_total counter",
         f"tftpd_retransmits_total {t['retransmits']}",
         "# HELP tftpd_active_transfers Transfers running now.",
         "# TYPE tftpd_active_transfers gauge",
         f"tftpd_active_transfers {t['active']}",
+        *h("# HELP tftpd_connections HTTP connections open now.",
+           "# TYPE tftpd_connections gauge",
+           f'tftpd_connections{{protocol="http"}} {t["http_connections"]}'),
         "# HELP tftpd_worker_restarts_total Workers replaced after dying or hanging.",
         "# TYPE tftpd_worker_restarts_total counter",
         f"tftpd_worker_restarts_total {restarts}",
@@ -63,17 +84,34 @@ def render(t: dict[str, int], restarts: int, workers: int) -> str:
         "# TYPE tftpd_workers gauge",
         f"tftpd_workers {workers}",
     ]
-    for h in HISTOGRAMS:
-        name, text = _HELP[h]
+    for hist in HISTOGRAMS:
+        if hist in _LABELLED:
+            continue
+        name, text = _HELP[hist]
         out += [f"# HELP {name} {text}", f"# TYPE {name} histogram"]
-        acc = 0
-        for i, le in enumerate(BUCKETS):
-            acc += t[f"{h}_b{i}"]
-            out.append(f'{name}_bucket{{le="{le}"}} {acc}')
-        out.append(f'{name}_bucket{{le="+Inf"}} {t[f"{h}_count"]}')
-        out.append(f"{name}_sum {t[f'{h}_sum_us'] / 1e6}")
-        out.append(f"{name}_count {t[f'{h}_count']}")
+        out += _histogram(t, hist, name, "")
+        for other, (family, label) in _LABELLED.items():
+            if family == hist and http:
+                out += _histogram(t, other, name, label)
     return "\n".join(out) + "\n"
+
+
+_HTTP_OUTCOMES = ("ok", "aborted", "failed", "notfound", "denied")
+# Histograms rendered as a labelled series in the family of another.
+_LABELLED = {"http_duration": ("duration", 'protocol="http",')}
+
+
+def _histogram(t: dict[str, int], hist: str, name: str, label: str) -> list[str]:
+    out = []
+    acc = 0
+    for i, le in enumerate(BUCKETS):
+        acc += t[f"{hist}_b{i}"]
+        out.append(f'{name}_bucket{{{label}le="{le}"}} {acc}')
+    out.append(f'{name}_bucket{{{label}le="+Inf"}} {t[f"{hist}_count"]}')
+    labels = f"{{{label[:-1]}}}" if label else ""
+    out.append(f"{name}_sum{labels} {t[f'{hist}_sum_us'] / 1e6}")
+    out.append(f"{name}_count{labels} {t[f'{hist}_count']}")
+    return out
 
 
 class MetricsServer:

@@ -19,13 +19,18 @@ import time
 
 # Histogram bounds, seconds (Prometheus "le" buckets; +Inf is the count).
 BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-HISTOGRAMS = ("duration", "first_answer")
+HISTOGRAMS = ("duration", "first_answer", "http_duration")
 
 COUNTERS = ("requests", "ok", "probe", "aborted", "failed", "notfound", "denied",
             "refused_busy", "merged", "malformed", "bytes", "retransmits", "cache_hits",
             "miss_cache_hits", "forwarded", "c_starts")
 GAUGES = ("active", "listening")
-FIELDS = COUNTERS + GAUGES + tuple(
+# HTTP (tftpd.http), written by each worker's HTTP thread alone: never a cell the TFTP
+# loop adds to, so the two threads of a worker need no lock.
+HTTP_COUNTERS = ("http_requests", "http_ok", "http_aborted", "http_failed", "http_notfound",
+                 "http_denied", "http_refused_busy", "http_malformed", "http_bytes")
+HTTP_GAUGES = ("http_connections",)
+FIELDS = COUNTERS + GAUGES + HTTP_COUNTERS + HTTP_GAUGES + tuple(
     f"{h}_{suffix}" for h in HISTOGRAMS
     for suffix in [*(f"b{i}" for i in range(len(BUCKETS))), "count", "sum_us"]) + ("beat",)
 INDEX = {name: i for i, name in enumerate(FIELDS)}

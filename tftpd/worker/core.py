@@ -54,6 +54,7 @@ class Worker:
         # Each worker serves its share of the total (SO_REUSEPORT spreads clients).
         self.max_sessions = max(1, -(-cfg.max_transfers // max(1, cfg.workers)))
         self.rules: Any = rules  # tftpd.remap.Rules
+        self.http: Any = None  # tftpd.http.HttpServer (--http), set by the master
         self.root = root
         self.files = FileCache(root, gz=gz)
         self.datapath = datapath
@@ -106,6 +107,8 @@ class Worker:
         self.intake.start(self.loop)
         self.counters[S.INDEX["listening"]] = 1
         logs.start_batching()
+        if self.http is not None:
+            self.http.start()
 
     def _on_term(self, signum: int, frame: object) -> None:
         # Only flags here: the loop does the work (no logging in a handler).

@@ -133,14 +133,20 @@ class Loop:
             if w.draining and not drain_started:
                 drain_started = True
                 w.intake.stop(self)
+                if w.http is not None:
+                    w.http.stop_listening()
                 w.counters[S.INDEX["listening"]] = 0  # the master waits for this on reload
                 self.adopt_all()
                 if w.table:
                     log.info("draining: %d transfer(s) to finish", len(w.table))
                 w.drain_deadline = time.monotonic() + w.cfg.drain_s
-            if drain_started and (not w.table or time.monotonic() >= w.drain_deadline):
+            http_busy = w.http is not None and w.http.busy
+            if drain_started and ((not w.table and not http_busy)
+                                  or time.monotonic() >= w.drain_deadline):
                 for s in w.table.sessions():
                     w.finish(s, Finish("failed", "server shutting down"), time.monotonic())
+                if w.http is not None:
+                    w.http.stop()
                 return 0
             self.turn(self.wait_for(time.monotonic()))
             now = time.monotonic()
