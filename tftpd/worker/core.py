@@ -20,7 +20,7 @@ from tftpd import logs
 from tftpd import packet as P
 from tftpd import stats as S
 from tftpd.config import Config
-from tftpd.datapath import DataPath, FileShrank, Pump, Refusal, Refusals
+from tftpd.datapath import DataPath, FileShrank, KnownAnswer, KnownAnswers, Pump
 from tftpd.files import FileCache, FileError, Root
 from tftpd.gz import GzCache
 from tftpd.transfer import (
@@ -74,9 +74,9 @@ class Worker:
         # Known misses, answered by the data path. Only where the answer depends on
         # the request's bytes alone: no map rules (they see the client's address), no
         # per-client limit, no per-request log line (-v).
-        self.refusals: Refusals | None = None
+        self.refusals: KnownAnswers | None = None
         if rules is None and not cfg.max_per_client and cfg.verbose < 1:
-            self.refusals = Refusals(datapath)
+            self.refusals = KnownAnswers(datapath)
 
     # -- setup in the child (nothing process-wide happens before fork) --------------
 
@@ -155,7 +155,7 @@ class Worker:
 
     # -- what the data path answered or started without Python -----------------------
 
-    def answered(self, refusal: Refusal, err: int, src: tuple, arrival: float,
+    def answered(self, refusal: KnownAnswer, err: int, src: tuple, arrival: float,
                  answered: float) -> None:
         """A known miss the data path answered: the books and the log line."""
         c = self.counters
@@ -173,7 +173,7 @@ class Worker:
             S.observe(c, "first_answer", max(0.0, answered - arrival))
         self.books.answered_miss(src, refusal.note, now)
 
-    def c_started(self, entry: Refusal | None, err: int, arrival: float,
+    def c_started(self, entry: KnownAnswer | None, err: int, arrival: float,
                   answered: float) -> None:
         """C sent an OACK it had the answer for and owns the transfer: the books."""
         c = self.counters
@@ -188,7 +188,7 @@ class Worker:
         elif arrival:
             S.observe(c, "first_answer", max(0.0, answered - arrival))
 
-    def probe_done(self, slot: int, code: int, back: int, peer: tuple) -> None:
+    def probe_done(self, slot: int, code: int, offered: bool, peer: tuple) -> None:
         """C ended a transfer it started on ERROR 0, 8 or 9: an existence probe."""
         assert self.pump is not None and self.refusals is not None
         x = self.pump.state(slot)
@@ -196,7 +196,7 @@ class Worker:
         entry = self.refusals.get(x.answer)
         duration = now - x.sent_at
         blksize, window, retransmits = x.blksize, x.windowsize, x.retransmits
-        self.pump.ended(slot, back)  # closes its socket, takes back what C did not
+        self.pump.ended(slot, offered)  # closes its socket, takes back what C did not
         c = self.counters
         c[S.INDEX["probe"]] += 1
         S.observe(c, "duration", duration)

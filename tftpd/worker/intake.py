@@ -172,7 +172,7 @@ class Intake:
             except OSError as err:
                 log.warning("listen socket: %s", err)
                 return False
-            for kind, refusal, err, data, src, dst, ifindex, arrival, answered in batch:
+            for kind, refusal, err, data, src, dst, ifindex, arrival, answered, _ in batch:
                 if kind == REQ_STARTED:
                     w.pool.spares_used = True
                     w.c_started(refusal, err, arrival, answered)

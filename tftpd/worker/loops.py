@@ -23,7 +23,17 @@ from typing import TYPE_CHECKING
 
 from tftpd import logs
 from tftpd import stats as S
-from tftpd.datapath import EV_DONE, EV_PACKET, EV_PROBE, EV_READY, EV_REARM, Pump, encode_sockaddr
+from tftpd.datapath import (
+    EV_DONE,
+    EV_PACKET,
+    EV_PROBE,
+    EV_READY,
+    EV_REARM,
+    EV_SHRANK,
+    Pump,
+    PumpEvent,
+    encode_sockaddr,
+)
 from tftpd.transfer import Finish
 from tftpd.worker.sessions import Session
 
@@ -330,7 +340,7 @@ class PumpLoop(Loop):
                 elif self._writers.get(key.fd) is key.data:  # not unwatched since
                     key.data.serve(mask)
 
-    def _sort_events(self, events: list) -> list[int]:
+    def _sort_events(self, events: list[PumpEvent]) -> list[int]:
         """The one place that reads C's pump events: the tokens that are ready are
         returned; what C ended is settled at once; what a transfer needs is bound to
         its session (C's events name slots, and a request read this turn can end a
@@ -338,12 +348,12 @@ class PumpLoop(Loop):
         w = self.worker
         ready = []
         for ev in events:
-            slot, kind = ev[0], ev[1]
+            slot, kind = ev.slot, ev.kind
             if kind == EV_READY:
                 ready.append(slot)
                 continue
             if kind == EV_PROBE:  # C ended it: nothing of it is left in C
-                w.probe_done(slot, ev[2], ev[3], ev[4])
+                w.probe_done(slot, ev.err, ev.offered, ev.source)
                 continue
             session = w.table.by_slot.get(slot)
             if session is None:
@@ -353,17 +363,16 @@ class PumpLoop(Loop):
                 session = w.adopt(slot, time.monotonic())
                 if session is None:
                     continue
-            err, data, src = ev[2], ev[3], ev[4]
             if kind == EV_PACKET:
-                handler = functools.partial(w.on_datagram, session, data, src)
+                handler = functools.partial(w.on_datagram, session, ev.datagram, ev.source)
             elif kind == EV_DONE:
                 handler = functools.partial(w.on_window_sent, session)
             elif kind == EV_REARM:
                 handler = functools.partial(w.on_rearm, session)
-            elif err == -1:
+            elif kind == EV_SHRANK:
                 handler = functools.partial(w.on_file_shrank, session)
             else:
-                handler = functools.partial(w.on_socket_error, session, err)
+                handler = functools.partial(w.on_socket_error, session, ev.err)
             self._pending[session] = handler  # one event per slot per call
         return ready
 

@@ -85,7 +85,7 @@ class TransferLog:
             self._refusal_line(src, name, mode, outcome, code, reason or message, options)
 
     def answered_miss(self, src: tuple, note: tuple, now: float) -> None:
-        """A known miss the data path answered (note: Refusal.note)."""
+        """A known miss the data path answered (note: KnownAnswer.note)."""
         if not self.noise.allow(src[0], now):
             return
         name, mode, code, reason, options = note
