@@ -441,6 +441,10 @@ def test_records_and_metrics(root: Path, files: dict[str, bytes]) -> None:
         assert 'tftpd_transfer_duration_seconds_count{protocol="http"} 2' in text
     finally:
         d.stop()
+    # The totals said at the stop count HTTP's answers beside TFTP's.
+    totals = d.log_text()[d.log_text().rindex("totals:"):]
+    assert " ok=1 " in totals and " http_requests=2 " in totals and " http_ok=1 " in totals
+    assert " http_notfound=1 " in totals
 
 
 def test_ipv6(root: Path, files: dict[str, bytes]) -> None:

@@ -85,4 +85,7 @@ class Stats:
 
     def summary(self) -> str:
         t = self.totals()
-        return " ".join(f"{k}={t[k]}" for k in COUNTERS + GAUGES)
+        names = COUNTERS + GAUGES
+        if t["http_requests"] or t["http_connections"]:  # HTTP's, once it has served
+            names += HTTP_COUNTERS + HTTP_GAUGES
+        return " ".join(f"{k}={t[k]}" for k in names)
