@@ -48,6 +48,7 @@ class Server:
     # (root, port, workdir, workers) -> Launch serving ROOT over HTTP on 127.0.0.1:port
     http_launch: Callable[[Path, int, Path, int], Launch] | None = None
     tftp: bool = True  # serves the TFTP workloads
+    standard: bool = True  # one of --standard's servers (not a variant of another)
 
 
 def _run_text(argv: list[str]) -> str:
@@ -81,13 +82,14 @@ def _tftpd_missing() -> str | None:
     return None
 
 
-def _tftpd_launch(python_path: bool) -> Callable[[Path, int, Path, int], Launch]:
+def _tftpd_launch(python_path: bool, *extra: str) -> Callable[[Path, int, Path, int], Launch]:
     def launch(root: Path, port: int, work: Path, workers: int) -> Launch:
         env = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         if python_path:
             env["TFTPD_DATAPATH"] = "python"
         return Launch(argv=[sys.executable, "-m", "tftpd", "-L", "-a", f"127.0.0.1:{port}",
-                            "--workers", str(workers), str(root)], env=env, cwd=str(REPO))
+                            "--workers", str(workers), *extra, str(root)], env=env,
+                      cwd=str(REPO))
     return launch
 
 
@@ -247,6 +249,14 @@ SERVERS: dict[str, Server] = {
                _tftpd_missing, _tftpd_version, http_launch=_tftpd_http_launch),
         Server("tftpd-python", "tftpd, TFTPD_DATAPATH=python", _tftpd_launch(True),
                _tftpd_missing, _tftpd_version),
+        # Variants of tftpd, beside it in one run: what HTTP being on, or a content
+        # hook that answers None, costs the TFTP figures.
+        Server("tftpd-http", "tftpd with --http 127.0.0.1:8080 open (idle)",
+               _tftpd_launch(False, "--http", "127.0.0.1:8080"), _tftpd_missing,
+               _tftpd_version, standard=False),
+        Server("tftpd-hook", "tftpd with a content hook answering None (bench/nonehook.py)",
+               _tftpd_launch(False, "--content-hook", "bench.nonehook:content"),
+               _tftpd_missing, _tftpd_version, standard=False),
         Server("hpa", "tftp-hpa in.tftpd standalone (-L)", _hpa_launch, _hpa_missing,
                lambda: f"tftpd-hpa {_dpkg_version('tftpd-hpa')}"),
         Server("hpa-inetd", "tftp-hpa per request under openbsd-inetd (-t 0)",
@@ -265,4 +275,4 @@ SERVERS: dict[str, Server] = {
     ]
 }
 
-STANDARD = [name for name, s in SERVERS.items() if s.tftp]
+STANDARD = [name for name, s in SERVERS.items() if s.tftp and s.standard]
