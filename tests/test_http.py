@@ -150,11 +150,18 @@ def test_head_sends_no_body(served: tuple[Daemon, int]) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"HEAD /big.bin HTTP/1.1\r\nHost: x\r\n\r\n"
                   b"GET /hello.txt HTTP/1.1\r\nHost: x\r\n\r\n")
-        r = read_reply(s, head_only=True)
-        assert r.status == 200 and r.headers["content-length"] == str(BIG)
+        # Both answers may come in one read: gather until the second one is whole.
+        data = b""
+        s.settimeout(10)
+        while not data.endswith(b"\r\n\r\nhello over http\n"):
+            chunk = s.recv(65536)
+            assert chunk, f"closed after {data!r}"
+            data += chunk
+        head, rest = data.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert f"\r\ncontent-length: {BIG}\r\n".encode() in head.lower() + b"\r\n"
         # What follows on the connection is the next answer, not a body.
-        r2 = read_reply(s)
-        assert r2.status == 200 and r2.body == b"hello over http\n"
+        assert rest.startswith(b"HTTP/1.1 200 ") and rest.count(b"HTTP/1.1 ") == 1
 
 
 def test_single_ranges(served: tuple[Daemon, int], files: dict[str, bytes]) -> None:

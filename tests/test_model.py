@@ -451,7 +451,9 @@ class Upload:
             raise self.fail(f"datagram from {src}, not the transfer's port {self.tid}")
         if self.expected and data == self.expected[0]:
             self.expected.popleft()
-        elif data == self.last_pkt and not self.dallying:
+        elif data == self.last_pkt and (not self.dallying or self.expected):
+            # (Dallying with ACKs still foretold: the timer fired before the server
+            # read the last DATA, as below.)
             gap = t - self.last_t
             floor = min(INITIAL_RTO, self.fixed or INITIAL_RTO) - EPS
             if gap < floor:
