@@ -28,6 +28,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench import netns, report
@@ -332,6 +333,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+class _Refused(Exception):
+    """A run that cannot start; the message is for the person who asked."""
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What to run, as the command line asked for it."""
+
+    server_names: list[str]
+    runs: list[tuple[str, list[int], int]]  # (workload, client counts, repeats)
+    cap: float | None  # each run's deadline in the standard set
+    losses: list[int]
+    faults: Faults | None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
@@ -345,63 +361,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for name in netns.cleanup_stale() + cleanup_stale_groups():
         print(f"bench.run: removed stale {name}", file=sys.stderr)
-
-    if args.standard:
-        server_names = list(STANDARD)
-        plan = [(w, c, max(r, args.repeat)) for w, c, r in STANDARD_SET]
-        cap = STANDARD_DEADLINE_S
-    else:
-        server_names = [s for s in args.servers.split(",") if s]
-        wanted = [int(c) for c in args.clients.split(",") if c]
-        plan = [(w, wanted, args.repeat) for w in args.workloads.split(",") if w]
-        cap = None
-    losses = [int(x) for x in args.loss.split(",") if x]
     try:
-        faults = Faults.parse(args.faults) if args.faults else None
-    except ValueError as exc:
+        plan = _plan(args)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = Path(args.out) if args.out else HERE / "results" / stamp
+        out.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="tftpbench-"))
+        os.chmod(work, 0o755)
+        args.engine = _choose_engine(args.engine, plan.faults)
+    except _Refused as exc:
         print(f"bench.run: {exc}", file=sys.stderr)
         return 2
-    if faults and args.engine == "python":
-        print("bench.run: --faults needs the C engine", file=sys.stderr)
-        return 2
-    unknown = [s for s in server_names if s not in SERVERS]
-    if unknown:
-        print(f"bench.run: unknown servers {unknown}; known: {list(SERVERS)}", file=sys.stderr)
-        return 2
-
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out) if args.out else HERE / "results" / stamp
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="tftpbench-"))
-    os.chmod(work, 0o755)
-
-    # Chosen (and the C engine built) once here, not in every forked generator.
-    try:
-        args.engine = choose(args.engine, faults,
-                             warn=lambda msg: print(f"bench.run: {msg}", file=sys.stderr))
-    except Exception as exc:  # noqa: BLE001 - a C engine that "c" or faults require
-        print(f"bench.run: C engine: {exc}", file=sys.stderr)
-        return 2
-
-    servers: list[Server] = []
-    skipped: dict[str, str] = {}
-    for name in server_names:
-        why = SERVERS[name].missing()
-        if why:
-            skipped[name] = why
-            print(f"bench.run: skipping {name}: {why}", file=sys.stderr)
-        else:
-            servers.append(SERVERS[name])
-
-    workloads: list[tuple[Workload, list[int], int]] = []
-    roots: dict[str, Path] = {}
-    http_counts = [c for w, c, _ in plan if w == "http"]  # bench/http.py
-    plan = [p for p in plan if p[0] != "http"]
-    for wname, counts, reps in plan:
-        wl = load(wname)
-        roots[wl.name] = build_root(wl, work / "roots" / wl.name)
-        workloads.append((wl, counts or list(wl.clients), reps))
-
+    servers, skipped = _servers(plan.server_names)
+    workloads, roots, http_counts = _workloads(plan.runs, work)
     meta = {
         "started": stamp,
         "command": " ".join(["python3", "-m", "bench.run", *(argv if argv is not None
@@ -412,27 +384,14 @@ def main(argv: list[str] | None = None) -> int:
         "engine": args.engine,
         "workers": args.workers,
         "repeat": args.repeat,
-        "faults": faults.to_json() if faults else None,
+        "faults": plan.faults.to_json() if plan.faults else None,
     }
     records: list[dict] = []
     t_start = time.monotonic()
     try:
         for wl, counts, reps in workloads:
-            files = expected(wl)
-            for clients in counts:
-                for loss in losses:
-                    for server in (s for s in servers if s.tftp):
-                        tries = []
-                        for _ in range(max(1, reps)):
-                            t = time.monotonic()
-                            rec = run_one(server, wl, clients, loss, roots, work,
-                                          args.engine, args.deadline, args.workers, files, cap,
-                                          faults)
-                            rec["run_s"] = time.monotonic() - t
-                            tries.append(rec)
-                            print(report.progress_line(rec), flush=True)
-                        records.append(pick(tries))
-                        _save(out, meta, records)
+            _run_workload(args, plan, servers, wl, counts, reps, roots, work, out, meta,
+                          records)
         if http_counts:
             _run_http(servers, http_counts[0], args.workers, work, out, meta, records)
     finally:
@@ -443,6 +402,93 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kept: {work}")
         else:
             subprocess.run(["rm", "-rf", str(work)], check=False)
+    _report(out, meta, records, plots=not args.no_plots)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> _Plan:
+    """The servers, workloads, losses and faults the command line names."""
+    if args.standard:
+        server_names = list(STANDARD)
+        runs = [(w, c, max(r, args.repeat)) for w, c, r in STANDARD_SET]
+        cap: float | None = STANDARD_DEADLINE_S
+    else:
+        server_names = [s for s in args.servers.split(",") if s]
+        wanted = [int(c) for c in args.clients.split(",") if c]
+        runs = [(w, wanted, args.repeat) for w in args.workloads.split(",") if w]
+        cap = None
+    losses = [int(x) for x in args.loss.split(",") if x]
+    try:
+        faults = Faults.parse(args.faults) if args.faults else None
+    except ValueError as exc:
+        raise _Refused(str(exc)) from None
+    if faults and args.engine == "python":
+        raise _Refused("--faults needs the C engine")
+    unknown = [s for s in server_names if s not in SERVERS]
+    if unknown:
+        raise _Refused(f"unknown servers {unknown}; known: {list(SERVERS)}")
+    return _Plan(server_names, runs, cap, losses, faults)
+
+
+def _choose_engine(engine: str, faults: Faults | None) -> str:
+    """Chosen (and the C engine built) once here, not in every forked generator."""
+    try:
+        return choose(engine, faults,
+                      warn=lambda msg: print(f"bench.run: {msg}", file=sys.stderr))
+    except Exception as exc:  # noqa: BLE001 - a C engine that "c" or faults require
+        raise _Refused(f"C engine: {exc}") from None
+
+
+def _servers(names: list[str]) -> tuple[list[Server], dict[str, str]]:
+    """The named servers installed here, and why each other one is skipped."""
+    servers: list[Server] = []
+    skipped: dict[str, str] = {}
+    for name in names:
+        why = SERVERS[name].missing()
+        if why:
+            skipped[name] = why
+            print(f"bench.run: skipping {name}: {why}", file=sys.stderr)
+        else:
+            servers.append(SERVERS[name])
+    return servers, skipped
+
+
+def _workloads(runs: list[tuple[str, list[int], int]], work: Path) -> tuple[
+        list[tuple[Workload, list[int], int]], dict[str, Path], list[list[int]]]:
+    """Each TFTP workload with its root built, and the http workload's client counts."""
+    workloads: list[tuple[Workload, list[int], int]] = []
+    roots: dict[str, Path] = {}
+    http_counts = [c for w, c, _ in runs if w == "http"]  # bench/http.py
+    for wname, counts, reps in (r for r in runs if r[0] != "http"):
+        wl = load(wname)
+        roots[wl.name] = build_root(wl, work / "roots" / wl.name)
+        workloads.append((wl, counts or list(wl.clients), reps))
+    return workloads, roots, http_counts
+
+
+def _run_workload(args: argparse.Namespace, plan: _Plan, servers: list[Server],
+                  wl: Workload, counts: list[int], reps: int, roots: dict[str, Path],
+                  work: Path, out: Path, meta: dict, records: list[dict]) -> None:
+    """One workload at each client count and loss, against each TFTP server; the best
+    of its repeats is recorded and the results saved after each."""
+    files = expected(wl)
+    for clients in counts:
+        for loss in plan.losses:
+            for server in (s for s in servers if s.tftp):
+                tries = []
+                for _ in range(max(1, reps)):
+                    t = time.monotonic()
+                    rec = run_one(server, wl, clients, loss, roots, work, args.engine,
+                                  args.deadline, args.workers, files, plan.cap, plan.faults)
+                    rec["run_s"] = time.monotonic() - t
+                    tries.append(rec)
+                    print(report.progress_line(rec), flush=True)
+                records.append(pick(tries))
+                _save(out, meta, records)
+
+
+def _report(out: Path, meta: dict, records: list[dict], plots: bool) -> None:
+    """The table (and plots) of a finished run, written to OUT and printed."""
     from bench import http
 
     tftp_records = [r for r in records if r["workload"] != "http"]
@@ -452,11 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report.header(meta))
     print(table)
-    if not args.no_plots:
-        for path in report.plots([r for r in records if r["workload"] != "http"], out):
+    if plots:
+        for path in report.plots(tftp_records, out):
             print(f"plot: {path}")
     print(f"results: {out}/results.json ({meta['total_s']:.0f} s)")
-    return 0
 
 
 def _run_http(servers: list[Server], counts: list[int], workers: int, work: Path, out: Path,

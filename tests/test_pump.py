@@ -17,6 +17,7 @@ from tftpd import transfer as T
 from tftpd.datapath import (
     EV_DONE,
     EV_PACKET,
+    EV_READY,
     EV_REARM,
     encode_sockaddr,
     ext_error,
@@ -305,3 +306,36 @@ def test_a_ready_socket_its_slot_no_longer_names_leaves_the_set(tmp_path: Path,
             other.close()
     finally:
         rig.close()
+
+
+def test_tokens_are_reused_after_unwatching() -> None:
+    """Watching and unwatching a descriptor again and again keeps the tokens in use
+    bounded (C has 65,536 of them); a removed token is numbered again only from the
+    next run on, so an event the last run handed out cannot reach its next owner."""
+    pump = get_datapath("c").pump()
+    assert pump is not None
+    r, w = os.pipe()
+    r2, w2 = os.pipe()
+    try:
+        first = pump.add_token(r)
+        pump.remove_token(r, first)
+        second = pump.add_token(r2)
+        assert second != first  # not within the same run's events
+        pump.remove_token(r2, second)
+        assert pump.run(0.0, 0.0) == []
+        seen = set()
+        for _ in range(3000):
+            token = pump.add_token(r)
+            seen.add(token)
+            pump.remove_token(r, token)
+            assert pump.run(0.0, 0.0) == []
+        assert seen <= {first, second}
+        # The reused token still reports its new descriptor ready.
+        token = pump.add_token(r2)
+        os.write(w2, b"x")
+        assert [(e[0], e[1]) for e in pump.run(0.0, 2.0)] == [(token, EV_READY)]
+        pump.remove_token(r2, token)
+    finally:
+        for fd in (r, w, r2, w2):
+            os.close(fd)
+        pump.close()

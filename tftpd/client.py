@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from tftpd import packet as P
+from tftpd.transfer import Receiver
 
 
 class TftpError(Exception):
@@ -107,8 +108,9 @@ def _check_oack(asked: dict[str, str], oack: dict[str, str]) -> None:
 
 def get(host: str, port: int, filename: str | bytes, *, options: dict[str, str] | None = None,
         mode: str = "octet", timeout: float = 1.0, retries: int = 5,
-        probe: bool = False, abort_code: int = P.E_OPTIONS) -> Result:
-    """Read a file. With `probe`, stop after the OACK with ERROR `abort_code`."""
+        probe: bool = False, abort_code: int = P.E_OPTIONS, rollover: int = 0) -> Result:
+    """Read a file. With `probe`, stop after the OACK with ERROR `abort_code`.
+    `rollover` is the server's block number after 65535 (tftpd --rollover): 0 or 1."""
     asked = {k.lower(): str(v) for k, v in (options or {}).items()}
     conn = _Conn(host, port, timeout)
     res = conn.result
@@ -116,13 +118,10 @@ def get(host: str, port: int, filename: str | bytes, *, options: dict[str, str] 
         request = P.encode_rrq(filename, mode, asked)
         started = time.monotonic()
         conn.send(request)
-        blksize, window = 512, 1
-        expected = 1  # absolute number of the next block wanted
+        rx = Receiver(rollover=rollover)  # the block rules, as the server's uploads
         chunks: list[bytes] = []
         last_sent: bytes = request
         tries = 0
-        in_window = 0
-        gap_acked = False
         while True:
             pkt = conn.recv(time.monotonic() + timeout)
             if pkt is None:
@@ -131,56 +130,47 @@ def get(host: str, port: int, filename: str | bytes, *, options: dict[str, str] 
                     raise TftpTimeout(f"no answer after {retries} retries")
                 res.retransmits += 1
                 conn.sock.sendto(last_sent, conn.tid or conn.server)
-                in_window = 0
+                rx.timed_out()
                 continue
             if not res.first_answer:
                 res.first_answer = time.monotonic() - started
             if isinstance(pkt, P.Error):
                 raise TftpError(pkt.code, pkt.message)
             if isinstance(pkt, P.OAck):
-                if expected != 1 or chunks:
+                if rx.received:
                     continue  # a late duplicate OACK
                 _check_oack(asked, pkt.options)
                 res.oack = dict(pkt.options)
                 if probe:
                     conn.send(P.encode_error(abort_code, "probe done"))
                     return res
-                blksize = int(pkt.options.get("blksize", 512))
-                window = int(pkt.options.get("windowsize", 1))
+                rx = Receiver(int(pkt.options.get("blksize", 512)),
+                              int(pkt.options.get("windowsize", 1)), rollover)
                 last_sent = P.encode_ack(0)
                 conn.send(last_sent)
                 tries = 0
                 continue
             if not isinstance(pkt, P.Data):
                 continue
-            if probe and expected == 1 and not res.oack:
+            if probe and not rx.received and not res.oack:
                 # The server ignored our options and started sending: abort as a probe.
                 conn.send(P.encode_error(abort_code, "probe done"))
                 return res
-            if pkt.block != expected & 0xFFFF:
-                # Out of order or a duplicate: RFC 7440 says ACK the last block in order
-                # (once per gap, so a burst of strays does not become a burst of ACKs).
-                if window > 1 and not gap_acked and pkt.block != (expected - 1) & 0xFFFF:
-                    last_sent = P.encode_ack(expected - 1)
+            if not rx.is_next(pkt.block):
+                ack = rx.stray()  # out of order or a repeat: say where we are
+                if ack is not None:
+                    last_sent = P.encode_ack(ack)
                     conn.send(last_sent)
-                    gap_acked = True
-                    in_window = 0
-                elif window == 1 and pkt.block == (expected - 1) & 0xFFFF:
-                    conn.send(last_sent)  # our ACK was lost; lock-step resends it
                 continue
-            if len(pkt.payload) > blksize:
-                raise TftpError(-3, f"DATA {pkt.block} larger than blksize {blksize}")
+            if len(pkt.payload) > rx.blksize:
+                raise TftpError(-3, f"DATA {pkt.block} larger than blksize {rx.blksize}")
             chunks.append(pkt.payload)
             tries = 0
-            gap_acked = False
-            expected += 1
-            in_window += 1
-            last = len(pkt.payload) < blksize
-            if last or in_window >= window:
-                last_sent = P.encode_ack(expected - 1)
+            ack = rx.take(len(pkt.payload))
+            if ack is not None:
+                last_sent = P.encode_ack(ack)
                 conn.send(last_sent)
-                in_window = 0
-            if last:
+            if rx.finished:
                 res.data = b"".join(chunks)
                 res.server = conn.tid or ()
                 return res
@@ -270,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--put", metavar="LOCAL", help="upload LOCAL as FILE instead")
     ap.add_argument("--wait", type=float, default=1.0, help="seconds before a resend")
     ap.add_argument("--retries", type=int, default=5)
+    ap.add_argument("--rollover", type=int, choices=[0, 1], default=0,
+                    help="the server's block number after 65535 (default 0)")
     ns = ap.parse_args(argv)
     host, port = _hostport(ns.host)
     opts: dict[str, str] = {}
@@ -295,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             print(res.oack.get("tsize", "unknown"))
             return 0
         res = get(host, port, ns.file, options=opts, mode=ns.mode, timeout=ns.wait,
-                  retries=ns.retries)
+                  retries=ns.retries, rollover=ns.rollover)
     except TftpError as err:
         print(f"tftp-get: {err}", file=sys.stderr)
         return 1

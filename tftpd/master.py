@@ -4,10 +4,8 @@ Shaped after gunicorn's Arbiter: signal handlers only queue the signal; the main
 loop dispatches `handle_<name>`. The master stays single-threaded (a process with
 threads that forks can deadlock) and never serves a request itself.
 
-Listen sockets: one SO_REUSEPORT socket per worker slot and address. The kernel
-hashes a client's address and port to one socket, so a retransmitted RRQ lands on
-the worker already serving it and is merged there, never served twice. The master
-keeps each slot's sockets, so a replacement worker takes over the very socket (and
+Listen sockets (tftpd/listening.py): one SO_REUSEPORT socket per worker slot and
+address, kept by the master, so a replacement worker takes over the very socket (and
 the requests queued on it) of the worker it replaces.
 
 Heartbeats: a worker stamps its stats row on every loop turn (at least every
@@ -19,7 +17,6 @@ once it has been silent for HUNG_AFTER and replaces it like a dead one.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import functools
 import logging
 import os
@@ -33,10 +30,11 @@ import time
 from dataclasses import dataclass, field
 from types import ModuleType
 
-from tftpd.config import Address, Config, ConfigError, from_argv, parse_address
+from tftpd.config import Config, ConfigError, from_argv
 from tftpd.datapath import DataPath
 from tftpd.files import Root
 from tftpd.gz import GzCache
+from tftpd.listening import ListenSockets, StartupError
 from tftpd.metrics import MetricsServer, render
 from tftpd.remap import RemapError, Rules
 from tftpd.stats import BEAT, INDEX, Stats, beat
@@ -47,7 +45,6 @@ from tftpd.worker import (
     Forward,
     Listener,
     Worker,
-    enable_pktinfo,
     open_sysfs,
     wants_pktinfo,
 )
@@ -60,10 +57,6 @@ if os.environ.get("TFTPD_PROFILE"):
 
 log = logging.getLogger("tftpd")
 
-# A storm of RRQs arrives faster than a worker turns its loop; every peer measured
-# here lost requests to a full listen buffer at 500 clients. 8 MiB holds ~25,000
-# queued RRQs. As root SO_RCVBUFFORCE passes net.core.rmem_max.
-LISTEN_RCVBUF = 8 << 20
 RESPAWN_WINDOW = 5.0  # s: deaths within this of a start count as a crash loop
 MAX_BACKOFF = 30.0
 DEFAULT_USER = "nobody"  # in.tftpd's default
@@ -81,10 +74,6 @@ RELOAD_HANDOVER = 2.0  # s an old worker gets to stop reading before its success
 # stops a worker).
 HUNG_AFTER = 2.0  # s
 CHECK_EVERY = 0.5  # s between the master's looks at the beats
-
-
-class StartupError(Exception):
-    """The server cannot start; the message is for a person."""
 
 
 @dataclass(slots=True)
@@ -134,70 +123,14 @@ class Master:
 
     def bind(self, inherited: list[socket.socket] | None = None) -> None:
         """Bind every address, or take the sockets inetd or systemd handed us."""
-        self.slots = [Slot(i, []) for i in range(self.cfg.workers)]
         self.stats = Stats(self.cfg.workers)
-        if inherited:
-            for sock in inherited:
-                self._adopt(sock)
-        else:
-            addresses = self.cfg.addresses or (Address(socket.AF_INET, "0.0.0.0", 69),)
-            for addr in addresses:
-                port = _claim_port(addr)
-                for slot in self.slots:
-                    slot.sockets.append(_listen_socket(addr, port))
-                self.bound.append(str(Address(addr.family, addr.host, port)))
-        if self.shared and len(self.slots) > 1:
-            # A socket every worker reads: each request goes on to the worker its
-            # client hashes to, so a repeated RRQ still meets its live transfer.
-            for slot in self.slots:
-                r, w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-                for s in (r, w):
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-                w.setblocking(False)
-                slot.forward = (r, w)
-        if self.cfg.metrics:
-            self.metrics = MetricsServer(_metrics_socket(self.cfg.metrics))
-        for addr in self.cfg.http:
-            self._add_http(_http_socket(addr))
-
-    def _add_http(self, sock: socket.socket) -> None:
-        """A listening TCP socket for HTTP: every worker accepts from it."""
-        self.http_socks.append(sock)
-        host, port = sock.getsockname()[:2]
-        self.http_bound.append(str(Address(sock.family, host, port)))
-
-    def _adopt(self, sock: socket.socket) -> None:
-        if sock.type == socket.SOCK_STREAM and sock.getsockopt(
-                socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            self._add_http(sock)  # systemd's ListenStream=: served over HTTP
-            return
-        if sock.type != socket.SOCK_DGRAM:
-            raise StartupError(f"inherited socket {sock.fileno()} is not a datagram socket")
-        family, host, port = sock.family, *sock.getsockname()[:2]
-        where = Address(family, host, port)
-        _size_rcvbuf(sock)
-        enable_pktinfo(sock)
-        siblings = [sock]
-        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
-            # systemd's ReusePort=yes: one socket per worker, as when we bind.
-            v6only = family == socket.AF_INET6 and bool(
-                sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
-            try:
-                siblings += [_listen_socket(where, port, v6only) for _ in self.slots[1:]]
-            except StartupError as err:
-                log.warning("%s: cannot add reuseport sockets (%s); sharing one", where, err)
-                for extra in siblings[1:]:
-                    extra.close()
-                siblings = [sock]
-        if len(siblings) == len(self.slots):
-            for slot, s in zip(self.slots, siblings, strict=True):
-                slot.sockets.append(s)
-        else:
-            self.shared = True
-            for slot in self.slots:
-                slot.sockets.append(sock)
-        self.bound.append(str(where))
+        opened = ListenSockets.open(self.cfg, self.cfg.workers, inherited)
+        self.slots = [Slot(i, sockets, forward=forward) for i, (sockets, forward)
+                      in enumerate(zip(opened.per_slot, opened.forwards, strict=True))]
+        self.bound, self.shared = opened.bound, opened.shared
+        self.http_socks, self.http_bound = opened.http_socks, opened.http_bound
+        if opened.metrics is not None:
+            self.metrics = MetricsServer(opened.metrics)
 
     def prepare(self) -> None:
         """After binding, before forking: limits, chroot, privileges."""
@@ -631,87 +564,6 @@ class Master:
             finally:
                 prof.dump_stats(os.path.join(profile_dir, f"worker-{os.getpid()}.prof"))
         return worker.run()
-
-
-def _metrics_socket(text: str) -> socket.socket:
-    addr = parse_address(text)
-    sock = socket.socket(addr.family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((addr.host, addr.port))
-        sock.listen(16)
-    except OSError as err:
-        sock.close()
-        raise StartupError(f"--metrics {text}: {err.strerror}") from None
-    return sock
-
-
-def _http_socket(addr: Address) -> socket.socket:
-    from tftpd.http import listen_socket
-
-    try:
-        return listen_socket(addr)
-    except OSError as err:
-        raise StartupError(f"--http {addr}: {err.strerror}") from None
-
-
-def _claim_port(addr: Address) -> int:
-    """Check the port is free, and pick one for port 0.
-
-    SO_REUSEPORT would let our sockets join those of another server of the same
-    user on the same port, each then getting a share of the requests. A plain bind
-    first fails with EADDRINUSE if anything holds the port, reuseport or not.
-    """
-    probe = socket.socket(addr.family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    try:
-        if addr.family == socket.AF_INET6:
-            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        probe.bind((addr.host, addr.port))
-        return probe.getsockname()[1]
-    except OSError as err:
-        raise _bind_error(addr, addr.port, err) from None
-    finally:
-        probe.close()
-
-
-def _bind_error(addr: Address, port: int, err: OSError) -> StartupError:
-    where = str(Address(addr.family, addr.host, port))
-    if err.errno == errno.EADDRINUSE:
-        return StartupError(f"{where}: address already in use (another TFTP server, "
-                            "such as tftpd-hpa or inetd, may hold the port)")
-    if err.errno == errno.EACCES:
-        return StartupError(f"{where}: permission denied (ports below 1024 need root "
-                            "or CAP_NET_BIND_SERVICE)")
-    if err.errno == errno.EADDRNOTAVAIL:
-        return StartupError(f"{where}: no interface has this address")
-    return StartupError(f"{where}: {err.strerror}")
-
-
-def _listen_socket(addr: Address, port: int, v6only: bool = True) -> socket.socket:
-    sock = socket.socket(addr.family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if addr.family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
-        _size_rcvbuf(sock)
-        sock.bind((addr.host, port))
-        enable_pktinfo(sock)  # every listener: destination address and interface
-    except OSError as err:
-        sock.close()
-        raise _bind_error(addr, port, err) from None
-    return sock
-
-
-def _size_rcvbuf(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, 33, LISTEN_RCVBUF)  # SO_RCVBUFFORCE
-    except OSError:
-        # Unprivileged: capped at net.core.rmem_max; say so once if that is small.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTEN_RCVBUF)
-        got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        if got < LISTEN_RCVBUF:
-            log.warning("listen buffer is %d bytes (net.core.rmem_max); a storm may "
-                        "overflow it: raise the sysctl or start as root", got)
 
 
 def _raise_nofile() -> None:

@@ -389,6 +389,73 @@ class ReadTransfer:
         return Finish(outcome, detail)
 
 
+# -- receiving -------------------------------------------------------------------------
+
+class Receiver:
+    """The receiving side's block rules (RFC 1350, 7440), sans I/O: the server's upload
+    (WriteTransfer, DATA in answer to its ACK 0 or OACK) and client.get (DATA in answer
+    to its RRQ or OACK) both keep one.
+
+    Blocks are counted by absolute index, as ReadTransfer counts them; `rollover` (0 or
+    1, the sender's) says which wire number follows 65535. A block is taken only when
+    it is the next in order, so the payloads taken are the file, in order, once each.
+    ACKs name the last block taken: after every `windowsize` blocks, at the last (short)
+    block, and once on a block out of order (a gap, a repeat or an old block: RFC 7440
+    says where we are; once until progress, so a window of strays is not a window of
+    ACKs). The caller sends them and resends the last one on its timer.
+    """
+
+    __slots__ = ("blksize", "windowsize", "rollover", "received", "in_window",
+                 "gap_acked", "finished")
+
+    def __init__(self, blksize: int = 512, windowsize: int = 1, rollover: int = 0) -> None:
+        self.blksize = blksize
+        self.windowsize = windowsize
+        self.rollover = rollover
+        self.received = 0  # absolute blocks taken, in order
+        self.in_window = 0  # taken since the last ACK
+        self.gap_acked = False  # an out-of-order block was answered since progress
+        self.finished = False  # the last (short) block was taken
+
+    def is_next(self, block: int) -> bool:
+        """The wire block number is the next block in order."""
+        return not self.finished and block == wire_block(self.received + 1, self.rollover)
+
+    def is_last_taken(self, block: int) -> bool:
+        """The wire block number is the last block taken (a repeat of it)."""
+        return self.received > 0 and block == wire_block(self.received, self.rollover)
+
+    def ack_block(self) -> int:
+        """The wire number an ACK of everything taken so far carries."""
+        return wire_block(self.received, self.rollover)
+
+    def take(self, size: int) -> int | None:
+        """The next block arrived with `size` bytes (at most blksize; the caller refuses
+        a larger one): the wire number to ACK now, or None until the window is full."""
+        self.received += 1
+        self.gap_acked = False
+        self.in_window += 1
+        if size < self.blksize:
+            self.finished = True
+        if self.finished or self.in_window >= self.windowsize:
+            self.in_window = 0
+            return self.ack_block()
+        return None
+
+    def stray(self) -> int | None:
+        """A block out of order: the wire number to ACK (the last taken), once until
+        progress; None when that ACK went already."""
+        if self.gap_acked:
+            return None
+        self.gap_acked = True
+        self.in_window = 0
+        return self.ack_block()
+
+    def timed_out(self) -> None:
+        """The caller's timer resent the last ACK: the sender starts a window after it."""
+        self.in_window = 0
+
+
 # -- uploads ---------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -410,8 +477,7 @@ RECEIVING, DALLYING = "receiving", "dallying"
 class WriteTransfer:
     """Receive one WRQ (RFC 1350, 2347, 7440), sans I/O.
 
-    ACKs go after every `windowsize` blocks in order, at once on a gap (the last
-    block in order), and again when the peer repeats itself. After the last block
+    Which block comes next and what to ACK are the Receiver's rules. After the last block
     the transfer dallies for one timeout, answering a repeated last DATA with its
     ACK in case that ACK was lost (RFC 1350 section 6), then ends ok.
     """
@@ -430,10 +496,8 @@ class WriteTransfer:
         self.fixed_rto = client_timeout
         self.base_rto = timeout
         self.rto = timeout  # base_rto backed off by the timeouts in a row
-        self.received = 0  # absolute blocks received in order
+        self.rx = Receiver(blksize, windowsize, rollover)
         self.size = 0  # bytes received in order
-        self.in_window = 0
-        self.gap_acked = False
         self.retries = 0
         self.retransmits = 0
         self.state = RECEIVING
@@ -469,41 +533,30 @@ class WriteTransfer:
             return [self._finish("aborted", f"client error {pkt.code}: {pkt.message}")]
         if not isinstance(pkt, P.Data):
             return []
-        expected = self.received + 1
+        rx = self.rx
         if self.state == DALLYING:
-            if pkt.block == wire_block(self.received, self.rollover):
+            if rx.is_last_taken(pkt.block):
                 self.retransmits += 1
                 return [Send(self._last)]  # our final ACK was lost
             return []
-        if pkt.block != wire_block(expected, self.rollover):
-            # A gap or a repeat: say where we are (RFC 7440), once until progress, so
-            # a window of repeats does not become a window of ACKs.
-            if self.gap_acked:
-                return []
-            self.gap_acked = True
-            self.in_window = 0
-            return [self._send(now, P.encode_ack(wire_block(self.received, self.rollover)))]
+        if not rx.is_next(pkt.block):
+            ack = rx.stray()
+            return [] if ack is None else [self._send(now, P.encode_ack(ack))]
         if len(pkt.payload) > self.blksize:
             return self._error(P.E_ILLEGAL_OP, "DATA larger than the block size")
         if self.max_size is not None and self.size + len(pkt.payload) > self.max_size:
             return self._error(P.E_DISK_FULL, "Upload exceeds the size limit")
         actions: list[Action] = [Write(self.size, pkt.payload)]
-        self.received = expected
         self.size += len(pkt.payload)
         self.retries = 0
         self.rto = self.base_rto  # progress ends the backoff, as for reads (_progress)
         self.deadline = now + self.rto  # the timer measures the client's silence
-        self.gap_acked = False
-        self.in_window += 1
-        if len(pkt.payload) < self.blksize:
+        ack = rx.take(len(pkt.payload))
+        if rx.finished:
             actions.append(Commit())
-            actions.append(self._send(now, P.encode_ack(pkt.block)))
-            self.state = DALLYING
-            self.deadline = now + self.rto  # one timeout of dally
-            return actions
-        if self.in_window >= self.windowsize:
-            self.in_window = 0
-            actions.append(self._send(now, P.encode_ack(pkt.block)))
+            self.state = DALLYING  # for one timeout, from the ACK below
+        if ack is not None:
+            actions.append(self._send(now, P.encode_ack(ack)))
         return actions
 
     def on_timer(self, now: float) -> list[Action]:
@@ -515,7 +568,7 @@ class WriteTransfer:
             return [self._finish("failed", "timeout: client stopped sending")]
         self.retries += 1
         self.retransmits += 1
-        self.in_window = 0
+        self.rx.timed_out()
         if not self.fixed_rto:
             self.rto = min(self.rto * 2, RTO_CEILING)
         return [self._send(now, self._last)]

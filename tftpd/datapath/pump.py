@@ -9,6 +9,7 @@ sockets kept here, and enters peers in the peer table (peers.py).
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
@@ -46,7 +47,10 @@ class Pump:
         self._cap = 1024
         self._table = ffi.new("struct tftpd_xfer *[]", self._cap)
         self._states: dict[int, Any] = {}  # slot -> the struct (keeps it alive)
-        self._tokens: list[int] = []  # the descriptors added by add_token
+        self._tokens: dict[int, int] = {}  # token -> the descriptor add_token put in
+        self._free_tokens: list[int] = []  # removed tokens, numbered again by add_token
+        self._released: list[int] = []  # removed since the last run: not yet reusable
+        self._next_token = int(lib.TFTPD_TOKEN_BASE)  # the lowest never handed out
         self._free: list[int] = list(range(self._cap - 1, -1, -1))
         self._events = ffi.new("struct tftpd_event[]", self.MAX_EVENTS)
         # What C needs to start transfers (tftpd_starts in the header): the peer
@@ -130,22 +134,40 @@ class Pump:
     def add_token(self, fd: int) -> int:
         """Put one of Python's descriptors (a listen socket, the signal pipe, a
         selector) in the pump's epoll set; `run` reports it ready as
-        PumpEvent(token, EV_READY) and stops waiting. Returns the token."""
-        token = int(self._lib.TFTPD_TOKEN_BASE) + len(self._tokens)
+        PumpEvent(token, EV_READY) and stops waiting. Returns the token: a removed one
+        again if there is one, so watching and unwatching do not use tokens up (C
+        counts them from TFTPD_TOKEN_BASE to the top of 32 bits: 65,536)."""
+        if self._free_tokens:
+            token = self._free_tokens.pop()
+        elif self._next_token <= 0xFFFFFFFF:
+            token = self._next_token
+            self._next_token += 1
+        else:
+            raise OSError(errno.ENOSPC, "every pump token is in use")
         rc = self._lib.tftpd_epoll_set(self.epoll.fileno(), self._lib.TFTPD_EPOLL_ADD, fd,
                                        token)
         if rc < 0:
+            self._free_tokens.append(token)
             raise OSError(-rc, os.strerror(-rc))
-        self._tokens.append(fd)
+        self._tokens[token] = fd
         return token
 
     def remove_token(self, fd: int, token: int) -> None:
+        """Take the descriptor out of the epoll set. Its token is numbered again only
+        from the next `run` on: the events the last run handed out may still name it,
+        and must not reach whoever gets it next."""
         self._lib.tftpd_epoll_set(self.epoll.fileno(), self._lib.TFTPD_EPOLL_DEL, fd, token)
+        if self._tokens.get(token) == fd:
+            del self._tokens[token]
+            self._released.append(token)
 
     def run(self, now: float, timeout: float = 0.0,
             max_ready: int = 256) -> list[PumpEvent]:
         """Serve ready transfers; wait up to `timeout` s for something for Python
         (an event, a ready token), answering ACKs in C meanwhile."""
+        if self._released:
+            self._free_tokens += self._released
+            self._released.clear()
         dp = self._dp
         ms = min(int(timeout * 1000.0 + 0.999), 86_400_000) if timeout > 0 else 0
         dp._gso[0] = 1 if dp.gso else 0

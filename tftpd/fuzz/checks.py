@@ -136,21 +136,16 @@ def _first_fields(request: bytes) -> tuple[str | None, str | None]:
 
 def check(trace: Trace, request: bytes, filename: str, oracle: bytes,
           oracle_netascii: bytes) -> list[Violation]:
-    out: list[Violation] = []
     events = trace.events
     if not events:
-        return out
+        return []
     is_rrq = opcode(request) == 1
     name, mode = _first_fields(request)
     ours = is_rrq and name == filename
     expect = oracle if mode == "octet" else oracle_netascii if mode == "netascii" else None
     if not ours:
         expect = None
-    # Answers to the foreign socket.
-    for e in events:
-        if not e.out and e.sock == "foreign" and opcode(e.data) in (3, 6):
-            out.append(Violation("foreign-tid", f"{'DATA' if opcode(e.data) == 3 else 'OACK'} "
-                                 "sent to a foreign port", e.t))
+    out = _foreign_tid(events)
     main = [e for e in events if e.sock == "main"]
     oack_at: float | None = None
     for e in main:
@@ -162,81 +157,125 @@ def check(trace: Trace, request: bytes, filename: str, oracle: bytes,
             break
     if not is_rrq:
         return out
-    blksize = trace.blksize if trace.oack is not None else 512
-    window = trace.window if trace.oack is not None else 1
-    acked = -1 if trace.oack is not None else 0  # highest block our ACKs allowed
-    seen: set[int] = set()
-    short_at: int | None = None
-    answers: list[float] = []  # response latencies, for the sorcerer rule
-    waiting_since: float | None = events[0].t  # a fresh ACK (or the request) unanswered
-    repeats: list[tuple[float, float]] = []  # (time of a repeated ACK, T for it)
-    acks_sent: set[int] = set()
-    top_ack = -1
-    prev_t = events[0].t
+    download = _Download(trace, expect, oack_at, events[0].t)
     for e in main[1:]:
+        download.see(e)
+    return _dedupe(out + download.out)
+
+
+def _foreign_tid(events: list[Event]) -> list[Violation]:
+    """Answers to the foreign socket."""
+    return [Violation("foreign-tid", f"{'DATA' if opcode(e.data) == 3 else 'OACK'} "
+                      "sent to a foreign port", e.t)
+            for e in events
+            if not e.out and e.sock == "foreign" and opcode(e.data) in (3, 6)]
+
+
+class _Download:
+    """The clauses on the DATA of one RRQ, judged event by event in the order sent:
+    data-before-ack0 and window (`_fresh`), sorcerer (`_ack`, `_repeat`), block-size
+    (`_fresh`, `_size`) and data-content (`_content`)."""
+
+    def __init__(self, trace: Trace, expect: bytes | None, oack_at: float | None,
+                 start: float) -> None:
+        self.out: list[Violation] = []
+        self.expect = expect
+        self.oack_at = oack_at
+        self.blksize = trace.blksize if trace.oack is not None else 512
+        self.window = trace.window if trace.oack is not None else 1
+        self.acked = -1 if trace.oack is not None else 0  # highest block our ACKs allowed
+        self.seen: set[int] = set()
+        self.short_at: int | None = None
+        self.answers: list[float] = []  # response latencies, for the sorcerer rule
+        self.waiting_since: float | None = start  # a fresh ACK (or the request) unanswered
+        self.repeats: list[tuple[float, float]] = []  # (time of a repeated ACK, T for it)
+        self.acks_sent: set[int] = set()
+        self.top_ack = -1
+        self.prev_t = start
+
+    def see(self, e: Event) -> None:
         op = opcode(e.data)
         if e.out:
             if op == 4 and e.block is not None and len(e.data) >= 4:
-                if e.block in acks_sent or e.block < top_ack:
-                    r = max(answers, default=0.0)
-                    if window == 1 and e.t - prev_t <= IMMEDIATE and r <= SORCERER_SLOW:
-                        repeats.append((e.t, min(2 * r + SORCERER_MARGIN, SORCERER_CAP)))
-                else:
-                    waiting_since = e.t
-                acks_sent.add(e.block)
-                top_ack = max(top_ack, e.block)
-                acked = max(acked, e.block)
-            prev_t = e.t
-            continue
-        prev_t = e.t
-        if op == 6 and waiting_since is not None and not answers:
-            answers.append(e.t - waiting_since)
-            waiting_since = None
+                self._ack(e, e.block)
+            self.prev_t = e.t
+            return
+        self.prev_t = e.t
+        if op == 6 and self.waiting_since is not None and not self.answers:
+            self.answers.append(e.t - self.waiting_since)
+            self.waiting_since = None
         if op != 3 or e.block is None:
-            continue
+            return
         b = e.block
         payload = e.data[4:]
-        if b not in seen:
-            if waiting_since is not None:
-                answers.append(e.t - waiting_since)
-                waiting_since = None
-            if acked < 0:
-                out.append(Violation("data-before-ack0", f"DATA {b} {1000 * (e.t - oack_at):.1f}"
-                                     " ms after the OACK, before any ACK 0"
-                                     if oack_at is not None else f"DATA {b} before ACK 0", e.t))
-                acked = 0  # report once
-            elif b > acked + window:
-                out.append(Violation("window", f"DATA {b} sent while the client had ACKed only "
-                                     f"block {acked} (window {window})", e.t))
-            if short_at is not None and b > short_at:
-                out.append(Violation("block-size", f"DATA {short_at} held fewer than {blksize} "
-                                     f"bytes, yet block {b} followed", e.t))
-                short_at = None
-            seen.add(b)
+        if b not in self.seen:
+            self._fresh(e, b)
         else:
-            for t_a, limit in repeats:
-                if 0 <= e.t - t_a < limit:
-                    out.append(Violation("sorcerer", f"DATA {b} sent again "
-                                         f"{1000 * (e.t - t_a):.1f} ms after a repeated ACK "
-                                         f"(a timer would take over {1000 * limit:.0f} ms)",
-                                         e.t))
-                    repeats = []
-                    break
-        if len(payload) > blksize:
-            out.append(Violation("block-size", f"DATA {b} holds {len(payload)} bytes, "
-                                 f"blksize is {blksize}", e.t))
-        elif len(payload) < blksize and short_at is None:
-            short_at = b
-        if expect is not None and b >= 1:
-            off = (b - 1) * blksize
-            want = expect[off:off + blksize]
-            if payload != want and len(payload) <= blksize:
-                diff = next((i for i, (x, y) in enumerate(zip(payload, want, strict=False))
-                             if x != y), min(len(payload), len(want)))
-                out.append(Violation("data-content", f"DATA {b} ({len(payload)} bytes) differs "
-                                     f"from the file at offset {off + diff} (file has "
-                                     f"{len(want)} bytes there)", e.t))
-    return _dedupe(out)
+            self._repeat(e, b)
+        self._size(e, b, payload)
+        self._content(e, b, payload)
+
+    def _ack(self, e: Event, block: int) -> None:
+        """An ACK we sent: a repeated one arms the sorcerer rule, a fresh one is waited on."""
+        if block in self.acks_sent or block < self.top_ack:
+            r = max(self.answers, default=0.0)
+            if self.window == 1 and e.t - self.prev_t <= IMMEDIATE and r <= SORCERER_SLOW:
+                self.repeats.append((e.t, min(2 * r + SORCERER_MARGIN, SORCERER_CAP)))
+        else:
+            self.waiting_since = e.t
+        self.acks_sent.add(block)
+        self.top_ack = max(self.top_ack, block)
+        self.acked = max(self.acked, block)
+
+    def _fresh(self, e: Event, b: int) -> None:
+        """The first copy of block B: data-before-ack0, window, a block after a short one."""
+        if self.waiting_since is not None:
+            self.answers.append(e.t - self.waiting_since)
+            self.waiting_since = None
+        if self.acked < 0:
+            self.out.append(Violation(
+                "data-before-ack0", f"DATA {b} {1000 * (e.t - self.oack_at):.1f}"
+                " ms after the OACK, before any ACK 0"
+                if self.oack_at is not None else f"DATA {b} before ACK 0", e.t))
+            self.acked = 0  # report once
+        elif b > self.acked + self.window:
+            self.out.append(Violation("window", f"DATA {b} sent while the client had ACKed "
+                                      f"only block {self.acked} (window {self.window})", e.t))
+        if self.short_at is not None and b > self.short_at:
+            self.out.append(Violation("block-size", f"DATA {self.short_at} held fewer than "
+                                      f"{self.blksize} bytes, yet block {b} followed", e.t))
+            self.short_at = None
+        self.seen.add(b)
+
+    def _repeat(self, e: Event, b: int) -> None:
+        """A copy of block B again: too soon after a repeated ACK is the sorcerer's."""
+        for t_a, limit in self.repeats:
+            if 0 <= e.t - t_a < limit:
+                self.out.append(Violation("sorcerer", f"DATA {b} sent again "
+                                          f"{1000 * (e.t - t_a):.1f} ms after a repeated ACK "
+                                          f"(a timer would take over {1000 * limit:.0f} ms)",
+                                          e.t))
+                self.repeats = []
+                break
+
+    def _size(self, e: Event, b: int, payload: bytes) -> None:
+        if len(payload) > self.blksize:
+            self.out.append(Violation("block-size", f"DATA {b} holds {len(payload)} bytes, "
+                                      f"blksize is {self.blksize}", e.t))
+        elif len(payload) < self.blksize and self.short_at is None:
+            self.short_at = b
+
+    def _content(self, e: Event, b: int, payload: bytes) -> None:
+        if self.expect is None or b < 1:
+            return
+        off = (b - 1) * self.blksize
+        want = self.expect[off:off + self.blksize]
+        if payload != want and len(payload) <= self.blksize:
+            diff = next((i for i, (x, y) in enumerate(zip(payload, want, strict=False))
+                         if x != y), min(len(payload), len(want)))
+            self.out.append(Violation("data-content", f"DATA {b} ({len(payload)} bytes) "
+                                      f"differs from the file at offset {off + diff} (file "
+                                      f"has {len(want)} bytes there)", e.t))
 
 
 def _dedupe(vs: list[Violation]) -> list[Violation]:

@@ -370,6 +370,14 @@ class _Client:
         self.deadline = now + st.rules.ack_timeout_s
 
     def data(self, buf: memoryview, n: int, now: float) -> None:
+        """DATA for this client. The block rules are transfer.Receiver's, written out
+        here rather than called: this is the load generator whose numbers are compared
+        with other servers', and it behaves as the ROMs it stands for (it repeats its
+        last ACK on every copy of the block that ACK named, and counts copies and gaps
+        apart for the report), which the Receiver, a careful client, does not. Its
+        rollover is 0 (the default of every server benchmarked), and it keeps the
+        per-block work inline, one datagram per call at storm rates. The C generator
+        (tftpd/storm/_cgen.c, on_data) does the same."""
         st = self.st
         if self.state == _WAIT_FIRST:
             step = st.steps[self.step]
