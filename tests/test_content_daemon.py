@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -45,6 +46,8 @@ def content(request):
                      request.client[0])).encode()
     if name == "version":
         return VERSION
+    if name == "uid":
+        return str(os.geteuid()).encode()
     if name == "raise":
         raise RuntimeError("the hook says no")
     if name == "weird":
@@ -235,6 +238,47 @@ def test_a_slow_hook_delays_its_own_request_only(root: Path, hook_dir: Path) -> 
         d.wait_for_log(r"content hook, 127\.0\.0\.1 asking slow: content hook took longer")
     finally:
         d.stop()
+    # The TFTP client asked again each second: those repeats were merged, not queued.
+    merged = re.search(r"merged=(\d+)", d.log_text())
+    assert merged is not None and int(merged.group(1)) >= 1
+
+
+def test_requests_waiting_for_the_hook_count_and_are_replaced(root: Path, hook_dir: Path,
+                                                              files: dict[str, bytes]) -> None:
+    """A read waiting for the hook takes room like a transfer (a slow hook cannot pile
+    requests up), and a client that asks something else meanwhile is answered that."""
+    from tftpd import packet as P
+
+    d = start_daemon(root, "--workers", "1", "--max-transfers", "2", "-C",
+                     str(hook_dir / "tftpd.conf"), "--content-hook", "testhook:content",
+                     "--content-hook-timeout", str(TIMEOUT_S))
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b:
+            a.settimeout(5)
+            b.settimeout(5)
+            server = ("127.0.0.1", d.port)
+            a.sendto(P.encode_rrq("slow", "octet", {}), server)
+            b.sendto(P.encode_rrq("slow", "octet", {}), server)
+            waiting_for(hook_dir / "slow.calls", 2)
+            # Full: two requests wait for the hook in this worker of two transfers.
+            err = tftp_error(d.port, "plain.txt", retries=0)
+            assert (err.code, err.message) == (0, "Server busy, try again later")
+            # `a` moves on before the hook answers: its new request replaces the old.
+            a.sendto(P.encode_rrq("plain.txt", "octet", {}), server)
+            data, tid = a.recvfrom(P.MAX_DATAGRAM)
+            assert data == P.encode_data(1, files["plain.txt"]) and tid != server
+            a.sendto(P.encode_ack(1), tid)
+            # `b` is still waiting, and gets the timeout; `a` hears nothing of "slow".
+            data, _ = b.recvfrom(P.MAX_DATAGRAM)
+            assert data == P.encode_error(0, "content hook timed out")
+            a.settimeout(1.0)
+            with pytest.raises(TimeoutError):
+                a.recvfrom(P.MAX_DATAGRAM)
+        # Room again once the hook has answered.
+        assert client.get("127.0.0.1", d.port, "plain.txt").data == files["plain.txt"]
+    finally:
+        d.stop()
 
 
 def test_reload_loads_the_edited_hook(root: Path, hook_dir: Path) -> None:
@@ -253,6 +297,35 @@ def test_reload_loads_the_edited_hook(root: Path, hook_dir: Path) -> None:
         assert set(d.worker_pids()) - before  # served by workers of the new generation
     finally:
         d.stop()
+
+
+def test_the_hook_runs_as_the_worker_after_privileges_are_dropped(tmp_path: Path) -> None:
+    import pwd
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to drop privileges")
+    try:
+        nobody = pwd.getpwnam("nobody").pw_uid
+    except KeyError:
+        pytest.skip("no user nobody")
+    base = Path(tempfile.mkdtemp(prefix="tftpd-hook-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        (base / "root").mkdir(mode=0o755)
+        (base / "etc").mkdir(mode=0o755)
+        (base / "etc" / "tftpd.conf").write_text("")
+        (base / "etc" / "testhook.py").write_text(HOOK)
+        for f in (base / "etc").iterdir():
+            f.chmod(0o644)
+        d, hport = start(base / "root", base / "etc", "-u", "nobody")
+        try:
+            assert client.get("127.0.0.1", d.port, "uid").data == str(nobody).encode()
+            assert curl(hport, "uid")[2] == str(nobody).encode()
+        finally:
+            d.stop()
+    finally:
+        shutil.rmtree(base)
 
 
 # -- per-client roots --------------------------------------------------------------------
