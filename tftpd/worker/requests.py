@@ -153,6 +153,9 @@ class RequestPath:
         if held is not None:
             if held.inc.data == inc.data:  # a repeat: the hook's answer serves both
                 self.worker.counters[S.INDEX["merged"]] += 1
+                if self.cfg.verbose >= 1 and self.worker.noise.allow(src[0], inc.now):
+                    log.info("merged repeated request from %s for %s (waiting for the "
+                             "content hook)", peer_text(src), name)
                 return False
             self._unpark(held)  # the client moved on: its new request replaces it
         live = self.worker.live(src)
