@@ -432,16 +432,19 @@ def veth() -> Iterator[tuple[str, str, str]]:
         subprocess.run([ip, "netns", "del", ns], capture_output=True, check=False)
 
 
-def test_per_client_roots_by_mac(root: Path, veth: tuple[str, str, str],
-                                 tmp_path: Path) -> None:
+@pytest.mark.parametrize("chroot", [False, True], ids=["plain", "chroot"])
+def test_per_client_roots_by_mac(root: Path, veth: tuple[str, str, str], tmp_path: Path,
+                                 chroot: bool) -> None:
+    """The neighbour table gives the MAC, also in a worker chrooted into the root (-s):
+    the master loaded what reads it before the chroot."""
     ns, server_ip, _ = veth
     prefix = "01-" + NS_MAC.replace(":", "-")
     (root / "pxelinux.cfg").mkdir()
     (root / "pxelinux.cfg" / "default").write_bytes(b"DEFAULT shared\n")
     (root / prefix / "pxelinux.cfg").mkdir(parents=True)
     (root / prefix / "pxelinux.cfg" / "default").write_bytes(b"DEFAULT mine\n")
-    d = start_daemon(root, "--workers", "1", "--root-per-client", "mac", "--http",
-                     f"{server_ip}:0", host=server_ip)
+    d = start_daemon(root, *(["-s"] if chroot else []), "--workers", "1",
+                     "--root-per-client", "mac", "--http", f"{server_ip}:0", host=server_ip)
     hport = http_port(d)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     try:
