@@ -119,6 +119,30 @@ def waiting_for(path: Path, lines: int, within: float = 10.0) -> None:
     raise AssertionError(f"{path}: fewer than {lines} lines in {within}s")
 
 
+def metrics_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def hook_failures(mport: int, want: dict[str, int], within: float = 10.0) -> None:
+    """Poll /metrics until tftpd_content_hook_failures_total has the values `want`
+    (by label text), and fail if it does not get there in time."""
+    import urllib.request
+
+    deadline = time.monotonic() + within
+    seen: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        seen = {m.group(1): int(m.group(2)) for m in re.finditer(
+            r"^tftpd_content_hook_failures_total\{(.*)\} (\d+)$", text, re.M)}
+        if all(seen.get(k) == v for k, v in want.items()):
+            return
+        time.sleep(0.05)  # polls the condition above, bounded by the deadline
+    raise AssertionError(f"hook failure metrics {seen}, want {want}")
+
+
 def tftp_error(port: int, name: str, **kw: object) -> client.TftpError:
     with pytest.raises(client.TftpError) as info:
         client.get("127.0.0.1", port, name, **kw)  # type: ignore[arg-type]
@@ -169,7 +193,8 @@ def test_hook_answers_over_tftp_and_http(root: Path, hook_dir: Path, files: dict
 
 def test_a_failing_hook_fails_its_request_only(root: Path, hook_dir: Path,
                                                files: dict[str, bytes]) -> None:
-    d, hport = start(root, hook_dir)
+    mport = metrics_port()
+    d, hport = start(root, hook_dir, "--metrics", f"127.0.0.1:{mport}")
     try:
         pids = set(d.worker_pids())
         for name in ("raise", "weird"):
@@ -184,6 +209,8 @@ def test_a_failing_hook_fails_its_request_only(root: Path, hook_dir: Path,
         assert client.get("127.0.0.1", d.port, "plain.txt").data == files["plain.txt"]
         assert curl(hport, "bytes/hello")[2] == b"hello 127.0.0.1\n"
         assert set(d.worker_pids()) == pids
+        hook_failures(mport, {'reason="failed"': 2, 'reason="timed_out"': 0,
+                              'protocol="http",reason="failed"': 2})
     finally:
         d.stop()
 
@@ -199,7 +226,9 @@ def test_a_slow_hook_delays_its_own_request_only(root: Path, hook_dir: Path) -> 
 
     wl = load("pxe")
     build_root(wl, root)
-    d, hport = start(root, hook_dir, "--content-hook-timeout", str(TIMEOUT_S))
+    mport = metrics_port()
+    d, hport = start(root, hook_dir, "--content-hook-timeout", str(TIMEOUT_S), "--metrics",
+                     f"127.0.0.1:{mport}")
     try:
         slow: dict[str, tuple[object, float]] = {}
 
@@ -236,6 +265,8 @@ def test_a_slow_hook_delays_its_own_request_only(root: Path, hook_dir: Path) -> 
         # Every PXE client was served while the slow requests were still waiting.
         assert storm_done < min(tftp_at, http_at)
         d.wait_for_log(r"content hook, 127\.0\.0\.1 asking slow: content hook took longer")
+        hook_failures(mport, {'reason="timed_out"': 1, 'reason="failed"': 0,
+                              'protocol="http",reason="timed_out"': 1})
     finally:
         d.stop()
     # The TFTP client asked again each second: those repeats were merged, not queued.

@@ -19,7 +19,7 @@ import h11
 from tftpd import logs
 from tftpd import packet as P
 from tftpd import stats as S
-from tftpd.content import ContentResolver, Resolution
+from tftpd.content import HOOK_FAILED, HOOK_TIMED_OUT, ContentResolver, Resolution
 from tftpd.files import FileCache, FileError, Root, sanitize
 from tftpd.gz import GzCache
 from tftpd.http.message import (
@@ -383,6 +383,9 @@ class HttpServer:
         if res.file is None:
             assert res.error is not None
             c.detail = res.error.reason or res.error.message
+            if res.error.message in (HOOK_FAILED, HOOK_TIMED_OUT):
+                self.counters[S.INDEX["http_hook_failed" if res.error.message == HOOK_FAILED
+                                      else "http_hook_timed_out"]] += 1
             prepare(c, res.http_status, [], body=f"{res.http_status} "
                           f"{REASONS.get(res.http_status, '')}\n".encode())
             return

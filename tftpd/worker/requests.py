@@ -223,6 +223,8 @@ class RequestPath:
             outcome = "notfound"
         elif err.message in (HOOK_FAILED, HOOK_TIMED_OUT):
             outcome = "failed"
+            self.worker.counters[S.INDEX["hook_failed" if err.message == HOOK_FAILED
+                                         else "hook_timed_out"]] += 1
         else:
             outcome = "denied"
         self._refuse(inc, Refuse(err.code, err.message, outcome, serve.name, req.mode,
