@@ -625,13 +625,14 @@ def test_a_deferred_answer_is_waited_for(root: Path, files: dict[str, bytes]) ->
     import dataclasses
 
     from tftpd.config import Address, Config
+    from tftpd.content import ContentResolver
     from tftpd.files import FileCache, Root
-    from tftpd.http import HttpServer, RootContent
+    from tftpd.http import HttpServer
 
     cfg = dataclasses.replace(Config(), http_head_timeout=2)
     lst = listen_socket(Address(socket.AF_INET, "127.0.0.1", 0))
     port = lst.getsockname()[1]
-    content = DeferringContent(RootContent(FileCache(Root(str(root)))), 0.3)
+    content = DeferringContent(ContentResolver(FileCache(Root(str(root)))), 0.3)
     server = HttpServer(cfg, [lst], Root(str(root)), content=content)
     server.start()
     try:
@@ -710,10 +711,11 @@ def test_a_failing_resolver_ends_one_connection_only(root: Path,
                                                      files: dict[str, bytes]) -> None:
 
     from tftpd.config import Address, Config
+    from tftpd.content import ContentResolver
     from tftpd.files import FileCache, Root
-    from tftpd.http import HttpServer, RootContent
+    from tftpd.http import HttpServer
 
-    class Failing(RootContent):
+    class Failing(ContentResolver):
         def begin(self, filename: bytes, *args: object) -> object:  # type: ignore[override]
             if filename == b"boom":
                 raise RuntimeError("resolver failed")

@@ -48,10 +48,11 @@ def _resolve(host: str, port: int) -> tuple[int, tuple]:
 
 
 class _Conn:
-    def __init__(self, host: str, port: int, timeout: float) -> None:
+    def __init__(self, host: str, port: int, timeout: float, local: str | None = None) -> None:
         self.family, self.server = _resolve(host, port)
         self.sock = socket.socket(self.family, socket.SOCK_DGRAM)
-        self.sock.bind(("::" if self.family == socket.AF_INET6 else "0.0.0.0", 0))
+        wildcard = "::" if self.family == socket.AF_INET6 else "0.0.0.0"
+        self.sock.bind((local or wildcard, 0))
         # Room for a whole window of the largest blocks: a window that overflows the
         # receive buffer is lost at its tail every time.
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -108,11 +109,13 @@ def _check_oack(asked: dict[str, str], oack: dict[str, str]) -> None:
 
 def get(host: str, port: int, filename: str | bytes, *, options: dict[str, str] | None = None,
         mode: str = "octet", timeout: float = 1.0, retries: int = 5,
-        probe: bool = False, abort_code: int = P.E_OPTIONS, rollover: int = 0) -> Result:
+        probe: bool = False, abort_code: int = P.E_OPTIONS, rollover: int = 0,
+        local: str | None = None) -> Result:
     """Read a file. With `probe`, stop after the OACK with ERROR `abort_code`.
-    `rollover` is the server's block number after 65535 (tftpd --rollover): 0 or 1."""
+    `rollover` is the server's block number after 65535 (tftpd --rollover): 0 or 1.
+    `local`: the address to ask from (the server sees it as the client's)."""
     asked = {k.lower(): str(v) for k, v in (options or {}).items()}
-    conn = _Conn(host, port, timeout)
+    conn = _Conn(host, port, timeout, local)
     res = conn.result
     try:
         request = P.encode_rrq(filename, mode, asked)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tftpd import packet as P
 from tftpd.files import (
@@ -31,9 +32,14 @@ from tftpd.files import (
     normalize,
     sanitize,
 )
-from tftpd.hook import ContentHook, HookTimeout
+from tftpd.hook import ContentHook, HookTimeout, hook_search_path
 from tftpd.logs import Throttle
-from tftpd.neighbours import ClientRoots, NeighbourCache, plain_ip
+from tftpd.neighbours import ClientRoots, NeighbourCache, load_netlink, plain_ip
+
+if TYPE_CHECKING:
+    from tftpd.config import Config
+    from tftpd.files import Root
+    from tftpd.gz import GzCache
 
 log = logging.getLogger("tftpd")
 
@@ -245,3 +251,66 @@ class ContentResolver:
             log.warning("content hook, %s asking %s: " + fmt, req.client[0],
                         sanitize(req.filename), *args)
 
+
+
+# -- what a worker resolves names with ---------------------------------------------------
+
+
+def needs_netlink(cfg: Config) -> bool:
+    """Whether the settings ask for MACs (per-client roots by MAC, or a hook, whose
+    requests carry one)."""
+    return cfg.root_per_client == "mac" or bool(cfg.content_hook)
+
+
+def prepare_master(cfg: Config) -> None:
+    """In the master, before any chroot: import what MAC lookups need (pyroute2 is not
+    reachable inside a chroot)."""
+    if needs_netlink(cfg):
+        load_netlink()
+
+
+@dataclass(slots=True, eq=False)
+class WorkerContent:
+    """What one worker's threads resolve names with. The hook and the neighbour cache
+    are shared (both thread-safe); each thread makes its own resolver()."""
+
+    root: Root
+    gz: GzCache | None = None
+    hook: ContentHook | None = None
+    neighbours: NeighbourCache | None = None
+    roots: ClientRoots | None = None
+
+    @property
+    def per_client(self) -> bool:
+        """Answers depend on the client: C's known answers must stay off."""
+        return self.hook is not None or self.roots is not None
+
+    def resolver(self, cache: FileCache | None = None) -> ContentResolver:
+        """A resolver for one thread, over `cache` (default: a FileCache of its own)."""
+        if cache is None:
+            cache = FileCache(self.root, gz=self.gz)
+        return ContentResolver(cache, hook=self.hook, roots=self.roots,
+                               neighbours=self.neighbours)
+
+    def close(self) -> None:
+        if self.hook is not None:
+            self.hook.close()
+        if self.neighbours is not None:
+            self.neighbours.close()
+
+
+def build_for_worker(cfg: Config, root: Root, gz: GzCache | None = None) -> WorkerContent:
+    """The content settings made real, in a worker after it dropped privileges (the
+    hook's module is loaded here, and runs as the worker's user)."""
+    content = WorkerContent(root, gz)
+    if not cfg.content_hook and not cfg.root_per_client:
+        return content
+    content.neighbours = NeighbourCache()
+    if cfg.root_per_client:
+        content.roots = ClientRoots(cfg.root_per_client, content.neighbours)
+    if cfg.content_hook:
+        # With uploads on, a module under the root could be a client's: refused.
+        content.hook = ContentHook(cfg.content_hook, cfg.content_hook_timeout,
+                                   hook_search_path(cfg.config),
+                                   forbid=root.real if cfg.create else None)
+    return content

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 
 from tftpd.config import Config, ConfigError, from_argv
+from tftpd.content import build_for_worker, prepare_master
 from tftpd.datapath import DataPath
 from tftpd.files import Root
 from tftpd.gz import GzCache
@@ -167,6 +168,7 @@ class Master:
                 except (KeyError, OSError):
                     pass
         open_sysfs()
+        prepare_master(self.cfg)  # what MAC lookups import, before any chroot
         # Who we become is looked up now: inside the chroot there is no /etc/passwd.
         identity = _lookup_user(user) if user and user != "root" else None
         if self.cfg.secure and os.geteuid() == 0:
@@ -545,13 +547,15 @@ class Master:
         if self.gz is not None:
             self.gz.beat = functools.partial(beat, row)  # it beats while making a file
         try:
+            # Here, privileges dropped: the content hook's module loads as the worker.
+            content = build_for_worker(self.cfg, self.root, self.gz)
             worker = Worker(self.cfg, listeners, self.root, self.datapath, row, self.gz,
-                            forward=forward, rules=self.rules)
+                            forward=forward, rules=self.rules, content=content)
             if self.http_socks:
                 from tftpd.http import HttpServer
 
                 worker.http = HttpServer(self.cfg, self.http_socks, self.root, self.gz,
-                                         self.rules, row)
+                                         self.rules, row, content=content.resolver())
         except Exception:
             log.exception("worker %d failed to start", slot.index)
             return EXIT_BOOT_FAILED

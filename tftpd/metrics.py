@@ -57,6 +57,16 @@ def render(t: dict[str, int], restarts: int, workers: int) -> str:
         "(a request negotiated before).",
         "# TYPE tftpd_c_starts_total counter",
         f"tftpd_c_starts_total {t['c_starts']}",
+        "# HELP tftpd_content_hook_failures_total Requests the content hook failed: it "
+        "raised or returned something else than None, bytes or a path (failed), or it "
+        "did not answer in time (timed_out).",
+        "# TYPE tftpd_content_hook_failures_total counter",
+        f'tftpd_content_hook_failures_total{{reason="failed"}} {t["hook_failed"]}',
+        f'tftpd_content_hook_failures_total{{reason="timed_out"}} {t["hook_timed_out"]}',
+        *h(f'tftpd_content_hook_failures_total{{protocol="http",reason="failed"}} '
+           f'{t["http_hook_failed"]}',
+           f'tftpd_content_hook_failures_total{{protocol="http",reason="timed_out"}} '
+           f'{t["http_hook_timed_out"]}'),
         "# HELP tftpd_malformed_packets_total Datagrams on the listen port that were dropped.",
         "# TYPE tftpd_malformed_packets_total counter",
         f"tftpd_malformed_packets_total {t['malformed']}",

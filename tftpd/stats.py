@@ -23,12 +23,13 @@ HISTOGRAMS = ("duration", "first_answer", "http_duration")
 
 COUNTERS = ("requests", "ok", "probe", "aborted", "failed", "notfound", "denied",
             "refused_busy", "merged", "malformed", "bytes", "retransmits", "cache_hits",
-            "miss_cache_hits", "forwarded", "c_starts")
+            "miss_cache_hits", "forwarded", "c_starts", "hook_failed", "hook_timed_out")
 GAUGES = ("active", "listening")
 # HTTP (tftpd.http), written by each worker's HTTP thread alone: never a cell the TFTP
 # loop adds to, so the two threads of a worker need no lock.
 HTTP_COUNTERS = ("http_requests", "http_ok", "http_aborted", "http_failed", "http_notfound",
-                 "http_denied", "http_refused_busy", "http_malformed", "http_bytes")
+                 "http_denied", "http_refused_busy", "http_malformed", "http_bytes",
+                 "http_hook_failed", "http_hook_timed_out")
 HTTP_GAUGES = ("http_connections",)
 FIELDS = COUNTERS + GAUGES + HTTP_COUNTERS + HTTP_GAUGES + tuple(
     f"{h}_{suffix}" for h in HISTOGRAMS

@@ -18,8 +18,7 @@ cut, and past http_max_connections a new connection gets 503 and is closed. The 
 lines a client can cause go through logs.Throttle.
 """
 
-from tftpd.http.message import BadRequest, Resolution, RootContent, decode_target, parse_range
+from tftpd.http.message import BadRequest, decode_target, parse_range
 from tftpd.http.server import HttpServer, listen_socket
 
-__all__ = ["BadRequest", "HttpServer", "Resolution", "RootContent", "decode_target",
-           "listen_socket", "parse_range"]
+__all__ = ["BadRequest", "HttpServer", "decode_target", "listen_socket", "parse_range"]

@@ -12,14 +12,12 @@ import re
 import selectors
 import socket
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import h11
 
 from tftpd import __version__
-from tftpd import packet as P
-from tftpd.files import FileCache, FileError, OpenFile
+from tftpd.files import OpenFile
 
 MAX_HEAD = 8192  # bytes: a request head beyond this is answered 431
 SERVER = f"tftpd/{__version__}"
@@ -27,9 +25,8 @@ ALLOW = "GET, HEAD"
 REASONS = {200: "OK", 206: "Partial Content", 304: "Not Modified", 400: "Bad Request",
            403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
            416: "Range Not Satisfiable", 431: "Request Header Fields Too Large",
-           500: "Internal Server Error", 503: "Service Unavailable"}
-# TFTP error code of a refused name -> HTTP status.
-_STATUS_OF = {P.E_NOT_FOUND: 404, P.E_ACCESS: 403}
+           500: "Internal Server Error", 503: "Service Unavailable",
+           504: "Gateway Timeout"}
 _ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")  # a '%' not followed by two hex digits
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
@@ -41,41 +38,6 @@ class BadRequest(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
-
-
-@dataclass(slots=True)
-class Resolution:
-    """Exactly one of file and error is set (as tftpd.content.Resolution)."""
-
-    file: OpenFile | None
-    error: FileError | None
-    http_status: int
-
-
-class RootContent:
-    """Names to files from the confined root: FileCache's normalize(), confinement,
-    symlink checks and `--gz`. The interface of tftpd.content.ContentResolver
-    (begin/complete; this one never defers), so that a content hook or per-client
-    roots replace it without touching the server. One per thread: FileCache is not
-    thread-safe."""
-
-    per_client = False
-
-    def __init__(self, cache: FileCache) -> None:
-        self.cache = cache
-
-    def begin(self, filename: bytes, mode: str, client: tuple[str, int], protocol: str,
-              options: dict[str, str]) -> Resolution:
-        try:
-            return Resolution(self.cache.open(filename, mode), None, 200)
-        except FileError as err:
-            return Resolution(None, err, _STATUS_OF.get(err.code, 500))
-
-    def complete(self, pending: object) -> Resolution:
-        raise TypeError("RootContent resolves at once; nothing is pending")
-
-    def close(self) -> None:
-        self.cache.close()
 
 
 def decode_target(target: bytes) -> bytes:

@@ -19,6 +19,7 @@ import h11
 from tftpd import logs
 from tftpd import packet as P
 from tftpd import stats as S
+from tftpd.content import HOOK_FAILED, HOOK_TIMED_OUT, ContentResolver, Resolution
 from tftpd.files import FileCache, FileError, Root, sanitize
 from tftpd.gz import GzCache
 from tftpd.http.message import (
@@ -31,8 +32,6 @@ from tftpd.http.message import (
     WAITING,
     BadRequest,
     Conn,
-    Resolution,
-    RootContent,
     decode_target,
     new_parser,
     prepare,
@@ -76,9 +75,9 @@ class HttpServer:
         self.listeners = list(socks)
         self.rules = rules  # tftpd.remap.Rules
         # Names to files: a tftpd.content.ContentResolver (content hook, per-client
-        # roots) over a FileCache of this thread's own, else the root alone.
+        # roots) over a FileCache of this thread's own.
         self.content: Any = content if content is not None else \
-            RootContent(FileCache(root, gz=gz))
+            ContentResolver(FileCache(root, gz=gz))
         self._answered: collections.deque[Conn] = collections.deque()  # hook answers
         self.counters = counters if counters is not None else \
             memoryview(bytearray(8 * len(S.FIELDS))).cast("Q")
@@ -384,6 +383,9 @@ class HttpServer:
         if res.file is None:
             assert res.error is not None
             c.detail = res.error.reason or res.error.message
+            if res.error.message in (HOOK_FAILED, HOOK_TIMED_OUT):
+                self.counters[S.INDEX["http_hook_failed" if res.error.message == HOOK_FAILED
+                                      else "http_hook_timed_out"]] += 1
             prepare(c, res.http_status, [], body=f"{res.http_status} "
                           f"{REASONS.get(res.http_status, '')}\n".encode())
             return

@@ -20,6 +20,7 @@ from tftpd import logs
 from tftpd import packet as P
 from tftpd import stats as S
 from tftpd.config import Config
+from tftpd.content import WorkerContent
 from tftpd.datapath import DataPath, FileShrank, KnownAnswer, KnownAnswers, Pump
 from tftpd.files import FileCache, FileError, Root
 from tftpd.gz import GzCache
@@ -47,7 +48,7 @@ class Worker:
     def __init__(self, cfg: Config, listeners: list[Listener], root: Root,
                  datapath: DataPath, counters: memoryview | None = None,
                  gz: GzCache | None = None, forward: Forward | None = None,
-                 rules: object | None = None) -> None:
+                 rules: object | None = None, content: WorkerContent | None = None) -> None:
         self.cfg = cfg
         self.counters = counters if counters is not None else \
             memoryview(bytearray(8 * len(S.FIELDS))).cast("Q")
@@ -57,6 +58,8 @@ class Worker:
         self.http: Any = None  # tftpd.http.HttpServer (--http), set by the master
         self.root = root
         self.files = FileCache(root, gz=gz)
+        # Names to files for this thread (per-client roots, the content hook).
+        self.content = (content or WorkerContent(root, gz)).resolver(self.files)
         self.datapath = datapath
         self.books = TransferLog(self.counters, self.files, cfg.log_format == "json")
         self.noise = self.books.noise
@@ -70,19 +73,21 @@ class Worker:
         self.draining = False
         self.drain_deadline = 0.0
         self.stop_now = False
-        self._wake_r = -1
+        self._wake_r = self._wake_w = -1
         # Known misses, answered by the data path. Only where the answer depends on
         # the request's bytes alone: no map rules (they see the client's address), no
-        # per-client limit, no per-request log line (-v).
+        # per-client limit, no per-request log line (-v), no per-client content (one
+        # client's answer must never be handed to another).
         self.refusals: KnownAnswers | None = None
-        if rules is None and not cfg.max_per_client and cfg.verbose < 1:
+        if rules is None and not cfg.max_per_client and cfg.verbose < 1 \
+                and not self.content.per_client:
             self.refusals = KnownAnswers(datapath)
 
     # -- setup in the child (nothing process-wide happens before fork) --------------
 
     def init_process(self) -> None:
-        self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wake_w)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake_w)
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGQUIT, self._on_quit)
         # Ctrl-C reaches the whole process group; the master decides what it means.
@@ -121,12 +126,21 @@ class Worker:
         self.init_process()
         return self.loop.run()
 
+    def wake(self) -> None:
+        """Wake the loop from another thread (a content hook answered): one byte to the
+        wakeup pipe, which signals share. A full pipe will wake it anyway."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:  # BlockingIOError: full, so a wakeup is on its way already
+            pass
+
     def _drain_wakeup(self) -> None:
         try:
             while os.read(self._wake_r, 512):
                 pass
         except BlockingIOError:
             pass
+        self.requests.complete_parked()
 
     def serve_request(self, data: bytes, src: tuple, local: str, lst: Listener,
                       ifindex: int, arrival: float) -> None:

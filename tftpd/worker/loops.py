@@ -151,7 +151,9 @@ class Loop:
                     log.info("draining: %d transfer(s) to finish", len(w.table))
                 w.drain_deadline = time.monotonic() + w.cfg.drain_s
             http_busy = w.http is not None and w.http.busy
-            if drain_started and ((not w.table and not http_busy)
+            # Reads waiting for the content hook are waited for too (its timeout
+            # bounds them); they become transfers, or refusals.
+            if drain_started and ((not w.table and not http_busy and not w.requests.parked)
                                   or time.monotonic() >= w.drain_deadline):
                 for s in w.table.sessions():
                     w.finish(s, Finish("failed", "server shutting down"), time.monotonic())

@@ -11,10 +11,19 @@ watched descriptor, loop.watch) can call `_start_read` itself, with a fresh
 repeat or a new request may have come meanwhile). An upload
 (`_serve_write`) negotiates before it resolves: its size limit refuses it before a file
 is made.
+
+The content of a read comes from the worker's ContentResolver (tftpd.content). With a
+content hook it answers later: the request is parked, by client address, until the
+hook's future completes in another thread; that thread only writes to the worker's
+wakeup pipe, and the loop thread completes the request (complete_parked). A parked
+request counts against the worker's limits like a transfer, so a slow hook cannot pile
+requests up; the same datagram again from the same address while it is parked is
+merged, a different one replaces it.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from dataclasses import dataclass
@@ -22,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from tftpd import packet as P
 from tftpd import stats as S
+from tftpd.content import HOOK_FAILED, HOOK_TIMED_OUT, PendingContent
 from tftpd.datapath import encode_sockaddr
 from tftpd.decision import Merge, Refuse, Room, Serve, Supersede, apply_rules, decide
 from tftpd.files import FileError, OpenFile, open_upload, sanitize
@@ -56,6 +66,15 @@ class Incoming:
     now: float
 
 
+@dataclass(slots=True, eq=False)
+class Parked:
+    """A read waiting for the content hook's answer."""
+
+    inc: Incoming
+    serve: Serve
+    pending: PendingContent
+
+
 class RequestPath:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -68,6 +87,17 @@ class RequestPath:
         # the negotiation (by options, file size and MTU). Bounded; cleared when full.
         self._parsed: dict[bytes, tuple[P.Request, str]] = {}
         self._negotiated: dict[tuple, Any] = {}
+        # Reads waiting for the content hook, by client address (and how many per IP
+        # address, for the per-client limit); those whose hook has answered, queued
+        # by the hook's threads for the loop thread.
+        self._parked: dict[tuple, Parked] = {}
+        self._parked_ips: collections.Counter[str] = collections.Counter()
+        self._answered: collections.deque[Parked] = collections.deque()
+
+    @property
+    def parked(self) -> int:
+        """Reads waiting for the content hook."""
+        return len(self._parked)
 
     def serve(self, data: bytes, src: tuple, local: str, lst: Listener, ifindex: int,
               arrival: float) -> None:
@@ -119,9 +149,19 @@ class RequestPath:
                 self._refuse(inc, mapped)
                 return True
             req, name = mapped
+        held = self._parked.get(src)
+        if held is not None:
+            if held.inc.data == inc.data:  # a repeat: the hook's answer serves both
+                self.worker.counters[S.INDEX["merged"]] += 1
+                if self.cfg.verbose >= 1 and self.worker.noise.allow(src[0], inc.now):
+                    log.info("merged repeated request from %s for %s (waiting for the "
+                             "content hook)", peer_text(src), name)
+                return False
+            self._unpark(held)  # the client moved on: its new request replaces it
         live = self.worker.live(src)
         table = self.worker.table
-        room = Room(len(table), self.worker.max_sessions, table.client_count(src[0]),
+        room = Room(len(table) + len(self._parked), self.worker.max_sessions,
+                    table.client_count(src[0]) + self._parked_ips[src[0]],
                     self.cfg.max_per_client)
         decision = decide(req, name, inc.data, live.request if live is not None else None,
                           room, create=self.cfg.create)
@@ -151,23 +191,89 @@ class RequestPath:
         return True
 
     def _resolve_read(self, inc: Incoming, serve: Serve) -> OpenFile | None:
-        """The content of a read: the file opened (None: refused, the client told)."""
+        """The content of a read: the file opened (None: refused, the client told, or
+        parked until the content hook answers)."""
         req = serve.request
-        try:
-            return self.worker.files.open(req.filename, req.mode)
-        except FileError as err:
-            outcome = "notfound" if err.code == P.E_NOT_FOUND else "denied"
-            self._refuse(inc, Refuse(err.code, err.message, outcome, serve.name, req.mode,
-                                     req.options, err.reason))
-            miss = self.worker.files.last_miss
-            if miss is not None and self.worker.refusals is not None and not inc.lst.shared:
-                # While the negative cache holds the name, this very request is
-                # answered without Python (the answer depends on nothing else).
-                expires, directory, ident = miss
-                self.worker.refusals.put(inc.data, P.encode_error(err.code, err.message), expires,
-                                  directory, ident, (serve.name, req.mode, err.code,
-                                                     "No such file (cached)", req.options))
-            return None
+        content = self.worker.content
+        res = content.begin(req.filename, req.mode, inc.src[:2], "tftp", req.options)
+        if isinstance(res, PendingContent):
+            if not res.future.done():
+                self._park(Parked(inc, serve, res))
+                return None
+            res = content.complete(res)
+        err = res.error
+        if err is None:
+            return res.file
+        self._refuse_content(inc, serve, err)
+        miss = self.worker.files.last_miss
+        if miss is not None and self.worker.refusals is not None and not inc.lst.shared:
+            # While the negative cache holds the name, this very request is answered
+            # without Python (the answer depends on nothing else: no per-client
+            # content, or there would be no known answers).
+            expires, directory, ident = miss
+            self.worker.refusals.put(inc.data, P.encode_error(err.code, err.message),
+                                     expires, directory, ident,
+                                     (serve.name, req.mode, err.code,
+                                      "No such file (cached)", req.options))
+        return None
+
+    def _refuse_content(self, inc: Incoming, serve: Serve, err: FileError) -> None:
+        req = serve.request
+        if err.code == P.E_NOT_FOUND:
+            outcome = "notfound"
+        elif err.message in (HOOK_FAILED, HOOK_TIMED_OUT):
+            outcome = "failed"
+            self.worker.counters[S.INDEX["hook_failed" if err.message == HOOK_FAILED
+                                         else "hook_timed_out"]] += 1
+        else:
+            outcome = "denied"
+        self._refuse(inc, Refuse(err.code, err.message, outcome, serve.name, req.mode,
+                                 req.options, err.reason))
+
+    # -- reads waiting for the content hook ----------------------------------------------
+
+    def _park(self, p: Parked) -> None:
+        self._parked[p.inc.src] = p
+        self._parked_ips[p.inc.src[0]] += 1
+        p.pending.future.add_done_callback(lambda _f, p=p: self._hook_answered(p))
+
+    def _unpark(self, p: Parked) -> None:
+        del self._parked[p.inc.src]
+        ip = p.inc.src[0]
+        self._parked_ips[ip] -= 1
+        if self._parked_ips[ip] <= 0:
+            del self._parked_ips[ip]
+
+    def _hook_answered(self, p: Parked) -> None:
+        """In a hook thread (or at once, in the loop's): only queue it and wake the
+        loop, which completes it (complete_parked)."""
+        self._answered.append(p)
+        self.worker.wake()
+
+    def complete_parked(self) -> None:
+        """In the loop thread: the parked reads whose hook has answered go on."""
+        while self._answered:
+            p = self._answered.popleft()
+            if self._parked.get(p.inc.src) is not p:
+                continue  # replaced by a newer request of its client
+            self._unpark(p)
+            try:
+                self._settle(p)
+            except Exception:  # one bad request must never take the worker down
+                log.exception("request from %s failed", sanitize(str(p.inc.src[:2])))
+
+    def _settle(self, p: Parked) -> None:
+        inc, serve = p.inc, p.serve
+        inc.now = time.monotonic()
+        res = self.worker.content.complete(p.pending)
+        if res.error is not None:
+            self._refuse_content(inc, serve, res.error)
+            return
+        assert res.file is not None
+        if self.worker.live(inc.src) is not None:
+            res.file.close()  # its address has a transfer already: that one stands
+            return
+        self._start_read(inc, serve, res.file)
 
     def _mtu_blksize(self, inc: Incoming) -> int | None:
         if not inc.ifindex:
