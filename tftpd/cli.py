@@ -22,6 +22,18 @@ log = logging.getLogger("tftpd")
 EXIT_USAGE = 2
 EXIT_STARTUP = 1
 DEMO_PORT = 6969
+DEMO_HTTP_PORT = 6970
+# boot.ipxe in the demo root: an iPXE script loaded by TFTP that fetches the image by
+# HTTP from the same root (HOST:PORT filled in).
+DEMO_IPXE = """#!ipxe
+# Loaded by TFTP from tftpd; the image comes by HTTP from the same root.
+imgfetch http://{http}/boot.img || goto failed
+imgstat
+echo boot.img came by HTTP
+exit
+:failed
+echo boot.img did not come: ${{errno}}
+"""
 
 
 class JsonFormatter(logging.Formatter):
@@ -67,10 +79,13 @@ def _demo(cfg: Config) -> tuple[Config, str]:
     with open(os.path.join(root, "boot.img"), "wb") as f:
         f.write(os.urandom(1 << 20))
     addresses = cfg.addresses or (Address(socket.AF_INET, "127.0.0.1", DEMO_PORT),)
+    http = cfg.http or (Address(socket.AF_INET, addresses[0].host, DEMO_HTTP_PORT),)
+    with open(os.path.join(root, "boot.ipxe"), "w") as f:
+        f.write(DEMO_IPXE.format(http=http[0]))
     # The demo root is private to whoever started it: the server stays that user.
     user = cfg.user or pwd.getpwuid(os.geteuid()).pw_name
-    return dataclasses.replace(cfg, root=root, addresses=addresses, foreground=True,
-                               workers=min(cfg.workers, 2), user=user), root
+    return dataclasses.replace(cfg, root=root, addresses=addresses, http=http,
+                               foreground=True, workers=min(cfg.workers, 2), user=user), root
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,9 +136,11 @@ def main(argv: list[str] | None = None) -> int:
           + (f"; http on {', '.join(master.http_bound)}" if master.http_bound else ""),
           file=sys.stderr, flush=True)
     if demo_root:
-        addr = master.bound[0]
-        print(f"Demo root {demo_root} holds hello.txt and boot.img (1 MiB).\n"
-              f"Fetch one with:\n\n    curl -s tftp://{addr}/hello.txt\n\n"
+        addr, http = master.bound[0], master.http_bound[0]
+        print(f"Demo root {demo_root} holds hello.txt, boot.img (1 MiB) and boot.ipxe\n"
+              "(an iPXE script that goes from TFTP to HTTP). Fetch one with:\n\n"
+              f"    curl -s tftp://{addr}/hello.txt\n"
+              f"    curl -s http://{http}/hello.txt\n\n"
               "Ctrl-C stops the server.", flush=True)
     if cfg.listen and not cfg.foreground and mode == "standalone":
         daemonize()

@@ -364,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "line wins; re-read on SIGHUP")
     p.add_argument("-V", "--version", action=_VersionAction)
     p.add_argument("--demo", action="store_true",
-                   help="serve a demo root on 127.0.0.1:6969 and print a curl command")
+                   help="serve a demo root on 127.0.0.1:6969 (TFTP) and 127.0.0.1:6970 (HTTP) "
+                        "and print curl commands")
     p.add_argument("root", nargs="?", help="the directory served (default /srv/tftp)")
     return p
 

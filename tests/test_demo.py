@@ -1,0 +1,57 @@
+"""The quick start's first command: `python3 -m tftpd --demo` serves a root and says how
+to fetch from it, by TFTP and by HTTP, and its iPXE script chains from one to the other."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tftpd import client
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_demo_prints_curl_lines_that_work() -> None:
+    tport, hport = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM)
+    proc = subprocess.Popen([sys.executable, "-m", "tftpd", "--demo", "-a",
+                             f"127.0.0.1:{tport}", "--http", f"127.0.0.1:{hport}"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        said = ""
+        deadline = time.monotonic() + 20
+        while "Ctrl-C" not in said and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, f"the demo ended after {said!r}"
+            said += line
+        commands = re.findall(r"^\s+(curl -s \S+)$", said, re.M)
+        assert [c.split("://")[0] for c in commands] == ["curl -s tftp", "curl -s http"]
+        for command in commands:
+            out = subprocess.run(command.split(), capture_output=True, text=True,
+                                 timeout=20, check=True).stdout
+            assert out == "Hello from tftpd: served over TFTP from a preforked pool.\n"
+        script = client.get("127.0.0.1", tport, "boot.ipxe", timeout=2.0).data.decode()
+        assert script.startswith("#!ipxe\n")
+        assert f"imgfetch http://127.0.0.1:{hport}/boot.img" in script
+        image = subprocess.run(["curl", "-s", f"http://127.0.0.1:{hport}/boot.img"],
+                               capture_output=True, timeout=20, check=True).stdout
+        assert len(image) == 1 << 20
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
