@@ -90,13 +90,15 @@ def c_requests(dp: CDataPath, lsock: socket.socket, errsock: socket.socket | Non
     family = lsock.family
     for i in range(n):
         q = bufs.reqs[i]
-        dst = socket.inet_ntop(family, bytes(q.dst[0:q.dstlen])) if q.dstlen else None
-        if q.kind == REQ_STARTED or q.kind == REQ_MERGED:
-            # C has the peer in the slot's struct: nothing to decode per start.
+        kind = q.kind
+        if kind == REQ_STARTED or kind == REQ_MERGED:
+            # C has the peer and the address asked in the slot's struct: nothing to
+            # decode per start.
             assert answers is not None
-            out.append(Request(q.kind, answers.get(q.id), q.err, b"", None, dst, q.ifindex,
+            out.append(Request(kind, answers.get(q.id), q.err, b"", None, None, q.ifindex,
                                q.arrival, q.answered, q.slot))
             continue
+        dst = socket.inet_ntop(family, bytes(q.dst[0:q.dstlen])) if q.dstlen else None
         src = decode_sockaddr(bytes(ffi.buffer(q.src, q.srclen)))
         if src is None:
             continue  # no address to answer: dropped, as the twin's recvmsg would

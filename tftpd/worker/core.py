@@ -217,10 +217,11 @@ class Worker:
         if entry is None:  # cannot be: retired entries outlive their transfers
             log.warning("%s ended a probe C started (error %d)", peer_text(peer), code)
             return
-        note: Start = entry.note
-        self.books.line(Record(peer, note.name, note.mode, 0, blksize, window, duration,
-                               retransmits, "probe", "", note.asked, note.granted, "RRQ",
-                               True))
+        if self.books.admits(peer, True):
+            note: Start = entry.note
+            self.books.write(Record(peer, note.name, note.mode, 0, blksize, window,
+                                    duration, retransmits, "probe", "", note.asked,
+                                    note.granted, "RRQ", True))
 
     def adopt(self, slot: int, now: float) -> Session | None:
         """Python takes over a transfer C started (a datagram C cannot judge, its

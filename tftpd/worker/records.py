@@ -27,7 +27,7 @@ NOISE_PER_ADDRESS, NOISE_TOTAL = 100, 1000
 RECORDS_PER_ADDRESS = 200
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)  # not frozen: made per transfer, and frozen costs 4x to make
 class Record:
     """One finished transfer, as its log line tells it."""
 
@@ -117,17 +117,22 @@ class TransferLog:
         c[S.INDEX["cache_hits"]] += st.hits - self._hits_reported
         c[S.INDEX["miss_cache_hits"]] += st.miss_hits - self._misses_reported
         self._hits_reported, self._misses_reported = st.hits, st.miss_hits
-        self.line(Record(session.peer, session.name, session.mode, t.bytes_sent, t.blksize,
-                         t.windowsize, now - session.started, t.retransmits, fin.outcome,
-                         fin.detail, session.asked, session.granted,
-                         "WRQ" if session.upload else "RRQ", t.answered))
+        if self.admits(session.peer, t.answered):
+            self.write(Record(session.peer, session.name, session.mode, t.bytes_sent,
+                              t.blksize, t.windowsize, now - session.started,
+                              t.retransmits, fin.outcome, fin.detail, session.asked,
+                              session.granted, "WRQ" if session.upload else "RRQ",
+                              t.answered))
 
-    def line(self, r: Record) -> None:
-        """One line per finished transfer, whatever its end; a client who never
-        answered from its address gets the lines of unproven input."""
-        throttle = self.records if r.answered else self.noise
-        if not throttle.allow(r.peer[0], time.monotonic()):
-            return
+    def admits(self, peer: tuple, answered: bool) -> bool:
+        """Whether the record of this peer's transfer is written: a client who never
+        answered from its address gets the budget of unproven input. Asked before the
+        record is made, since a storm's records are mostly held back."""
+        throttle = self.records if answered else self.noise
+        return throttle.allow(peer[0], time.monotonic())
+
+    def write(self, r: Record) -> None:
+        """One line per finished transfer, whatever its end, once admits() let it."""
         reason = f" reason={sanitize(r.detail, 200)}" if r.detail else ""
         if not self.json_log:
             logs.info_line(f"{peer_text(r.peer)} file={r.name} mode={r.mode} "
