@@ -209,7 +209,8 @@ def test_a_failing_hook_fails_its_request_only(root: Path, hook_dir: Path,
         assert client.get("127.0.0.1", d.port, "plain.txt").data == files["plain.txt"]
         assert curl(hport, "bytes/hello")[2] == b"hello 127.0.0.1\n"
         assert set(d.worker_pids()) == pids
-        hook_failures(mport, {'reason="failed"': 2, 'reason="timed_out"': 0,
+        hook_failures(mport, {'protocol="tftp",reason="failed"': 2,
+                              'protocol="tftp",reason="timed_out"': 0,
                               'protocol="http",reason="failed"': 2})
     finally:
         d.stop()
@@ -265,7 +266,8 @@ def test_a_slow_hook_delays_its_own_request_only(root: Path, hook_dir: Path) -> 
         # Every PXE client was served while the slow requests were still waiting.
         assert storm_done < min(tftp_at, http_at)
         d.wait_for_log(r"content hook, 127\.0\.0\.1 asking slow: content hook took longer")
-        hook_failures(mport, {'reason="timed_out"': 1, 'reason="failed"': 0,
+        hook_failures(mport, {'protocol="tftp",reason="timed_out"': 1,
+                              'protocol="tftp",reason="failed"': 0,
                               'protocol="http",reason="timed_out"': 1})
     finally:
         d.stop()

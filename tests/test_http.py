@@ -444,7 +444,7 @@ def test_records_and_metrics(root: Path, files: dict[str, bytes]) -> None:
         assert 'tftpd_transfers_total{protocol="http",outcome="ok"} 1' in text
         assert 'tftpd_transfers_total{protocol="http",outcome="notfound"} 1' in text
         assert f'tftpd_bytes_total{{protocol="http"}} {len(files["hello.txt"])}' in text
-        assert 'tftpd_transfers_total{outcome="ok"} 1' in text  # TFTP's, unlabelled
+        assert 'tftpd_transfers_total{protocol="tftp",outcome="ok"} 1' in text
         assert 'tftpd_transfer_duration_seconds_count{protocol="http"} 2' in text
     finally:
         d.stop()

@@ -287,23 +287,24 @@ def test_metrics_match_what_happened(root: Path) -> None:
         with pytest.raises(client.TftpError):
             client.get("127.0.0.1", d.port, "missing")
         # A worker counts an answer just after sending it: wait for the last one.
-        m = wait_until(lambda: (lambda m: m if m['tftpd_transfers_total{outcome="ok"}'] == 3
+        ok = 'tftpd_transfers_total{protocol="tftp",outcome="ok"}'
+        m = wait_until(lambda: (lambda m: m if m[ok] == 3
                                 and m["tftpd_probes_total"] == 2
                                 and m["tftpd_first_answer_seconds_count"] >= 6
                                 else None)(scrape(mport)),
                        what="the counters")
         assert isinstance(m, dict)
-        assert m["tftpd_requests_total"] == 6
-        assert m["tftpd_misses_total"] == 1
-        assert m["tftpd_bytes_total"] == 3 * 5000
+        assert m['tftpd_requests_total{protocol="tftp"}'] == 6
+        assert m['tftpd_misses_total{protocol="tftp"}'] == 1
+        assert m['tftpd_bytes_total{protocol="tftp"}'] == 3 * 5000
         assert m["tftpd_active_transfers"] == 0
         assert m["tftpd_first_answer_seconds_count"] == 6
-        assert m["tftpd_transfer_duration_seconds_count"] == 5
-        assert m['tftpd_transfer_duration_seconds_bucket{le="+Inf"}'] == 5
+        assert m['tftpd_transfer_duration_seconds_count{protocol="tftp"}'] == 5
+        assert m['tftpd_transfer_duration_seconds_bucket{protocol="tftp",le="+Inf"}'] == 5
         # Totals survive a worker's death.
         os.kill(d.worker_pids()[0], signal.SIGKILL)
         d.wait_for_log(r"replacing")
-        assert scrape(mport)['tftpd_transfers_total{outcome="ok"}'] == 3
+        assert scrape(mport)[ok] == 3
         assert wait_until(lambda: scrape(mport)["tftpd_worker_restarts_total"] == 1)
     finally:
         d.stop()

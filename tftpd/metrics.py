@@ -21,8 +21,9 @@ _HELP = {
 
 
 def render(t: dict[str, int], restarts: int, workers: int) -> str:
-    # HTTP's series (tftpd.http) join the families of TFTP's with protocol="http",
-    # once HTTP has served anything; the series without a protocol label are TFTP's.
+    # A family both protocols count has a series per protocol: protocol="tftp"
+    # always, protocol="http" once HTTP has served anything. Families of one
+    # protocol alone (probes, merges, C's starts; HTTP's connections) say it by name.
     http = any(t[k] for k in ("http_requests", "http_connections", "http_refused_busy",
                               "http_malformed"))
 
@@ -32,11 +33,12 @@ def render(t: dict[str, int], restarts: int, workers: int) -> str:
     out = [
         "# HELP tftpd_requests_total Requests read from the listen sockets.",
         "# TYPE tftpd_requests_total counter",
-        f"tftpd_requests_total {t['requests']}",
+        f'tftpd_requests_total{{protocol="tftp"}} {t["requests"]}',
         *h(f'tftpd_requests_total{{protocol="http"}} {t["http_requests"]}'),
         "# HELP tftpd_transfers_total Finished transfers and refusals, by outcome.",
         "# TYPE tftpd_transfers_total counter",
-        *(f'tftpd_transfers_total{{outcome="{o}"}} {t[o]}' for o in _OUTCOMES),
+        *(f'tftpd_transfers_total{{protocol="tftp",outcome="{o}"}} {t[o]}'
+          for o in _OUTCOMES),
         *h(*(f'tftpd_transfers_total{{protocol="http",outcome="{o}"}} {t["http_" + o]}'
              for o in _HTTP_OUTCOMES)),
         "# HELP tftpd_probes_total Existence probes (OACK answered with ERROR 0, 8 or 9).",
@@ -44,11 +46,11 @@ def render(t: dict[str, int], restarts: int, workers: int) -> str:
         f"tftpd_probes_total {t['probe']}",
         "# HELP tftpd_misses_total Requests for files that do not exist.",
         "# TYPE tftpd_misses_total counter",
-        f"tftpd_misses_total {t['notfound']}",
+        f'tftpd_misses_total{{protocol="tftp"}} {t["notfound"]}',
         *h(f'tftpd_misses_total{{protocol="http"}} {t["http_notfound"]}'),
         "# HELP tftpd_refused_total Requests refused because the server was full.",
         "# TYPE tftpd_refused_total counter",
-        f'tftpd_refused_total{{reason="busy"}} {t["refused_busy"]}',
+        f'tftpd_refused_total{{protocol="tftp",reason="busy"}} {t["refused_busy"]}',
         *h(f'tftpd_refused_total{{protocol="http",reason="busy"}} {t["http_refused_busy"]}'),
         "# HELP tftpd_merged_requests_total Repeated requests merged into a live transfer.",
         "# TYPE tftpd_merged_requests_total counter",
@@ -61,8 +63,10 @@ def render(t: dict[str, int], restarts: int, workers: int) -> str:
         "raised or returned something else than None, bytes or a path (failed), or it "
         "did not answer in time (timed_out).",
         "# TYPE tftpd_content_hook_failures_total counter",
-        f'tftpd_content_hook_failures_total{{reason="failed"}} {t["hook_failed"]}',
-        f'tftpd_content_hook_failures_total{{reason="timed_out"}} {t["hook_timed_out"]}',
+        f'tftpd_content_hook_failures_total{{protocol="tftp",reason="failed"}} '
+        f'{t["hook_failed"]}',
+        f'tftpd_content_hook_failures_total{{protocol="tftp",reason="timed_out"}} '
+        f'{t["hook_timed_out"]}',
         *h(f'tftpd_content_hook_failures_total{{protocol="http",reason="failed"}} '
            f'{t["http_hook_failed"]}',
            f'tftpd_content_hook_failures_total{{protocol="http",reason="timed_out"}} '
@@ -76,7 +80,7 @@ def render(t: dict[str, int], restarts: int, workers: int) -> str:
            f'tftpd_malformed_requests_total{{protocol="http"}} {t["http_malformed"]}'),
         "# HELP tftpd_bytes_total Payload bytes acknowledged by clients (or received).",
         "# TYPE tftpd_bytes_total counter",
-        f"tftpd_bytes_total {t['bytes']}",
+        f'tftpd_bytes_total{{protocol="tftp"}} {t["bytes"]}',
         *h(f'tftpd_bytes_total{{protocol="http"}} {t["http_bytes"]}'),
         "# HELP tftpd_retransmits_total Blocks, OACKs and ACKs sent again.",
         "# TYPE tftpd_retransmits_total counter",
@@ -99,7 +103,7 @@ def render(t: dict[str, int], restarts: int, workers: int) -> str:
             continue
         name, text = _HELP[hist]
         out += [f"# HELP {name} {text}", f"# TYPE {name} histogram"]
-        out += _histogram(t, hist, name, "")
+        out += _histogram(t, hist, name, _OWN_LABEL.get(hist, ""))
         for other, (family, label) in _LABELLED.items():
             if family == hist and http:
                 out += _histogram(t, other, name, label)
@@ -109,6 +113,8 @@ def render(t: dict[str, int], restarts: int, workers: int) -> str:
 _HTTP_OUTCOMES = ("ok", "aborted", "failed", "notfound", "denied")
 # Histograms rendered as a labelled series in the family of another.
 _LABELLED = {"http_duration": ("duration", 'protocol="http",')}
+# The labels of a histogram whose family another protocol's series join.
+_OWN_LABEL = {"duration": 'protocol="tftp",'}
 
 
 def _histogram(t: dict[str, int], hist: str, name: str, label: str) -> list[str]:
