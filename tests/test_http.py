@@ -430,7 +430,7 @@ def test_records_and_metrics(root: Path, files: dict[str, bytes]) -> None:
         assert get(port, "/missing").status == 404
         assert client.get("127.0.0.1", d.port, "hello.txt").data == files["hello.txt"]
         d.wait_for_log(r'"file":"missing","protocol":"http","op":"GET","status":404')
-        d.wait_for_log(r'"file":"hello.txt","mode":"octet"')
+        d.wait_for_log(r'"file":"hello.txt","protocol":"tftp","mode":"octet"')
 
         def scrape() -> str:
             with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:

@@ -363,6 +363,7 @@ def test_json_records(root: Path, tmp_path: Path) -> None:
                                                                        "tsize": "3000"}
         assert by["ok"]["options"] == {"blksize": "1024", "tsize": "0"}
         assert by["probe"]["file"] == "f" and by["notfound"]["error"] == 1
+        assert {r["protocol"] for r in got} == {"tftp"}  # HTTP's records say "http"
     finally:
         d.stop()
 

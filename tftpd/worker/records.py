@@ -97,7 +97,8 @@ class TransferLog:
             logs.info_line(f"{peer_text(src)} file={name} mode={mode} outcome={outcome} "
                            f"error={code} reason={reason}")
             return
-        extra = {"transfer": {"client": src[0], "port": src[1], "file": name, "mode": mode,
+        extra = {"transfer": {"client": src[0], "port": src[1], "file": name,
+                              "protocol": "tftp", "mode": mode,
                               "options": clean(options), "outcome": outcome,
                               "error": code, "reason": reason}}
         log.info("%s file=%s mode=%s outcome=%s error=%d reason=%s", peer_text(src), name,
@@ -141,7 +142,8 @@ class TransferLog:
                            f"outcome={r.outcome}{reason}")
             return
         extra = {"transfer": {
-            "client": r.peer[0], "port": r.peer[1], "file": r.name, "mode": r.mode,
+            "client": r.peer[0], "port": r.peer[1], "file": r.name, "protocol": "tftp",
+            "mode": r.mode,
             "op": r.op, "options": clean(r.asked), "granted": r.granted, "bytes": r.nbytes,
             "blksize": r.blksize, "windowsize": r.window,
             "duration_s": round(r.duration, 6), "retransmits": r.retransmits,
