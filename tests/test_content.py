@@ -303,15 +303,22 @@ def test_calls_queued_behind_a_blocked_hook_get_another_thread(  # type: ignore[
 
     make, mod = hook_module
     hook = make("slow_for_some", timeout=30.0, threads=4)
-    blocked = hook.submit(SimpleNamespace(filename="slow-1"))
-    t0 = time.monotonic()
+    # The one thread is idle when a blocking call comes, then one more.
+    assert hook.submit(SimpleNamespace(filename="first")).result(timeout=WAIT) == b"quick"
+    held = hook.submit(SimpleNamespace(filename="slow-held"))
+    assert hook.submit(SimpleNamespace(filename="next")).result(timeout=WAIT) == b"quick"
+    assert hook.threads == 2 and not held.done()
+    # Submitted at once: the second blocked call takes the thread started for it,
+    # and the quick ones behind it need a third.
+    blocked = [hook.submit(SimpleNamespace(filename=f"slow-{i}")) for i in range(2)]
     quick = [hook.submit(SimpleNamespace(filename=f"q{i}")) for i in range(20)]
     done, _ = wait(quick, timeout=WAIT)
     assert len(done) == 20 and all(f.result() == b"quick" for f in quick)
-    assert time.monotonic() - t0 < WAIT and not blocked.done()
-    assert hook.threads == 2
+    assert not any(f.done() for f in blocked)
+    assert hook.threads == 4
     sys.modules[mod].GATE.set()
-    assert wait([blocked], timeout=WAIT).done and blocked.result() == b"late"
+    assert len(wait(blocked, timeout=WAIT).done) == 2
+    assert [f.result() for f in blocked] == [b"late", b"late"]
 
 
 def test_reload_picks_up_the_changed_module_and_keeps_it_when_broken(

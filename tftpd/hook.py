@@ -257,6 +257,8 @@ class ContentHook:
                     if self._calls and not self._idle and \
                             len(self._threads) < self._max_threads:
                         began = max(self._since)
+                        if began == float("inf"):  # woken, not yet in its call
+                            began = now
                         if now - began >= SLOW_S:
                             self._start_thread()
                             began = now
