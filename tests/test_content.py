@@ -56,6 +56,13 @@ def slow(req):
 def wrong_type(req):
     return 42
 
+def slow_for_some(req):
+    CALLS.append(req)
+    if req.filename.startswith("slow"):
+        GATE.wait(30)
+        return b"late"
+    return b"quick"
+
 PATH = "other.txt"
 '''
 
@@ -274,6 +281,44 @@ def test_the_queue_is_bounded(root: Path, hook_module) -> None:  # type: ignore[
     done, _ = wait(futures, timeout=WAIT)
     assert len(done) == 4
     assert [f.result() for f in futures[:2]] == [b"late", b"late"]
+
+
+def test_a_fast_hook_is_answered_by_one_thread(root: Path, hook_module) -> None:  # type: ignore[no-untyped-def]
+    from types import SimpleNamespace
+
+    make, _ = hook_module
+    hook = make("answer_bytes", threads=8)
+    futures = [hook.submit(SimpleNamespace(filename=f"f{i}")) for i in range(500)]
+    done, _ = wait(futures, timeout=WAIT)
+    assert len(done) == 500
+    assert [f.result() for f in futures] == [f"hello f{i}".encode() for i in range(500)]
+    # No call ran for long: no pool of threads contending for the GIL (one thread,
+    # or two when a busy machine held the first off the CPU for SLOW_S mid-call).
+    assert hook.threads <= 2
+
+
+def test_calls_queued_behind_a_blocked_hook_get_another_thread(  # type: ignore[no-untyped-def]
+        root: Path, hook_module) -> None:
+    from types import SimpleNamespace
+
+    make, mod = hook_module
+    hook = make("slow_for_some", timeout=30.0, threads=4)
+    # The one thread is idle when a blocking call comes, then one more.
+    assert hook.submit(SimpleNamespace(filename="first")).result(timeout=WAIT) == b"quick"
+    held = hook.submit(SimpleNamespace(filename="slow-held"))
+    assert hook.submit(SimpleNamespace(filename="next")).result(timeout=WAIT) == b"quick"
+    assert hook.threads == 2 and not held.done()
+    # Submitted at once: the second blocked call takes the thread started for it,
+    # and the quick ones behind it need a third.
+    blocked = [hook.submit(SimpleNamespace(filename=f"slow-{i}")) for i in range(2)]
+    quick = [hook.submit(SimpleNamespace(filename=f"q{i}")) for i in range(20)]
+    done, _ = wait(quick, timeout=WAIT)
+    assert len(done) == 20 and all(f.result() == b"quick" for f in quick)
+    assert not any(f.done() for f in blocked)
+    assert hook.threads == 4
+    sys.modules[mod].GATE.set()
+    assert len(wait(blocked, timeout=WAIT).done) == 2
+    assert [f.result() for f in blocked] == [b"late", b"late"]
 
 
 def test_reload_picks_up_the_changed_module_and_keeps_it_when_broken(

@@ -15,14 +15,12 @@ on every load, so reload() sees the file as it is now.
 
 from __future__ import annotations
 
-import heapq
+import collections
 import importlib
 import importlib.machinery
 import importlib.util
-import itertools
 import logging
 import os
-import queue
 import re
 import sys
 import threading
@@ -36,6 +34,7 @@ log = logging.getLogger("tftpd")
 
 POOL_THREADS = 16  # calls running at once, per worker
 MAX_QUEUED = 1024  # calls waiting for a thread; more fail at once as timed out
+SLOW_S = 0.01  # a call running this long (calls waiting behind it): one more thread
 _SPEC = re.compile(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_]\w*)")
 
 
@@ -114,7 +113,15 @@ def _under(path: str, directory: str) -> bool:
 
 
 class ContentHook:
-    """The configured hook, shared by the threads of one worker."""
+    """The configured hook, shared by the threads of one worker.
+
+    Calls wait in one queue, answered in order by as few threads as keep it moving:
+    the first call starts one thread, which takes call after call while it holds the
+    GIL (a fast hook costs no thread switch per call, and no threads contend with the
+    loop for the GIL). Another thread is started (up to `threads`) only while calls
+    are waiting and every thread has been inside one call for SLOW_S or more: a hook
+    that sleeps or blocks holds up no more than that the calls queued behind it.
+    """
 
     def __init__(self, spec: str, timeout: float, search: Sequence[str] = (), *,
                  forbid: str | None = None, threads: int = POOL_THREADS,
@@ -130,18 +137,22 @@ class ContentHook:
         self.error: str | None = None  # why the module is not loaded, if it is not
         self._fn: Callable[..., Any] | None = None
         self._lock = threading.Lock()
-        self._due: list[tuple[float, int, Future]] = []  # (deadline, seq, future)
-        self._seq = itertools.count()
-        self._queued = 0
+        # Calls not answered yet, in submission order, which is deadline order too
+        # (one timeout for all): the watchdog's list.
+        self._due: collections.deque[tuple[float, Future]] = collections.deque()
+        # Calls waiting for a thread.
+        self._calls: collections.deque[tuple[Callable[..., Any], object, Future]] = \
+            collections.deque()
         self._closed = False
-        self._wake = threading.Condition(self._lock)
+        self._wake = threading.Condition(self._lock)  # the watchdog sleeps on it
+        self._watch_until = float("inf")  # when the watchdog wakes next, at the latest
+        self._ready = threading.Condition(self._lock)  # idle pool threads sleep on it
         # Daemon threads, started as calls need them: a hook that never returns must
         # not hold up the worker's exit (ThreadPoolExecutor joins its threads at exit).
-        self._work: queue.SimpleQueue[tuple[Callable[..., Any], object, Future] | None] = \
-            queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        self._since: list[float] = []  # per thread: when its call began (inf: none)
         self._max_threads = threads
-        self._idle = 0
+        self._idle = 0  # threads asleep on _ready and not yet woken
         self._watchdog = threading.Thread(target=self._watch, name="tftpd-hook-watchdog",
                                           daemon=True)
         self._watchdog.start()
@@ -172,20 +183,24 @@ class ContentHook:
             if self._closed:
                 fut.set_exception(HookUnavailable("content hook closed"))
                 return fut
-            if self._queued >= self.max_queued:
+            if len(self._calls) >= self.max_queued:
                 fut.set_exception(HookTimeout("too many calls waiting for the content hook"))
                 return fut
-            self._queued += 1
-            heapq.heappush(self._due, (self.clock() + self.timeout, next(self._seq), fut))
-            if self._due[0][2] is fut:  # the watchdog sleeps until the earliest deadline
+            deadline = self.clock() + self.timeout
+            self._due.append((deadline, fut))
+            self._calls.append((fn, req, fut))
+            if self._idle:
+                self._idle -= 1
+                self._ready.notify()
+            elif not self._threads:
+                self._start_thread()
+            elif deadline < self._watch_until or (
+                    len(self._threads) < self._max_threads
+                    and self._watch_until - (deadline - self.timeout) > SLOW_S):
+                # The watchdog sleeps past this deadline, or past the moment it should
+                # judge whether the busy threads need another beside them.
+                self._watch_until = float("-inf")
                 self._wake.notify()
-            if self._idle == 0 and len(self._threads) < self._max_threads:
-                t = threading.Thread(target=self._serve, name="tftpd-hook", daemon=True)
-                self._threads.append(t)
-                t.start()
-            else:
-                self._idle -= min(1, self._idle)
-        self._work.put((fn, req, fut))
         return fut
 
     @property
@@ -193,15 +208,28 @@ class ContentHook:
         """Threads started so far (at most `threads`)."""
         return len(self._threads)
 
-    def _serve(self) -> None:
+    def _start_thread(self) -> None:
+        """With the lock held: one more pool thread."""
+        index = len(self._threads)
+        self._since.append(float("inf"))
+        t = threading.Thread(target=self._serve, args=(index,), name="tftpd-hook",
+                             daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _serve(self, index: int) -> None:
         """A pool thread: call the hook for each call queued, until close()."""
+        calls, since, clock = self._calls, self._since, self.clock
         while True:
-            item = self._work.get()
-            if item is None:
-                return
-            fn, req, fut = item
             with self._lock:
-                self._queued -= 1
+                while not calls:
+                    since[index] = float("inf")
+                    if self._closed:
+                        return
+                    self._idle += 1
+                    self._ready.wait()
+                fn, req, fut = calls.popleft()
+                since[index] = clock()
             if not fut.done():  # else its time ran out in the queue: not worth starting
                 try:
                     value = fn(req)
@@ -209,23 +237,35 @@ class ContentHook:
                     _settle(fut, None, err)
                 else:
                     _settle(fut, value, None)
-            del item, fn, req, fut
-            with self._lock:
-                self._idle += 1
+            del fn, req, fut
 
     def _watch(self) -> None:
-        """Complete every call whose deadline passed (the watchdog thread). Futures
+        """Complete every call whose deadline passed, and start a pool thread when
+        calls wait behind threads all busy for SLOW_S (the watchdog thread). Futures
         are completed outside the lock: their callbacks run in this thread."""
+        due = self._due
         while True:
             expired = []
             with self._lock:
                 if self._closed:
                     return
                 now = self.clock()
-                while self._due and (self._due[0][2].done() or self._due[0][0] <= now):
-                    expired.append(heapq.heappop(self._due)[2])
+                while due and (due[0][1].done() or due[0][0] <= now):
+                    expired.append(due.popleft()[1])
                 if not expired:
-                    self._wake.wait(self._due[0][0] - now if self._due else None)
+                    until = due[0][0] if due else float("inf")
+                    if self._calls and not self._idle and \
+                            len(self._threads) < self._max_threads:
+                        began = max(self._since)
+                        if began == float("inf"):  # woken, not yet in its call
+                            began = now
+                        if now - began >= SLOW_S:
+                            self._start_thread()
+                            began = now
+                        until = min(until, began + SLOW_S)
+                    self._watch_until = until
+                    self._wake.wait(until - now if until != float("inf") else None)
+                    self._watch_until = float("-inf")  # awake: no need to wake it
             for fut in expired:
                 _settle(fut, None, HookTimeout(
                     f"content hook took longer than {self.timeout:g}s"))
@@ -235,14 +275,14 @@ class ContentHook:
         not waited for (a hung hook must not hold up the worker's exit)."""
         with self._lock:
             self._closed = True
-            left = [fut for _, _, fut in self._due]
+            left = [fut for _, fut in self._due]
             self._due.clear()
+            self._calls.clear()
             self._wake.notify()
-            threads = len(self._threads)
+            self._ready.notify_all()
+            self._idle = 0
         for fut in left:
             _settle(fut, None, HookTimeout("content hook closed"))
-        for _ in range(threads):
-            self._work.put(None)
 
 
 def _settle(fut: Future, value: Any, err: BaseException | None) -> None:

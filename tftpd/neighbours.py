@@ -46,10 +46,24 @@ _UNUSABLE = NUD_INCOMPLETE | NUD_FAILED
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
+_PLAIN_MAX = 4096  # addresses whose plain form is remembered (cleared when full)
+_plain: dict[str, str] = {}
+
+
 def plain_ip(host: str) -> str:
     """The client's address as logs, prefixes and hooks show it: an IPv4-mapped IPv6
     address (::ffff:10.0.0.5, from a dual-stack socket) as plain IPv4, an IPv6 address
-    in its short form without a scope (%eth0). Anything unparsable is returned as is."""
+    in its short form without a scope (%eth0). Anything unparsable is returned as is.
+    Remembered: a storm's request path asks the same few addresses again and again."""
+    known = _plain.get(host)
+    if known is None:
+        if len(_plain) >= _PLAIN_MAX:
+            _plain.clear()
+        known = _plain[host] = _plain_ip(host)
+    return known
+
+
+def _plain_ip(host: str) -> str:
     text = host.partition("%")[0]
     try:
         ip = ipaddress.ip_address(text)

@@ -79,6 +79,7 @@ class HttpServer:
         self.content: Any = content if content is not None else \
             ContentResolver(FileCache(root, gz=gz))
         self._answered: collections.deque[Conn] = collections.deque()  # hook answers
+        self._wake_sent = False  # a hook's answer woke the thread; not taken yet
         self.counters = counters if counters is not None else \
             memoryview(bytearray(8 * len(S.FIELDS))).cast("Q")
         self.max_conns = cfg.http_max_connections
@@ -352,11 +353,17 @@ class HttpServer:
         return False
 
     def _hook_answered(self, c: Conn) -> None:
-        """In the hook's thread (or at once in ours): only queue and wake."""
+        """In the hook's thread (or at once in ours): only queue, and wake unless a
+        wakeup is on its way (the thread takes every answer queued by then)."""
         self._answered.append(c)
-        self._wake()
+        if not self._wake_sent:
+            self._wake_sent = True
+            self._wake()
 
     def _complete_answered(self) -> None:
+        # Cleared before the answers are taken: an answer queued after this point
+        # either is taken below or sends a wakeup of its own.
+        self._wake_sent = False
         while self._answered:
             c = self._answered.popleft()
             pending, c.pending = c.pending, None

@@ -194,6 +194,9 @@ class Intake:
                             continue
                         # The owner cannot take it: serving it here beats dropping it.
                 w.serve_request(data, src, local, lst, ifindex, arrival)
+            # What the content hook answered meanwhile goes on now, not after the rest
+            # of a storm's requests.
+            w.requests.complete_parked()
             got += len(batch)
             if len(batch) < REQ_BATCH:
                 return False

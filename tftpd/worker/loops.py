@@ -161,6 +161,9 @@ class Loop:
                     w.http.stop()
                 return 0
             self.turn(self.wait_for(time.monotonic()))
+            # What the content hook answered while the turn ran: served now, not after
+            # a wait for the wakeup (which a storm's requests would queue behind).
+            w.requests.complete_parked()
             now = time.monotonic()
             self.run_timers(now)
             w.books.roll(now)  # what the throttles held back, said once a while

@@ -93,6 +93,9 @@ class RequestPath:
         self._parked: dict[tuple, Parked] = {}
         self._parked_ips: collections.Counter[str] = collections.Counter()
         self._answered: collections.deque[Parked] = collections.deque()
+        # A wakeup is on its way to the loop (set by a hook's thread, cleared by the
+        # loop before it takes the answers): one byte to the pipe per batch of answers.
+        self._wake_sent = False
 
     @property
     def parked(self) -> int:
@@ -246,12 +249,19 @@ class RequestPath:
 
     def _hook_answered(self, p: Parked) -> None:
         """In a hook thread (or at once, in the loop's): only queue it and wake the
-        loop, which completes it (complete_parked)."""
+        loop, which completes it (complete_parked), unless a wakeup is on its way: the
+        loop takes every answer queued by then."""
         self._answered.append(p)
-        self.worker.wake()
+        if not self._wake_sent:
+            self._wake_sent = True
+            self.worker.wake()
 
     def complete_parked(self) -> None:
-        """In the loop thread: the parked reads whose hook has answered go on."""
+        """In the loop thread (on its wakeup, and once a turn): the parked reads whose
+        hook has answered go on."""
+        # Cleared before the answers are taken: an answer queued after this point
+        # either is taken below or sends a wakeup of its own.
+        self._wake_sent = False
         while self._answered:
             p = self._answered.popleft()
             if self._parked.get(p.inc.src) is not p:
