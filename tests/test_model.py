@@ -400,6 +400,9 @@ class Upload:
     resends: int = 0
     timeouts: int = 0  # timer resends in all, progress or not
     outcome: str | None = None
+    # The ACK last taken as foretold repeated the one before it after a full RTO: it
+    # may have been the timer's resend, the foretold one then still to come.
+    maybe_timer: bool = False
 
     @property
     def live(self) -> bool:
@@ -449,13 +452,24 @@ class Upload:
             return
         if src != self.tid:
             raise self.fail(f"datagram from {src}, not the transfer's port {self.tid}")
+        floor = min(INITIAL_RTO, self.fixed or INITIAL_RTO) - EPS
+        maybe_timer, self.maybe_timer = self.maybe_timer, False
         if self.expected and data == self.expected[0]:
             self.expected.popleft()
+            self.maybe_timer = data == self.last_pkt and t - self.last_t >= floor
         elif data == self.last_pkt and (not self.dallying or self.expected):
             # (Dallying with ACKs still foretold: the timer fired before the server
             # read the last DATA, as below.)
             gap = t - self.last_t
-            floor = min(INITIAL_RTO, self.fixed or INITIAL_RTO) - EPS
+            if gap < floor and maybe_timer:
+                # The timer's resend came first and was taken for the foretold ACK
+                # (the server read our DATA late, after its timer fired): this is
+                # the foretold one, and the one before was the timer's.
+                self.resends += 1
+                self.timeouts += 1
+                self.in_window = 0
+                self.last_pkt, self.last_t = data, t
+                return
             if gap < floor:
                 raise self.fail(f"{P.parse(data)!r} repeated {gap * 1000:.1f} ms later: "
                                 f"not a timer's resend")
