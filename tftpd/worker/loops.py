@@ -13,6 +13,7 @@ Anything else that needs the loop watches a descriptor with callbacks:
 
 from __future__ import annotations
 
+import abc
 import functools
 import logging
 import selectors
@@ -72,7 +73,7 @@ class Watch:
 Handler = Callable[[float], None]
 
 
-class Loop:
+class Loop(abc.ABC):
     """What both loops share: the turn, the timers, the drain."""
 
     def __init__(self, worker: Worker) -> None:
@@ -80,30 +81,30 @@ class Loop:
 
     # -- what a loop kind provides ------------------------------------------------------
 
+    @abc.abstractmethod
     def watch(self, fd: int, on_readable: OnReady | None = None,
               on_writable: OnReady | None = None) -> None:
         """Call `on_readable()` in each turn `fd` is readable, `on_writable()` in each
         turn it is writable (level-triggered: unwatch, or watch again without
         `on_writable`, once there is nothing to write). Watching a watched `fd` again
         replaces its callbacks."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def unwatch(self, fd: int) -> None:
         """Stop watching `fd` (before it is closed: its number may come back). A
         descriptor not watched is ignored."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def add_transfer(self, session: Session) -> None:
         """Read the session's socket from now on."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def drop_transfer(self, session: Session) -> None:
         """Stop reading an ended session's socket (it is closed next)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def turn(self, wait: float) -> None:
         """Wait up to `wait` seconds, then serve what is ready."""
-        raise NotImplementedError
 
     def new_state(self) -> tuple[int, object]:
         """A pump slot and its C state for a new read transfer; -1, None without C."""
@@ -123,6 +124,7 @@ class Loop:
 
     def adopt_all(self) -> None:
         """Python takes over every transfer C started (before a drain)."""
+        return None  # without C's pump, C starts none
 
     def wait_for(self, now: float) -> float:
         return max(0.0, min(IDLE_WAIT, self.worker.timers.next_due() - now))
