@@ -23,14 +23,14 @@ def _stale(target: Path, sources: list[Path]) -> bool:
     return any(s.stat().st_mtime > t for s in sources)
 
 
-def limit_binary() -> Path:
-    """Path of the `limit` reference server, compiled from bench/limit.c if needed."""
-    src = HERE / "limit.c"
-    out = BUILD_DIR / "tftpbench-limit"
+def program(name: str) -> Path:
+    """Path of bench/NAME.c compiled (as tftpbench-NAME) if it is missing or stale."""
+    src = HERE / f"{name}.c"
+    out = BUILD_DIR / f"tftpbench-{name}"
     if _stale(out, [src]):
         cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
         if not cc:
-            raise BuildError("no C compiler (install gcc) for bench/limit.c")
+            raise BuildError(f"no C compiler (install gcc) for bench/{name}.c")
         BUILD_DIR.mkdir(exist_ok=True)
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         proc = subprocess.run([cc, "-O2", "-Wall", "-o", str(tmp), str(src)],
@@ -39,6 +39,11 @@ def limit_binary() -> Path:
             raise BuildError(f"compiling {src} failed:\n{proc.stderr}")
         os.replace(tmp, out)
     return out
+
+
+def limit_binary() -> Path:
+    """Path of the `limit` reference server, compiled from bench/limit.c if needed."""
+    return program("limit")
 
 
 def build_cffi(modname: str, cdef: str, preamble: str, sources: list[Path],

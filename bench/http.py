@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 from bench import netns
-from bench.build import BUILD_DIR, BuildError, _stale
+from bench.build import program
 from bench.measure import ProcessGroup
 from bench.servers import Server
 
@@ -33,20 +32,7 @@ DEFAULT_CONNECTIONS = 64
 
 def httpload_binary() -> Path:
     """Path of the load generator, compiled from bench/httpload.c if needed."""
-    src = HERE / "httpload.c"
-    out = BUILD_DIR / "tftpbench-httpload"
-    if _stale(out, [src]):
-        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-        if not cc:
-            raise BuildError("no C compiler (install gcc) for bench/httpload.c")
-        BUILD_DIR.mkdir(exist_ok=True)
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        proc = subprocess.run([cc, "-O2", "-Wall", "-o", str(tmp), str(src)],
-                              capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise BuildError(f"compiling {src} failed:\n{proc.stderr}")
-        os.replace(tmp, out)
-    return out
+    return program("httpload")
 
 
 def build_root(root: Path) -> Path:
