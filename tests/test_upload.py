@@ -73,6 +73,25 @@ def test_size_limit_and_client_error() -> None:
     assert t.on_datagram(P.encode_error(0, "cancel"), PEER, 0.1)[0].outcome == "aborted"
 
 
+def test_a_dallying_upload_ends_ok_however_it_ends() -> None:
+    """After its last block the file is in place; the dally only guards the final ACK,
+    so whatever ends it (a new request from the same port, an ERROR, a socket error)
+    leaves the upload ok. Before that, the same ends are what they say."""
+    def committed() -> WriteTransfer:
+        t = WriteTransfer(PEER, blksize=4, timeout=1.0)
+        t.start(0.0)
+        assert Commit() in t.on_datagram(data(1, b"ab"), PEER, 0.1)
+        return t
+    assert committed().end("aborted", "superseded by a new request") == Finish("ok")
+    assert committed().fail("socket error: Connection refused") == Finish("ok")
+    assert committed().on_datagram(P.encode_error(0, "bye"), PEER, 0.2) == [Finish("ok")]
+    t = WriteTransfer(PEER, blksize=4, timeout=1.0)
+    t.start(0.0)
+    t.on_datagram(data(1, b"abcd"), PEER, 0.1)
+    assert t.end("aborted", "superseded by a new request") == Finish(
+        "aborted", "superseded by a new request")
+
+
 # -- the daemon ---------------------------------------------------------------------------
 
 @pytest.fixture
@@ -113,6 +132,31 @@ def test_uploads_from_every_client(updaemon: Daemon, root: Path, tmp_path: Path)
     updaemon.wait_for_log(r"file=atftp .* window=8 .*outcome=ok" if "atftp" in runs
                           else r"file=ours .*outcome=ok")
     assert leftovers(root) == []
+
+
+def test_an_upload_superseded_while_dallying_is_recorded_ok(updaemon: Daemon,
+                                                           root: Path) -> None:
+    """A client's next request can come from the port its finished upload used (an
+    ephemeral port reused, or one client doing both): the upload stays ok."""
+    (root / "next").write_bytes(b"the next file")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.bind(("127.0.0.1", 0))
+        s.sendto(P.encode_wrq("dallied", options={"timeout": "5"}),
+                 ("127.0.0.1", updaemon.port))
+        oack, server = s.recvfrom(P.MAX_DATAGRAM)
+        assert P.parse(oack) == P.OAck({"timeout": "5"})
+        s.sendto(data(1, b"all of it"), server)
+        ack, _ = s.recvfrom(P.MAX_DATAGRAM)
+        assert ack == P.encode_ack(1)
+        # Within the 5 s dally, a new request from the same address and port.
+        s.sendto(P.encode_rrq("next"),
+                 ("127.0.0.1", updaemon.port))
+        first, _ = s.recvfrom(P.MAX_DATAGRAM)
+        assert first == P.encode_data(1, b"the next file")
+    assert (root / "dallied").read_bytes() == b"all of it"
+    line, = updaemon.wait_for_log(r"file=dallied ")
+    assert "outcome=ok" in line, line
 
 
 def test_existing_files_are_kept_unless_allowed(root: Path) -> None:

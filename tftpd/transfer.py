@@ -262,7 +262,12 @@ class ReadTransfer:
 
     def fail(self, detail: str) -> Finish:
         """The worker could not go on (a send failed, the file shrank)."""
-        return self._finish("failed", detail)
+        return self.end("failed", detail)
+
+    def end(self, outcome: str, detail: str) -> Finish:
+        """Ended from outside (superseded, a socket error, shutdown): as it says, since
+        a read is done only when its last block is acknowledged."""
+        return self._finish(outcome, detail)
 
     def on_pumped_done(self) -> list[Action]:
         """C's pump saw the last ACK (and finished the numbers); close the books."""
@@ -530,7 +535,7 @@ class WriteTransfer:
             return []
         self.heard = True
         if isinstance(pkt, P.Error):
-            return [self._finish("aborted", f"client error {pkt.code}: {pkt.message}")]
+            return [self.end("aborted", f"client error {pkt.code}: {pkt.message}")]
         if not isinstance(pkt, P.Data):
             return []
         rx = self.rx
@@ -574,7 +579,14 @@ class WriteTransfer:
         return [self._send(now, self._last)]
 
     def fail(self, detail: str) -> Finish:
-        return self._finish("failed", detail)
+        return self.end("failed", detail)
+
+    def end(self, outcome: str, detail: str) -> Finish:
+        """Ended from outside (superseded, a socket error, shutdown). While dallying the
+        file is already in place, so the upload is ok whatever ends the dally."""
+        if self.state == DALLYING:
+            return self._finish("ok")
+        return self._finish(outcome, detail)
 
     def _send(self, now: float, data: bytes) -> Send:
         self._last = data

@@ -156,7 +156,8 @@ class Worker:
             handler(now)
         self.read_transfer(live)
         if self.table.is_current(live):
-            self.finish(live, Finish("aborted", "superseded by a new request"), now)
+            self.finish(live, live.transfer.end("aborted", "superseded by a new request"),
+                        now)
 
     def live(self, src: tuple) -> Session | None:
         """The transfer serving this peer: Python's, or one C started (taken over)."""
@@ -262,7 +263,8 @@ class Worker:
             except OSError as err:
                 # ICMP port unreachable surfaces here: the client has gone away.
                 now = time.monotonic()
-                self.finish(session, Finish("failed", f"socket error: {err.strerror}"), now)
+                self.finish(session, session.transfer.fail(f"socket error: {err.strerror}"),
+                            now)
                 return
             self.on_datagram(session, data, src, time.monotonic())
 
@@ -284,7 +286,7 @@ class Worker:
                     "file shrank under the transfer", now)
 
     def on_socket_error(self, session: Session, err: int, now: float) -> None:
-        self.finish(session, Finish("failed", f"socket error: {os.strerror(err)}"), now)
+        self.finish(session, session.transfer.fail(f"socket error: {os.strerror(err)}"), now)
 
     def apply(self, session: Session, actions: list, now: float) -> None:
         t = session.transfer

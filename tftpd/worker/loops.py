@@ -35,7 +35,6 @@ from tftpd.datapath import (
     PumpEvent,
     encode_sockaddr,
 )
-from tftpd.transfer import Finish
 from tftpd.worker.sessions import Session
 
 if TYPE_CHECKING:
@@ -158,7 +157,7 @@ class Loop(abc.ABC):
             if drain_started and ((not w.table and not http_busy and not w.requests.parked)
                                   or time.monotonic() >= w.drain_deadline):
                 for s in w.table.sessions():
-                    w.finish(s, Finish("failed", "server shutting down"), time.monotonic())
+                    w.finish(s, s.transfer.fail("server shutting down"), time.monotonic())
                 if w.http is not None:
                     w.http.stop()
                 return 0
