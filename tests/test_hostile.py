@@ -185,7 +185,7 @@ def test_fifo_refused_without_blocking(daemon: Daemon) -> None:
 def test_missing_file(daemon: Daemon) -> None:
     refused(daemon, b"nothing-here", P.E_NOT_FOUND)
     refused(daemon, b"no/such/dir/file", P.E_NOT_FOUND)
-    daemon.wait_for_log(r"file=nothing-here mode=octet outcome=notfound error=1")
+    daemon.wait_for_log(r"file=nothing-here protocol=tftp mode=octet outcome=notfound error=1")
 
 
 def test_write_refused(daemon: Daemon) -> None:
@@ -347,8 +347,8 @@ def test_repeated_misses_answered_every_time_until_the_name_appears(daemon: Daem
                 reply, src = s.recvfrom(P.MAX_DATAGRAM)
                 assert P.parse(reply) == P.Error(P.E_NOT_FOUND, "File not found")
                 assert src[1] != daemon.port
-        daemon.wait_for_log(r"file=pxelinux\.cfg/C0A80A05 mode=octet outcome=notfound "
-                            r"error=1", count=2 * n)
+        daemon.wait_for_log(r"file=pxelinux\.cfg/C0A80A05 protocol=tftp mode=octet "
+                            r"outcome=notfound error=1", count=2 * n)
         # All but the first in each worker came from the negative cache.
         cached = daemon.wait_for_log(r"C0A80A05 .*reason=No such file \(cached\)")
         assert len(cached) >= 2 * n - 2

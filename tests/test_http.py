@@ -145,6 +145,19 @@ def test_get_and_head_with_curl(served: tuple[Daemon, int], files: dict[str, byt
                    rf"bytes={BIG} duration=\S+s outcome=ok$")
 
 
+def test_tftp_and_http_records_name_their_protocol(served: tuple[Daemon, int],
+                                                   files: dict[str, bytes]) -> None:
+    d, port = served
+    assert client.get("127.0.0.1", d.port, "hello.txt").data == files["hello.txt"]
+    with pytest.raises(client.TftpError):
+        client.get("127.0.0.1", d.port, "not-there")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/hello.txt", timeout=10) as r:
+        assert r.read() == files["hello.txt"]
+    d.wait_for_log(r"127\.0\.0\.1:\d+ file=hello\.txt protocol=tftp mode=octet bytes=\d+ ")
+    d.wait_for_log(r"file=not-there protocol=tftp mode=octet outcome=notfound error=1 ")
+    d.wait_for_log(r"127\.0\.0\.1:\d+ file=hello\.txt protocol=http method=GET status=200 ")
+
+
 def test_head_sends_no_body(served: tuple[Daemon, int]) -> None:
     _, port = served
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:

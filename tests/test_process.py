@@ -434,7 +434,7 @@ def test_probe_netascii_tsize(daemon: Daemon) -> None:
                      options={"tsize": "0"}, probe=True)
     converted = text.replace(b"\r", b"\r\0").replace(b"\n", b"\r\n")
     assert res.oack == {"tsize": str(len(converted))}
-    daemon.wait_for_log(r"file=t\.txt mode=netascii .*outcome=probe")
+    daemon.wait_for_log(r"file=t\.txt protocol=tftp mode=netascii .*outcome=probe")
 
 
 @pytest.mark.parametrize("options", [{}, {"blksize": "1024"}])

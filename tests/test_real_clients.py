@@ -61,7 +61,7 @@ def assert_fetched(proc: subprocess.CompletedProcess[bytes], out: Path, want: by
 def served(daemon: Daemon, name: str, *, blksize: int | None = None, window: int | None = None,
            size: int | None = None) -> str:
     """Wait for the server's `outcome=ok` line for `name`; check what it negotiated."""
-    rx = rf"file={re.escape(name)} mode=\S+ "
+    rx = rf"file={re.escape(name)} protocol=tftp mode=\S+ "
     rx += rf"bytes={size} " if size is not None else r"bytes=\d+ "
     rx += rf"blksize={blksize} " if blksize is not None else r"blksize=\d+ "
     rx += rf"window={window} " if window is not None else r"window=\d+ "

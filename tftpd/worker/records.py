@@ -94,15 +94,15 @@ class TransferLog:
     def _refusal_line(self, src: tuple, name: str, mode: str, outcome: str, code: int,
                       reason: str, options: dict) -> None:
         if not self.json_log:
-            logs.info_line(f"{peer_text(src)} file={name} mode={mode} outcome={outcome} "
-                           f"error={code} reason={reason}")
+            logs.info_line(f"{peer_text(src)} file={name} protocol=tftp mode={mode} "
+                           f"outcome={outcome} error={code} reason={reason}")
             return
         extra = {"transfer": {"client": src[0], "port": src[1], "file": name,
                               "protocol": "tftp", "mode": mode,
                               "options": clean(options), "outcome": outcome,
                               "error": code, "reason": reason}}
-        log.info("%s file=%s mode=%s outcome=%s error=%d reason=%s", peer_text(src), name,
-                 mode, outcome, code, reason, extra=extra)
+        log.info("%s file=%s protocol=tftp mode=%s outcome=%s error=%d reason=%s",
+                 peer_text(src), name, mode, outcome, code, reason, extra=extra)
 
     def ended(self, session: Session, fin: Finish, now: float, live: int) -> None:
         """A transfer ended (`live`: the transfers left in this worker)."""
@@ -136,7 +136,7 @@ class TransferLog:
         """One line per finished transfer, whatever its end, once admits() let it."""
         reason = f" reason={sanitize(r.detail, 200)}" if r.detail else ""
         if not self.json_log:
-            logs.info_line(f"{peer_text(r.peer)} file={r.name} mode={r.mode} "
+            logs.info_line(f"{peer_text(r.peer)} file={r.name} protocol=tftp mode={r.mode} "
                            f"bytes={r.nbytes} blksize={r.blksize} window={r.window} "
                            f"duration={r.duration:.3f}s retransmits={r.retransmits} "
                            f"outcome={r.outcome}{reason}")
@@ -148,8 +148,9 @@ class TransferLog:
             "blksize": r.blksize, "windowsize": r.window,
             "duration_s": round(r.duration, 6), "retransmits": r.retransmits,
             "outcome": r.outcome, "reason": sanitize(r.detail, 200)}}
-        log.info("%s file=%s mode=%s bytes=%d blksize=%d window=%d duration=%.3fs "
-                 "retransmits=%d outcome=%s%s", peer_text(r.peer), r.name, r.mode, r.nbytes,
+        log.info("%s file=%s protocol=tftp mode=%s bytes=%d blksize=%d window=%d "
+                 "duration=%.3fs retransmits=%d outcome=%s%s", peer_text(r.peer), r.name,
+                 r.mode, r.nbytes,
                  r.blksize, r.window, r.duration, r.retransmits, r.outcome, reason,
                  extra=extra)
 
