@@ -351,9 +351,12 @@ def test_slow_head_is_closed_at_the_deadline(root: Path, files: dict[str, bytes]
         d.stop()
 
 
-def test_too_many_connections_are_refused(root: Path, files: dict[str, bytes]) -> None:
+@pytest.mark.parametrize("threads", [1, 4])
+def test_too_many_connections_are_refused(root: Path, files: dict[str, bytes],
+                                          threads: int) -> None:
+    """The bound is the worker's, however many HTTP threads share its connections."""
     d = start_daemon(root, "--workers", "1", "--http", "127.0.0.1:0",
-                     "--http-max-connections", "2")
+                     "--http-max-connections", "2", "--http-threads", str(threads))
     port = http_port(d)
     held = []
     try:
@@ -362,10 +365,11 @@ def test_too_many_connections_are_refused(root: Path, files: dict[str, bytes]) -
             held.append(s)
             s.sendall(b"GET /hello.txt HTTP/1.1\r\nHost: x\r\n\r\n")
             assert read_reply(s).status == 200  # accepted and kept open
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            r = read_reply(s)
-            assert r.status == 503 and r.headers["connection"] == "close"
-            assert closed_by_server(s, 5)
+        for _ in range(4):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                r = read_reply(s)
+                assert r.status == 503 and r.headers["connection"] == "close"
+                assert closed_by_server(s, 5)
         held.pop().close()
         deadline = time.monotonic() + 10
         while True:  # the server notices the close on its next turn
@@ -746,4 +750,30 @@ def test_a_failing_resolver_ends_one_connection_only(root: Path,
         assert get(port, "/hello.txt").body == files["hello.txt"]
     finally:
         server.stop()
+        lst.close()
+
+
+def test_threads_never_make_the_shared_listening_socket_blocking(root: Path) -> None:
+    """Every worker's threads accept from one open file (the master's socket, inherited),
+    and one that loses the race must get EAGAIN, not block in accept(). A second worker
+    making its threads' descriptors must not clear O_NONBLOCK under the first."""
+    from tftpd.config import Address, Config
+    from tftpd.files import Root
+    from tftpd.http import HttpThreads
+
+    lst = listen_socket(Address(socket.AF_INET, "127.0.0.1", 0))  # blocking, as made
+    first = HttpThreads(Config(), [lst], Root(str(root)), 2)
+    first.start()
+    try:
+        deadline = time.monotonic() + 10
+        while os.get_blocking(lst.fileno()) and time.monotonic() < deadline:
+            time.sleep(0.01)  # polls the threads' start, bounded by the deadline
+        assert not os.get_blocking(lst.fileno())
+        second = HttpThreads(Config(), [lst], Root(str(root)), 2)  # the next worker's
+        assert not os.get_blocking(lst.fileno())
+        for server in second.servers:
+            for copy in server.listeners:
+                copy.close()
+    finally:
+        first.stop()
         lst.close()

@@ -217,6 +217,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("http_max_connections", ("--http-max-connections",), "HTTP connections at once "
             "per worker; past it a connection is answered 503 and closed", 512,
             _int_in(1, 1_000_000), metavar="N"),
+    Setting("http_threads", ("--http-threads",), "HTTP threads per worker, each with its "
+            "own connections (a body is sent by sendfile outside Python's lock, so two "
+            "threads keep two copies going)", 2, _int_in(1, 64), metavar="N"),
     Setting("http_head_timeout", ("--http-head-timeout",), "seconds an HTTP request's head "
             "may take to arrive (slow senders are closed)", 10, _int_in(1, 3600),
             metavar="SECONDS"),
@@ -330,6 +333,7 @@ class Config:
     metrics: str | None = None
     http: tuple[Address, ...] = ()
     http_max_connections: int = 512
+    http_threads: int = 2
     http_head_timeout: int = 10
     http_idle_timeout: int = 30
     http_send_timeout: int = 60

@@ -552,10 +552,11 @@ class Master:
             worker = Worker(self.cfg, listeners, self.root, self.datapath, row, self.gz,
                             forward=forward, rules=self.rules, content=content)
             if self.http_socks:
-                from tftpd.http import HttpServer
+                from tftpd.http import HttpThreads
 
-                worker.http = HttpServer(self.cfg, self.http_socks, self.root, self.gz,
-                                         self.rules, row, content=content.resolver())
+                worker.http = HttpThreads(self.cfg, self.http_socks, self.root,
+                                          self.cfg.http_threads, self.gz, self.rules, row,
+                                          content=content.resolver)
         except Exception:
             log.exception("worker %d failed to start", slot.index)
             return EXIT_BOOT_FAILED

@@ -25,8 +25,8 @@ COUNTERS = ("requests", "ok", "probe", "aborted", "failed", "notfound", "denied"
             "refused_busy", "merged", "malformed", "bytes", "retransmits", "cache_hits",
             "miss_cache_hits", "forwarded", "c_starts", "hook_failed", "hook_timed_out")
 GAUGES = ("active", "listening")
-# HTTP (tftpd.http), written by each worker's HTTP thread alone: never a cell the TFTP
-# loop adds to, so the two threads of a worker need no lock.
+# HTTP (tftpd.http), written by the worker's HTTP threads under their HttpTally's lock:
+# never a cell the TFTP loop adds to, so the TFTP loop takes no lock.
 HTTP_COUNTERS = ("http_requests", "http_ok", "http_aborted", "http_failed", "http_notfound",
                  "http_denied", "http_refused_busy", "http_malformed", "http_bytes",
                  "http_hook_failed", "http_hook_timed_out")

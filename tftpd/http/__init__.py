@@ -5,9 +5,11 @@ times faster over TCP than over lock-step TFTP. The workers serve both from one 
 under one set of rules: a name goes through the map file, then the confined root
 (normalize(), symlinks, `--gz`), exactly as a TFTP filename does.
 
-Each worker runs one HttpServer in a thread with its own selector: the TFTP loop is
-not touched by a slow TCP client, and neither waits for the other. The master binds the
-listening sockets (before privileges are dropped); every worker accepts from them,
+Each worker runs http_threads HttpServers (HttpThreads), each a thread with its own
+selector and connections: the TFTP loop is not touched by a slow TCP client, and
+neither waits for the other. What the threads count together (connections against
+http_max_connections, the stats row's HTTP cells) is an HttpTally, under a lock. The
+master binds the listening sockets (before privileges are dropped); every worker accepts from them,
 non-blocking (a worker that loses the race gets EAGAIN). h11 parses; bodies go out
 with sendfile(2) from the descriptors FileCache shares, without a copy.
 
@@ -19,6 +21,7 @@ lines a client can cause go through logs.Throttle.
 """
 
 from tftpd.http.message import BadRequest, decode_target, parse_range
-from tftpd.http.server import HttpServer, listen_socket
+from tftpd.http.server import HttpServer, HttpThreads, listen_socket
 
-__all__ = ["BadRequest", "HttpServer", "decode_target", "listen_socket", "parse_range"]
+__all__ = ["BadRequest", "HttpServer", "HttpThreads", "decode_target", "listen_socket",
+           "parse_range"]

@@ -12,6 +12,7 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import h11
@@ -65,12 +66,92 @@ def _client(addr: tuple) -> tuple[str, int]:
     return host, int(addr[1])
 
 
+class HttpTally:
+    """What the HTTP threads of one worker count together: their open connections, which
+    http_max_connections bounds, and the HTTP cells of the worker's stats row. A cell is
+    updated under the lock, since two threads' `+=` could lose one of the two."""
+
+    def __init__(self, counters: memoryview | None, max_conns: int) -> None:
+        self.counters = counters if counters is not None else \
+            memoryview(bytearray(8 * len(S.FIELDS))).cast("Q")
+        self.max_conns = max_conns
+        self.conns = 0
+        self.lock = threading.Lock()
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self.lock:
+            self.counters[S.INDEX[name]] += n
+
+    def opened(self) -> bool:
+        """Count a new connection; False, counting nothing, when the bound is reached."""
+        with self.lock:
+            if self.conns >= self.max_conns:
+                return False
+            self.conns += 1
+            self.counters[S.INDEX["http_connections"]] = self.conns
+            return True
+
+    def closed(self) -> None:
+        with self.lock:
+            self.conns -= 1
+            self.counters[S.INDEX["http_connections"]] = self.conns
+
+    def ended(self, outcome: str, nbytes: int, duration: float) -> None:
+        """A response's outcome, bytes and duration."""
+        with self.lock:
+            c = self.counters
+            c[S.INDEX[f"http_{outcome}"]] += 1
+            c[S.INDEX["http_bytes"]] += nbytes
+            S.observe(c, "http_duration", duration)
+
+
+class HttpThreads:
+    """A worker's HTTP service: `count` HttpServers, each a thread with its own
+    selector and connections, accepting from the same listening sockets. A body goes
+    out by sendfile(2), which runs without the GIL, so two threads keep two copies in
+    the kernel going at once (docs/design.md)."""
+
+    def __init__(self, cfg: Any, socks: list[socket.socket], root: Root, count: int,
+                 gz: GzCache | None = None, rules: Any = None,
+                 counters: memoryview | None = None,
+                 content: Callable[[], Any] | None = None) -> None:
+        tally = HttpTally(counters, cfg.http_max_connections)
+        # Each thread closes its own listening descriptors when it stops listening.
+        self.servers = [HttpServer(cfg, [_listening_copy(s) for s in socks], root, gz, rules,
+                                   tally, content=None if content is None else content())
+                        for _ in range(count)]
+
+    def start(self) -> None:
+        for server in self.servers:
+            server.start()
+
+    def stop_listening(self) -> None:
+        for server in self.servers:
+            server.stop_listening()
+
+    @property
+    def busy(self) -> bool:
+        return any(server.busy for server in self.servers)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+def _listening_copy(sock: socket.socket) -> socket.socket:
+    """A descriptor of its own for the same listening socket. Not socket.dup(): that
+    sets the copy's timeout to the original's, and a blocking original would clear
+    O_NONBLOCK on the one open file that every worker's threads accept from, so a
+    thread whose accept() lost the race to another would block in it."""
+    return socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
+
+
 class HttpServer:
-    """One worker's HTTP service: a thread, its selector, its connections."""
+    """One thread of a worker's HTTP service: its selector, its connections."""
 
     def __init__(self, cfg: Any, socks: list[socket.socket], root: Root,
                  gz: GzCache | None = None, rules: Any = None,
-                 counters: memoryview | None = None, content: Any = None) -> None:
+                 tally: HttpTally | None = None, content: Any = None) -> None:
         self.cfg = cfg
         self.listeners = list(socks)
         self.rules = rules  # tftpd.remap.Rules
@@ -80,9 +161,8 @@ class HttpServer:
             ContentResolver(FileCache(root, gz=gz))
         self._answered: collections.deque[Conn] = collections.deque()  # hook answers
         self._wake_sent = False  # a hook's answer woke the thread; not taken yet
-        self.counters = counters if counters is not None else \
-            memoryview(bytearray(8 * len(S.FIELDS))).cast("Q")
-        self.max_conns = cfg.http_max_connections
+        self.tally = tally if tally is not None else \
+            HttpTally(None, cfg.http_max_connections)
         self.head_s = float(cfg.http_head_timeout)
         self.idle_s = float(cfg.http_idle_timeout)
         self.send_s = float(cfg.http_send_timeout)
@@ -206,21 +286,21 @@ class HttpServer:
                 return
             sock.setblocking(False)
             peer = _client(addr)
-            if len(self.conns) >= self.max_conns:
-                self.counters[S.INDEX["http_refused_busy"]] += 1
+            if not self.tally.opened():
+                self.tally.add("http_refused_busy")
                 try:
                     sock.send(raw_response(503, "too many connections"))
                 except OSError:
                     pass
                 sock.close()
                 if self.noise.allow(peer[0], time.monotonic()):
-                    log.info("http: %s refused: %d connections", _peer(peer), len(self.conns))
+                    log.info("http: %s refused: %d connections", _peer(peer),
+                             self.tally.max_conns)
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             c = Conn(sock, peer, time.monotonic() + self.head_s)  # IDLE till a byte comes
             self.conns[c.fd] = c
             self.sel.register(sock, selectors.EVENT_READ, c)
-            self.counters[S.INDEX["http_connections"]] = len(self.conns)
 
     def _sweep(self, now: float) -> None:
         for c in list(self.conns.values()):
@@ -234,7 +314,7 @@ class HttpServer:
             elif c.phase == IDLE:
                 self._close(c)
             else:
-                self.counters[S.INDEX["http_malformed"]] += 1
+                self.tally.add("http_malformed")
                 if self.noise.allow(c.peer[0], now):
                     log.info("http: %s closed: no complete request in %.0fs", _peer(c.peer),
                              self.head_s)
@@ -298,7 +378,7 @@ class HttpServer:
                 return  # the response waits for the socket, or the connection ended
 
     def _malformed(self, c: Conn, status: int, reason: str) -> None:
-        self.counters[S.INDEX["http_malformed"]] += 1
+        self.tally.add("http_malformed")
         if self.noise.allow(c.peer[0], time.monotonic()):
             log.info("http: %s malformed request: %d %s", _peer(c.peer), status,
                      sanitize(reason, 200))
@@ -317,7 +397,7 @@ class HttpServer:
         c.method = req.method.decode("ascii", "replace")
         c.name, c.span, c.detail, c.sent = sanitize(req.target, 200), "", "", 0
         c.remaining = 0
-        self.counters[S.INDEX["http_requests"]] += 1
+        self.tally.add("http_requests")
         if len(req.target) + sum(len(k) + len(v) + 4 for k, v in req.headers) > MAX_HEAD:
             # h11 bounds a head that has not ended; this, one that came whole.
             self._refuse(c, BadRequest(431, "request head too large"), close=True)
@@ -391,8 +471,8 @@ class HttpServer:
             assert res.error is not None
             c.detail = res.error.reason or res.error.message
             if res.error.message in (HOOK_FAILED, HOOK_TIMED_OUT):
-                self.counters[S.INDEX["http_hook_failed" if res.error.message == HOOK_FAILED
-                                      else "http_hook_timed_out"]] += 1
+                self.tally.add("http_hook_failed" if res.error.message == HOOK_FAILED
+                               else "http_hook_timed_out")
             prepare(c, res.http_status, [], body=f"{res.http_status} "
                           f"{REASONS.get(res.http_status, '')}\n".encode())
             return
@@ -510,7 +590,7 @@ class HttpServer:
         if c.file is not None:
             c.file.close()
             c.file = None
-        self.counters[S.INDEX["http_connections"]] = len(self.conns)
+        self.tally.closed()
 
     def _record(self, c: Conn, outcome: str, detail: str) -> None:
         """Counters and one log line per response, in the form of TFTP's records."""
@@ -521,10 +601,7 @@ class HttpServer:
             return
         now = time.monotonic()
         duration = now - c.started
-        counters = self.counters
-        counters[S.INDEX[f"http_{outcome}"]] += 1
-        counters[S.INDEX["http_bytes"]] += c.sent
-        S.observe(counters, "http_duration", duration)
+        self.tally.ended(outcome, c.sent, duration)
         status, c.status = c.status, 0
         if not self.records.allow(c.peer[0], now):
             return

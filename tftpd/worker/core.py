@@ -55,7 +55,7 @@ class Worker:
         # Each worker serves its share of the total (SO_REUSEPORT spreads clients).
         self.max_sessions = max(1, -(-cfg.max_transfers // max(1, cfg.workers)))
         self.rules: Any = rules  # tftpd.remap.Rules
-        self.http: Any = None  # tftpd.http.HttpServer (--http), set by the master
+        self.http: Any = None  # tftpd.http.HttpThreads (--http), set by the master
         self.root = root
         self.files = FileCache(root, gz=gz)
         # Names to files for this thread (per-client roots, the content hook).
