@@ -90,7 +90,7 @@ def _demo(cfg: Config) -> tuple[Config, str]:
 
 def main(argv: list[str] | None = None) -> int:
     from tftpd import systemd
-    from tftpd.master import Master, StartupError, daemonize
+    from tftpd.master import Master, StartupError, daemonize, workers_text
 
     args = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     master.install_signals()
     # The listen sockets are bound: requests queue from here on, so this line is the
     # moment a test or a supervisor may start sending (or signalling).
-    print(f"tftpd: listening on {', '.join(master.bound)} ({cfg.workers} workers, "
+    print(f"tftpd: listening on {', '.join(master.bound)} ({workers_text(cfg.workers)}, "
           f"root {cfg.root}, {datapath.name} data path)"
           + (f"; http on {', '.join(master.http_bound)}" if master.http_bound else ""),
           file=sys.stderr, flush=True)

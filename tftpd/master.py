@@ -208,8 +208,8 @@ class Master:
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         if self.metrics:
             self._sel.register(self.metrics.sock, selectors.EVENT_READ, self.metrics)
-        log.info("serving %s on %s (%d workers, %s)", self.cfg.root, ", ".join(self.bound),
-                 len(self.slots), self.mode)
+        log.info("serving %s on %s (%s, %s)", self.cfg.root, ", ".join(self.bound),
+                 workers_text(len(self.slots)), self.mode)
         for slot in self.slots:
             self.spawn_worker(slot)
         self.notifier.ready(self._status())
@@ -569,6 +569,10 @@ class Master:
             finally:
                 prof.dump_stats(os.path.join(profile_dir, f"worker-{os.getpid()}.prof"))
         return worker.run()
+
+
+def workers_text(n: int) -> str:
+    return f"{n} worker" if n == 1 else f"{n} workers"
 
 
 def _raise_nofile() -> None:
