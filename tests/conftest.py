@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,20 @@ class Daemon:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True,
                              text=True, check=False).stdout
         return [int(p) for p in out.split()]
+
+    def wait_workers(self, n: int, timeout: float = 5.0,
+                     exclude: frozenset[int] = frozenset()) -> list[int]:
+        """Poll the process table (bounded) until the master has `n` workers, none in
+        `exclude`. The master prints "listening on" before it forks, so right after
+        start_daemon the pool may still be forming."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = sorted(self.worker_pids())
+            if (len(pids) == n and not exclude & set(pids)) or time.monotonic() > deadline:
+                assert len(pids) == n and not exclude & set(pids), \
+                    f"workers {pids}, want {n} of them, none of {sorted(exclude)}"
+                return pids
+            time.sleep(0.01)  # bounded polling of process state
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:

@@ -196,7 +196,7 @@ def test_a_failing_hook_fails_its_request_only(root: Path, hook_dir: Path,
     mport = metrics_port()
     d, hport = start(root, hook_dir, "--metrics", f"127.0.0.1:{mport}")
     try:
-        pids = set(d.worker_pids())
+        pids = set(d.wait_workers(2))
         for name in ("raise", "weird"):
             err = tftp_error(d.port, name)
             assert (err.code, err.message) == (0, "content hook failed")
@@ -317,7 +317,7 @@ def test_requests_waiting_for_the_hook_count_and_are_replaced(root: Path, hook_d
 def test_reload_loads_the_edited_hook(root: Path, hook_dir: Path) -> None:
     d, hport = start(root, hook_dir)
     try:
-        before = set(d.worker_pids())
+        before = set(d.wait_workers(2))
         assert client.get("127.0.0.1", d.port, "version").data == b"v1"
         assert curl(hport, "version")[2] == b"v1"
         # Same size, same second: a cached .pyc would not see the change.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Daemon, start_daemon
-from test_process import udp, wait_workers, warm_up
+from test_process import udp, warm_up
 
 from tftpd import client
 from tftpd import packet as P
@@ -40,11 +40,11 @@ def test_stopped_worker_is_replaced(root: Path, datapath: str) -> None:
     victim = 0
     try:
         warm_up(d, 2)
-        before = wait_workers(d, 2)
+        before = d.wait_workers(2)
         victim = before[0]
         os.kill(victim, signal.SIGSTOP)
         stopped_at = time.monotonic()
-        after = wait_workers(d, 2, timeout=REPLACED_WITHIN, exclude=frozenset({victim}))
+        after = d.wait_workers(2, timeout=REPLACED_WITHIN, exclude=frozenset({victim}))
         replaced_in = time.monotonic() - stopped_at
         assert set(before) - {victim} < set(after), "a worker other than the victim went"
         d.wait_for_log(SILENT.format(pid=victim) + r".*SIGKILL; replacing")
@@ -75,7 +75,7 @@ def test_storm_after_a_worker_stopped_loses_nobody(tmp_path: Path) -> None:
         warm_up(d, 2)
         # One client first: the load generator's engine is built before the clock runs.
         assert run_storm((d.host, d.port), wl, 1, deadline_s=25).ok == 1
-        victim = wait_workers(d, 2)[0]
+        victim = d.wait_workers(2)[0]
         os.kill(victim, signal.SIGSTOP)
         # Right away: a share of the storm's requests queue on the stopped worker's socket.
         res = run_storm((d.host, d.port), wl, 200, deadline_s=25)
@@ -85,7 +85,7 @@ def test_storm_after_a_worker_stopped_loses_nobody(tmp_path: Path) -> None:
         d.wait_for_log(SILENT.format(pid=victim) + r".*SIGKILL; replacing")
         # Those clients waited for the replacement: their RRQs were re-sent meanwhile.
         assert res.rrq_retransmits > 0, summary
-        after = wait_workers(d, 2, exclude=frozenset({victim}))
+        after = d.wait_workers(2, exclude=frozenset({victim}))
         servers = {int(m.group(1)) for m in re.finditer(
             r"^tftpd\[(\d+)\].* file=nbp\.efi .*outcome=ok", d.log_text(), re.M)}
         assert set(after) <= servers, (after, servers)
@@ -109,7 +109,7 @@ def test_idle_workers_are_left_alone(root: Path, datapath: str) -> None:
     d = start_daemon(root, "--workers", "2", env={"TFTPD_DATAPATH": datapath})
     try:
         warm_up(d, 2)
-        pids = wait_workers(d, 2)
+        pids = d.wait_workers(2)
         # Idle for twice the limit and more: no worker may be taken for hung.
         with pytest.raises(AssertionError):
             d.wait_for_log(r"silent for", timeout=2 * HUNG_AFTER + 1.5)
@@ -154,7 +154,7 @@ def test_draining_worker_beats_and_a_stuck_one_is_killed(root: Path, datapath: s
     d = start_daemon(root, "--workers", "1", "--drain-timeout", "60",
                      env={"TFTPD_DATAPATH": datapath})
     try:
-        (old,) = wait_workers(d, 1)
+        (old,) = d.wait_workers(1)
         sock, tid = _start_slow_transfer(d, "a.bin", data)
         d.proc.send_signal(signal.SIGHUP)
         d.wait_for_log(r"SIGHUP: reloaded")
@@ -164,7 +164,7 @@ def test_draining_worker_beats_and_a_stuck_one_is_killed(root: Path, datapath: s
         assert old in d.worker_pids()
         assert _finish_transfer(sock, tid, data) == data
         sock.close()
-        (new,) = wait_workers(d, 1, exclude=frozenset({old}))
+        (new,) = d.wait_workers(1, exclude=frozenset({old}))
         d.wait_for_log(rf"tftpd\[{old}\].*file=a\.bin .*outcome=ok")
 
         # Again, and this time the draining worker stops.
@@ -175,7 +175,7 @@ def test_draining_worker_beats_and_a_stuck_one_is_killed(root: Path, datapath: s
         line = d.wait_for_log(SILENT.format(pid=new) + r".*SIGKILL",
                               timeout=REPLACED_WITHIN)[0]
         assert "replacing" not in line, line
-        wait_workers(d, 1, exclude=frozenset({old, new}))
+        d.wait_workers(1, exclude=frozenset({old, new}))
         sock.close()
         assert client.get(d.host, d.port, "a.bin").data == data
     finally:

@@ -71,17 +71,6 @@ def refused(daemon: Daemon, name: bytes, code: int, mode: str = "octet",
     return pkt
 
 
-def wait_workers(daemon: Daemon, n: int, timeout: float = 5.0) -> list[int]:
-    """The worker PIDs once there are `n` (the master forks after printing "listening")."""
-    deadline = time.monotonic() + timeout
-    while True:
-        pids = sorted(daemon.worker_pids())
-        if len(pids) == n or time.monotonic() > deadline:
-            assert len(pids) == n, f"{len(pids)} workers, want {n}"
-            return pids
-        time.sleep(0.02)  # polling the process table, bounded by the deadline
-
-
 @pytest.fixture
 def secret(root: Path) -> Path:
     """A file next to the root (in its parent) that must never be served."""
@@ -236,7 +225,7 @@ def test_absolute_name_spelling_the_root_served(daemon: Daemon) -> None:
 def test_malformed_packets_do_not_kill_workers(daemon: Daemon) -> None:
     data = random.Random(2).randbytes(70_000)
     (daemon.root / "ok.bin").write_bytes(data)
-    before = wait_workers(daemon, 2)
+    before = daemon.wait_workers(2)
     many = b"".join(f"opt{i}".encode() + b"\0" + b"1\0" for i in range(1000))
     dropped = [
         b"",
@@ -470,7 +459,7 @@ def test_a_last_ack_and_a_new_request_read_together(root: Path, datapath: str) -
     (root / "two.bin").write_bytes(b"2" * 700)
     d = start_daemon(root, "--workers", "1", env={"TFTPD_DATAPATH": datapath})
     try:
-        (worker,) = wait_workers(d, 1)
+        (worker,) = d.wait_workers(1)
         with udp() as s:
             s.sendto(P.encode_rrq(b"one.bin", "octet", {}), (d.host, d.port))
             data, tid = s.recvfrom(P.MAX_DATAGRAM)

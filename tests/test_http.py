@@ -679,7 +679,7 @@ def test_reload_hands_http_to_the_new_workers(root: Path, files: dict[str, bytes
 
     d, port = start_http(root)
     try:
-        before = set(d.worker_pids())
+        before = set(d.wait_workers(2))
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(b"GET /hello.txt HTTP/1.1\r\nHost: x\r\n\r\n")
             assert read_reply(s).status == 200

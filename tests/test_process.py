@@ -26,27 +26,10 @@ from tftpd import client
 from tftpd import packet as P
 
 
-def wait_workers(daemon: Daemon, n: int, timeout: float = 5.0,
-                 exclude: frozenset[int] = frozenset()) -> list[int]:
-    """Poll the process table (bounded) until the master has `n` workers, none in `exclude`.
-
-    The master prints "listening on" before it forks, so right after start_daemon the
-    pool may still be forming.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        pids = sorted(daemon.worker_pids())
-        if (len(pids) == n and not exclude & set(pids)) or time.monotonic() > deadline:
-            assert len(pids) == n and not exclude & set(pids), \
-                f"workers {pids}, want {n} of them, none of {sorted(exclude)}"
-            return pids
-        time.sleep(0.01)  # bounded polling of process state
-
-
 def warm_up(daemon: Daemon, n: int) -> None:
     """Return once each of the `n` workers has answered a request (so it runs its loop
     with its own signal handlers). Requests from fresh ports spread over the workers."""
-    pids = set(wait_workers(daemon, n))
+    pids = set(daemon.wait_workers(n))
     for i in range(200):  # bounded; SO_REUSEPORT hashing reaches every worker long before
         with udp() as sock:
             sock.sendto(P.encode_rrq(f"warm-up-{i}".encode(), "octet", {}),
@@ -129,7 +112,7 @@ def vdaemon(root: Path, datapath: str) -> Iterator[Daemon]:
 def test_three_workers(root: Path) -> None:
     d = start_daemon(root, "--workers", "3")
     try:
-        pids = wait_workers(d, 3)
+        pids = d.wait_workers(3)
         assert d.proc.pid not in pids
         out = subprocess.run(["ps", "-o", "pid=,ppid=", "--ppid", str(d.proc.pid)],
                              capture_output=True, text=True, check=True).stdout.split()
@@ -172,7 +155,7 @@ def test_worker_killed_during_storm(root: Path, datapath: str) -> None:
         (root / name).write_bytes(data)
     d = start_daemon(root, "--workers", "3", "-v", env={"TFTPD_DATAPATH": datapath})
     try:
-        before = wait_workers(d, 3)
+        before = d.wait_workers(3)
         stats = {"restarts": 0}
         lock = threading.Lock()
         names = [f"s{i % 10}.bin" for i in range(STORM)]
@@ -187,7 +170,7 @@ def test_worker_killed_during_storm(root: Path, datapath: str) -> None:
             assert victim in before
             os.kill(victim, signal.SIGKILL)
             killed_at = time.monotonic()
-            after = wait_workers(d, 3, timeout=2.0, exclude=frozenset({victim}))
+            after = d.wait_workers(3, timeout=2.0, exclude=frozenset({victim}))
             replaced_in = time.monotonic() - killed_at
             results = [f.result(timeout=90) for f in futures]
         for name, got in zip(names, results, strict=True):
