@@ -777,3 +777,38 @@ def test_threads_never_make_the_shared_listening_socket_blocking(root: Path) -> 
     finally:
         first.stop()
         lst.close()
+
+
+def test_a_connection_lost_at_accept_gives_its_count_back(root: Path, files: dict[str, bytes],
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """Setting up an accepted socket can fail (the client is gone): the thread goes on,
+    and the connection bound does not keep counting it."""
+    import dataclasses
+
+    from tftpd.config import Address, Config
+    from tftpd.files import Root
+    from tftpd.http import HttpThreads
+
+    real = socket.socket.setsockopt
+
+    def failing(self: socket.socket, level: int, name: int, *value: object) -> None:
+        if name == socket.TCP_NODELAY:
+            raise ConnectionResetError("reset by the test")
+        real(self, level, name, *value)  # type: ignore[arg-type]
+
+    lst = listen_socket(Address(socket.AF_INET, "127.0.0.1", 0))
+    port = lst.getsockname()[1]
+    cfg = dataclasses.replace(Config(), http_max_connections=1)
+    service = HttpThreads(cfg, [lst], Root(str(root)), 1)
+    monkeypatch.setattr(socket.socket, "setsockopt", failing)
+    service.start()
+    try:
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                assert closed_by_server(s, 5)
+        monkeypatch.setattr(socket.socket, "setsockopt", real)
+        assert get(port, "/hello.txt").body == files["hello.txt"]
+    finally:
+        service.stop()
+        lst.close()

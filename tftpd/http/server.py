@@ -297,7 +297,12 @@ class HttpServer:
                     log.info("http: %s refused: %d connections", _peer(peer),
                              self.tally.max_conns)
                 continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # gone already: its count is given back
+                sock.close()
+                self.tally.closed()
+                continue
             c = Conn(sock, peer, time.monotonic() + self.head_s)  # IDLE till a byte comes
             self.conns[c.fd] = c
             self.sel.register(sock, selectors.EVENT_READ, c)
