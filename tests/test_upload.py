@@ -75,15 +75,17 @@ def test_size_limit_and_client_error() -> None:
 
 def test_a_dallying_upload_ends_ok_however_it_ends() -> None:
     """After its last block the file is in place; the dally only guards the final ACK,
-    so whatever ends it (a new request from the same port, an ERROR, a socket error)
-    leaves the upload ok. Before that, the same ends are what they say."""
+    so whatever ends it from outside (a new request from the same port, an ERROR, a
+    socket error) leaves the upload ok. Before that, the same ends are what they say."""
     def committed() -> WriteTransfer:
         t = WriteTransfer(PEER, blksize=4, timeout=1.0)
         t.start(0.0)
         assert Commit() in t.on_datagram(data(1, b"ab"), PEER, 0.1)
         return t
     assert committed().end("aborted", "superseded by a new request") == Finish("ok")
-    assert committed().fail("socket error: Connection refused") == Finish("ok")
+    assert committed().end("failed", "socket error: Connection refused") == Finish("ok")
+    # The worker could not carry out the commit: that is the transfer's own failure.
+    assert committed().fail("File already exists") == Finish("failed", "File already exists")
     assert committed().on_datagram(P.encode_error(0, "bye"), PEER, 0.2) == [Finish("ok")]
     t = WriteTransfer(PEER, blksize=4, timeout=1.0)
     t.start(0.0)
@@ -157,6 +159,35 @@ def test_an_upload_superseded_while_dallying_is_recorded_ok(updaemon: Daemon,
     assert (root / "dallied").read_bytes() == b"all of it"
     line, = updaemon.wait_for_log(r"file=dallied ")
     assert "outcome=ok" in line, line
+
+
+def test_an_upload_whose_commit_fails_is_recorded_failed(updaemon: Daemon,
+                                                         root: Path) -> None:
+    """Two clients upload the same new name at once: the second's last block arrives
+    after the first has put the file in place, so its commit fails. That upload failed
+    (its client hears ERROR 6), though it had entered its dally."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    try:
+        tids = []
+        for s in socks:
+            s.settimeout(5)
+            s.bind(("127.0.0.1", 0))
+            s.sendto(P.encode_wrq("twice.bin"), ("127.0.0.1", updaemon.port))
+            ack0, tid = s.recvfrom(P.MAX_DATAGRAM)
+            assert ack0 == P.encode_ack(0)
+            tids.append(tid)
+        socks[0].sendto(data(1, b"first"), tids[0])
+        assert socks[0].recvfrom(P.MAX_DATAGRAM)[0] == P.encode_ack(1)
+        socks[1].sendto(data(1, b"second"), tids[1])
+        err = P.parse(socks[1].recvfrom(P.MAX_DATAGRAM)[0])
+        assert isinstance(err, P.Error) and err.code == P.E_EXISTS
+        late = socks[1].getsockname()[1]
+    finally:
+        for s in socks:
+            s.close()
+    assert (root / "twice.bin").read_bytes() == b"first"
+    line, = updaemon.wait_for_log(rf"127\.0\.0\.1:{late} file=twice\.bin ")
+    assert "outcome=failed" in line, line
 
 
 def test_existing_files_are_kept_unless_allowed(root: Path) -> None:

@@ -262,7 +262,7 @@ class ReadTransfer:
 
     def fail(self, detail: str) -> Finish:
         """The worker could not go on (a send failed, the file shrank)."""
-        return self.end("failed", detail)
+        return self._finish("failed", detail)
 
     def end(self, outcome: str, detail: str) -> Finish:
         """Ended from outside (superseded, a socket error, shutdown): as it says, since
@@ -579,11 +579,14 @@ class WriteTransfer:
         return [self._send(now, self._last)]
 
     def fail(self, detail: str) -> Finish:
-        return self.end("failed", detail)
+        """The worker could not carry out this transfer's actions (a write, the commit
+        that puts the file in place): failed, dallying or not."""
+        return self._finish("failed", detail)
 
     def end(self, outcome: str, detail: str) -> Finish:
         """Ended from outside (superseded, a socket error, shutdown). While dallying the
-        file is already in place, so the upload is ok whatever ends the dally."""
+        file is already in place (the worker carried out the Commit, or failed the
+        transfer), so the upload is ok whatever ends the dally."""
         if self.state == DALLYING:
             return self._finish("ok")
         return self._finish(outcome, detail)

@@ -263,7 +263,8 @@ class Worker:
             except OSError as err:
                 # ICMP port unreachable surfaces here: the client has gone away.
                 now = time.monotonic()
-                self.finish(session, session.transfer.fail(f"socket error: {err.strerror}"),
+                self.finish(session, session.transfer.end("failed",
+                                                          f"socket error: {err.strerror}"),
                             now)
                 return
             self.on_datagram(session, data, src, time.monotonic())
@@ -286,7 +287,8 @@ class Worker:
                     "file shrank under the transfer", now)
 
     def on_socket_error(self, session: Session, err: int, now: float) -> None:
-        self.finish(session, session.transfer.fail(f"socket error: {os.strerror(err)}"), now)
+        self.finish(session, session.transfer.end(
+            "failed", f"socket error: {os.strerror(err)}"), now)
 
     def apply(self, session: Session, actions: list, now: float) -> None:
         t = session.transfer

@@ -157,7 +157,8 @@ class Loop(abc.ABC):
             if drain_started and ((not w.table and not http_busy and not w.requests.parked)
                                   or time.monotonic() >= w.drain_deadline):
                 for s in w.table.sessions():
-                    w.finish(s, s.transfer.fail("server shutting down"), time.monotonic())
+                    w.finish(s, s.transfer.end("failed", "server shutting down"),
+                             time.monotonic())
                 if w.http is not None:
                     w.http.stop()
                 return 0
