@@ -812,3 +812,24 @@ def test_a_connection_lost_at_accept_gives_its_count_back(root: Path, files: dic
     finally:
         service.stop()
         lst.close()
+
+
+def test_log_bounds_are_the_workers_however_many_threads(root: Path,
+                                                         files: dict[str, bytes]) -> None:
+    """Malformed requests from one address write at most NOISE_PER_ADDRESS lines per
+    interval from a worker, not that many from each of its HTTP threads."""
+    from tftpd.http.server import NOISE_PER_ADDRESS
+
+    d = start_daemon(root, "--workers", "1", "--http", "127.0.0.1:0", "--http-threads", "4")
+    port = http_port(d)
+    try:
+        for _ in range(NOISE_PER_ADDRESS * 5 // 2):
+            assert ask(port, b"NONSENSE\r\n\r\n").status == 400
+        # Lines are written in the order they were made: once this record is out, every
+        # line about the malformed requests before it is too.
+        assert get(port, "/hello.txt").status == 200
+        d.wait_for_log(r"file=hello\.txt protocol=http method=GET status=200")
+        lines = [ln for ln in d.lines if "malformed request" in ln]
+        assert len(lines) == NOISE_PER_ADDRESS, len(lines)
+    finally:
+        d.stop()

@@ -8,6 +8,7 @@ their handler to batching and flush once per loop turn.
 from __future__ import annotations
 
 import logging
+import threading
 
 log = logging.getLogger("tftpd")
 ATOMIC_WRITE = 4000  # characters; a pipe write below PIPE_BUF (4096) is atomic
@@ -183,3 +184,21 @@ class Throttle:
         self.held.clear()
         self.written = self.held_untracked = 0
         self.window_end = now + self.interval
+
+
+class SharedThrottle(Throttle):
+    """A Throttle that several threads ask (the HTTP threads of one worker): one bound
+    for them all, taken under a lock."""
+
+    def __init__(self, what: str, per_address: int, total: int | None = None,
+                 interval: float = 10.0, track: int = 4096) -> None:
+        super().__init__(what, per_address, total, interval, track)
+        self._lock = threading.RLock()  # allow() may roll()
+
+    def allow(self, addr: str, now: float) -> bool:
+        with self._lock:
+            return super().allow(addr, now)
+
+    def roll(self, now: float) -> None:
+        with self._lock:
+            super().roll(now)

@@ -68,8 +68,9 @@ def _client(addr: tuple) -> tuple[str, int]:
 
 class HttpTally:
     """What the HTTP threads of one worker count together: their open connections, which
-    http_max_connections bounds, and the HTTP cells of the worker's stats row. A cell is
-    updated under the lock, since two threads' `+=` could lose one of the two."""
+    http_max_connections bounds, the HTTP cells of the worker's stats row, and the log
+    lines clients may cause. A cell is updated under the lock, since two threads' `+=`
+    could lose one of the two."""
 
     def __init__(self, counters: memoryview | None, max_conns: int) -> None:
         self.counters = counters if counters is not None else \
@@ -77,6 +78,10 @@ class HttpTally:
         self.max_conns = max_conns
         self.conns = 0
         self.lock = threading.Lock()
+        # The log lines a client can cause, bounded for the worker as a whole.
+        self.records = logs.SharedThrottle("http records", RECORDS_PER_ADDRESS)
+        self.noise = logs.SharedThrottle("http malformed input", NOISE_PER_ADDRESS,
+                                         NOISE_TOTAL)
 
     def add(self, name: str, n: int = 1) -> None:
         with self.lock:
@@ -167,8 +172,8 @@ class HttpServer:
         self.idle_s = float(cfg.http_idle_timeout)
         self.send_s = float(cfg.http_send_timeout)
         self.json_log = cfg.log_format == "json"
-        self.records = logs.Throttle("http records", RECORDS_PER_ADDRESS)
-        self.noise = logs.Throttle("http malformed input", NOISE_PER_ADDRESS, NOISE_TOTAL)
+        self.records = self.tally.records
+        self.noise = self.tally.noise
         self.conns: dict[int, Conn] = {}
         self.sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
