@@ -833,3 +833,46 @@ def test_log_bounds_are_the_workers_however_many_threads(root: Path,
         assert len(lines) == NOISE_PER_ADDRESS, len(lines)
     finally:
         d.stop()
+
+
+def test_a_dead_workers_connections_leave_the_gauge(root: Path,
+                                                    files: dict[str, bytes]) -> None:
+    """A worker killed with connections open cannot lower its own gauge: the master
+    does, so the metrics do not report connections nobody holds."""
+    import signal
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        mport = probe.getsockname()[1]
+    d = start_daemon(root, "--workers", "1", "--http", "127.0.0.1:0",
+                     "--metrics", f"127.0.0.1:{mport}")
+    port = http_port(d)
+    held: list[socket.socket] = []
+
+    def http_connections(want: str) -> str:
+        """The gauge, once it reads `want` or 10 s have passed."""
+        deadline = time.monotonic() + 10
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:
+                text = r.read().decode()
+            m = re.search(r'tftpd_connections\{protocol="http"\} (\d+)', text)
+            got = m.group(1) if m else "absent"
+            if got == want or time.monotonic() > deadline:
+                return got
+            time.sleep(0.05)  # polls the metrics, bounded by the deadline
+
+    try:
+        (worker,) = d.wait_workers(1)
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            held.append(s)
+            s.sendall(b"GET /hello.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_reply(s).status == 200  # served, and kept open
+        assert http_connections("3") == "3"
+        os.kill(worker, signal.SIGKILL)
+        d.wait_workers(1, exclude=frozenset({worker}))
+        assert http_connections("0") == "0"
+    finally:
+        for s in held:
+            s.close()
+        d.stop()

@@ -64,6 +64,7 @@ DEFAULT_USER = "nobody"  # in.tftpd's default
 STATUS_EVERY = 5.0  # s between STATUS= lines to systemd
 ACTIVE = INDEX["active"]
 LISTENING = INDEX["listening"]
+HTTP_CONNECTIONS = INDEX["http_connections"]
 RELOAD_HANDOVER = 2.0  # s an old worker gets to stop reading before its successor starts
 # A worker silent this long is killed and replaced. A PXE ROM gives its RRQ 1-4 s and
 # tries four or five times (the pxe workload: 1+2+3+4 s), so a client whose request
@@ -484,11 +485,13 @@ class Master:
         self._replace(slot, pid, how, now)
 
     def _zero_active(self, slot: Slot, generation: int) -> None:
-        # A worker that died mid-transfer cannot lower its own gauges.
+        # A worker that died mid-transfer (or with connections open) cannot lower its
+        # own gauges.
         if self.stats is not None:
             row = self.stats.row(slot.index, generation)
             row[ACTIVE] = 0
             row[LISTENING] = 0
+            row[HTTP_CONNECTIONS] = 0
 
     def manage_workers(self, now: float) -> None:
         for slot in self.slots:
