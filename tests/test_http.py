@@ -498,6 +498,17 @@ def test_drain_finishes_a_running_download(root: Path, files: dict[str, bytes]) 
     got = bytearray(s.recv(1024))
     assert got.startswith(b"HTTP/1.1 200")
     d.proc.send_signal(15)
+    d.wait_for_log(r"SIGTERM: no new requests")
+    # New connections are refused, not queued where nobody will answer them.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                pass
+        except ConnectionRefusedError:
+            break
+        assert time.monotonic() < deadline, "connections still taken while draining"
+        time.sleep(0.05)  # retries the connect, bounded by the deadline
     got = got.split(b"\r\n\r\n", 1)[1]
     s.settimeout(20)
     while True:

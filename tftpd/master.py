@@ -393,10 +393,15 @@ class Master:
             log.warning("worker pid %d did not stop listening in %.0fs", pid, RELOAD_HANDOVER)
 
     def _close_listen_sockets(self) -> None:
+        """Stopping: TFTP's listening sockets, and HTTP's, so that a new connection is
+        refused rather than queued where no worker will take it."""
         for slot in self.slots:
             for sock in slot.sockets:
                 sock.close()
             slot.sockets = []
+        for sock in self.http_socks:
+            sock.close()
+        self.http_socks = []
 
     def _signal_workers(self, sig: int) -> None:
         for pid in [s.pid for s in self.slots if s.pid] + list(self.retired):
@@ -560,6 +565,8 @@ class Master:
                 worker.http = HttpThreads(self.cfg, self.http_socks, self.root,
                                           self.cfg.http_threads, self.gz, self.rules, row,
                                           content=content.resolver)
+                for sock in self.http_socks:
+                    sock.close()  # inherited; each HTTP thread has a descriptor of its own
         except Exception:
             log.exception("worker %d failed to start", slot.index)
             return EXIT_BOOT_FAILED
