@@ -45,6 +45,7 @@ from tftpd.worker import (
     MASTER_SIGNALS,
     Forward,
     Listener,
+    WakeupPipe,
     Worker,
     open_sysfs,
     wants_pktinfo,
@@ -112,7 +113,7 @@ class Master:
     http_socks: list[socket.socket] = field(default_factory=list)  # --http, all workers'
     http_bound: list[str] = field(default_factory=list)
     _sel: selectors.BaseSelector | None = None
-    _wake_r: int = -1
+    _wakeup: WakeupPipe | None = None  # signals wake the loop through it
     _last_requests: int = -1
     _idle_since: float = 0.0
     hung_after: float = HUNG_AFTER
@@ -195,18 +196,19 @@ class Master:
 
     def install_signals(self) -> None:
         """Before the ready line: a TERM sent the moment we say we listen is handled."""
-        self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wake_w)
+        self._wakeup = WakeupPipe()
+        signal.set_wakeup_fd(self._wakeup.w)
         for sig in MASTER_SIGNALS:
             signal.signal(sig, self._queue_signal)
 
     def run(self) -> int:
-        if self._wake_r < 0:
+        if self._wakeup is None:
             self.install_signals()
+        assert self._wakeup is not None
         if os.environ.get("TFTPD_HANG_CHECK") == "0":
             self.hung_after = 0.0
         self._sel = selectors.DefaultSelector()
-        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._sel.register(self._wakeup.r, selectors.EVENT_READ, None)
         if self.metrics:
             self._sel.register(self.metrics.sock, selectors.EVENT_READ, self.metrics)
         log.info("serving %s on %s (%s, %s)", self.cfg.root, ", ".join(self.bound),
@@ -252,11 +254,8 @@ class Master:
         assert self._sel is not None
         for key, _ in self._sel.select(timeout):
             if key.data is None:
-                try:
-                    while os.read(self._wake_r, 512):
-                        pass
-                except (BlockingIOError, InterruptedError):
-                    pass
+                assert self._wakeup is not None
+                self._wakeup.drain()
             elif key.data is self.metrics:
                 conn = self.metrics.accept() if self.metrics else None
                 if conn is not None:
@@ -530,7 +529,8 @@ class Master:
 
     def _worker_main(self, slot: Slot) -> int:
         signal.set_wakeup_fd(-1)
-        os.close(self._wake_r)
+        if self._wakeup is not None:
+            self._wakeup.close()  # the master's; the worker makes its own
         if self._sel is not None:
             self._sel.close()
         if self.metrics is not None:

@@ -39,6 +39,7 @@ from tftpd.http.message import (
     prepare_file,
     raw_response,
 )
+from tftpd.worker.process import WakeupPipe
 
 log = logging.getLogger("tftpd")
 
@@ -176,7 +177,7 @@ class HttpServer:
         self.noise = self.tally.noise
         self.conns: dict[int, Conn] = {}
         self.sel = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wakeup = WakeupPipe()
         self._draining = False
         self._stopping = False
         self._stopped_listening = threading.Event()
@@ -198,7 +199,7 @@ class HttpServer:
                 lst.close()  # no thread to do it
             self.listeners = []
             return
-        self._wake()
+        self._wakeup.wake()
         self._stopped_listening.wait(STOP_WAIT)
 
     @property
@@ -209,20 +210,14 @@ class HttpServer:
     def stop(self) -> None:
         """End now: connections are closed (a response cut short is logged)."""
         self._stopping = True
-        self._wake()
+        self._wakeup.wake()
         if self._thread is not None:
             self._thread.join(STOP_WAIT)
-
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass
 
     # -- the thread ------------------------------------------------------------------
 
     def _run(self) -> None:
-        self.sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self.sel.register(self._wakeup.r, selectors.EVENT_READ, None)
         for lst in self.listeners:
             lst.setblocking(False)
             self.sel.register(lst, selectors.EVENT_READ, lst)
@@ -234,7 +229,7 @@ class HttpServer:
                 for key, mask in self.sel.select(SWEEP_EVERY):
                     what = key.data
                     if what is None:
-                        self._drain_wakeup()
+                        self._wakeup.drain()
                         self._complete_answered()
                     elif isinstance(what, Conn):
                         self._on_event(what, mask)
@@ -256,13 +251,6 @@ class HttpServer:
                 self._end(c, "failed", "server shutting down")
             self._close_listeners()
             self.content.cache.close()
-
-    def _drain_wakeup(self) -> None:
-        try:
-            while os.read(self._wake_r, 512):
-                pass
-        except BlockingIOError:
-            pass
 
     def _close_listeners(self) -> None:
         for lst in self.listeners:
@@ -448,7 +436,7 @@ class HttpServer:
         self._answered.append(c)
         if not self._wake_sent:
             self._wake_sent = True
-            self._wake()
+            self._wakeup.wake()
 
     def _complete_answered(self) -> None:
         # Cleared before the answers are taken: an answer queued after this point

@@ -11,7 +11,7 @@ transfers. The only place in tftpd that waits.
     timers    Timers: the deadline heap, and when C's OACK timers are due
     sockets   SocketPool: transfer sockets, C's spares, error sockets, --port-range
     records   TransferLog: counters and the record of each request and transfer
-    process   signals, the parent's death, interface MTUs
+    process   signals and the wakeup pipe, the parent's death, interface MTUs
 
 What to do with a request is decided without I/O in tftpd.decision.
 """
@@ -19,11 +19,17 @@ What to do with a request is decided without I/O in tftpd.decision.
 from tftpd.worker.core import Worker
 from tftpd.worker.intake import Forward, Listener, enable_pktinfo, wants_pktinfo
 from tftpd.worker.loops import IDLE_WAIT
-from tftpd.worker.process import MASTER_SIGNALS, MtuCache, blksize_for_mtu, open_sysfs
+from tftpd.worker.process import (
+    MASTER_SIGNALS,
+    MtuCache,
+    WakeupPipe,
+    blksize_for_mtu,
+    open_sysfs,
+)
 from tftpd.worker.sessions import Session
 
 EXIT_BOOT_FAILED = 3  # the master does not respawn a worker that exits with this
 
 __all__ = ["EXIT_BOOT_FAILED", "IDLE_WAIT", "MASTER_SIGNALS", "Forward", "Listener",
-           "MtuCache", "Session", "Worker", "blksize_for_mtu", "enable_pktinfo",
+           "MtuCache", "Session", "WakeupPipe", "Worker", "blksize_for_mtu", "enable_pktinfo",
            "open_sysfs", "wants_pktinfo"]

@@ -34,7 +34,7 @@ from tftpd.transfer import (
 )
 from tftpd.worker.intake import Forward, Intake, Listener
 from tftpd.worker.loops import Loop, PumpLoop, SelectorLoop
-from tftpd.worker.process import MASTER_SIGNALS, die_with_parent
+from tftpd.worker.process import MASTER_SIGNALS, WakeupPipe, die_with_parent
 from tftpd.worker.records import Record, TransferLog
 from tftpd.worker.requests import RequestPath
 from tftpd.worker.sessions import Session, SessionTable, Start, peer_text
@@ -73,7 +73,7 @@ class Worker:
         self.draining = False
         self.drain_deadline = 0.0
         self.stop_now = False
-        self._wake_r = self._wake_w = -1
+        self._wakeup: WakeupPipe | None = None  # made in the child (init_process)
         # Known misses, answered by the data path. Only where the answer depends on
         # the request's bytes alone: no map rules (they see the client's address), no
         # per-client limit, no per-request log line (-v), no per-client content (one
@@ -86,8 +86,8 @@ class Worker:
     # -- setup in the child (nothing process-wide happens before fork) --------------
 
     def init_process(self) -> None:
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(self._wake_w)
+        self._wakeup = WakeupPipe()
+        signal.set_wakeup_fd(self._wakeup.w)
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGQUIT, self._on_quit)
         # Ctrl-C reaches the whole process group; the master decides what it means.
@@ -108,7 +108,7 @@ class Worker:
             self.loop = PumpLoop(self, self.pump)
         else:
             self.loop = SelectorLoop(self)
-        self.loop.watch(self._wake_r, self._drain_wakeup)
+        self.loop.watch(self._wakeup.r, self._drain_wakeup)
         self.intake.start(self.loop)
         self.counters[S.INDEX["listening"]] = 1
         logs.start_batching()
@@ -128,18 +128,13 @@ class Worker:
 
     def wake(self) -> None:
         """Wake the loop from another thread (a content hook answered): one byte to the
-        wakeup pipe, which signals share. A full pipe will wake it anyway."""
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:  # BlockingIOError: full, so a wakeup is on its way already
-            pass
+        wakeup pipe, which signals share."""
+        assert self._wakeup is not None
+        self._wakeup.wake()
 
     def _drain_wakeup(self) -> None:
-        try:
-            while os.read(self._wake_r, 512):
-                pass
-        except BlockingIOError:
-            pass
+        assert self._wakeup is not None
+        self._wakeup.drain()
         self.requests.complete_parked()
 
     def serve_request(self, data: bytes, src: tuple, local: str, lst: Listener,

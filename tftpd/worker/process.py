@@ -1,4 +1,5 @@
-"""What a worker process needs of its host: signals, its parent, interface MTUs."""
+"""What a worker process needs of its host: signals and a wakeup pipe, its parent,
+interface MTUs."""
 
 from __future__ import annotations
 
@@ -14,6 +15,31 @@ MASTER_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
 # neither modules nor shared libraries can be found. dlopen(NULL) needs no file.
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _SYS_NET: list[int] = []  # a descriptor of /sys/class/net, opened before any chroot
+
+
+class WakeupPipe:
+    """A pipe that wakes a selector: from a signal handler (signal.set_wakeup_fd(w)) or
+    from another thread (wake()). Each wake is one byte; drain() empties it."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def wake(self) -> None:
+        try:
+            os.write(self.w, b"\0")
+        except OSError:  # BlockingIOError: full, so a wakeup is on its way already
+            pass
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.r, 512):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
 
 
 def die_with_parent() -> None:
