@@ -12,21 +12,10 @@
 # tftpd's log; exits 0 when the log shows boot.ipxe served by TFTP and the image by HTTP.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-NS=tftpd-ipxe-$$
-WORK=$(mktemp -d)
 ROM=${ROM:-/usr/lib/ipxe/qemu/pxe-e1000.rom}
 IMAGE_BYTES=$((16 << 20))
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    ip netns del "$NS" 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+. bench/vm-lab.sh
 
-chmod 755 "$WORK"  # the workers run as nobody and must read the root
-mkdir "$WORK/root"
 head -c "$IMAGE_BYTES" /dev/urandom > "$WORK/root/vmlinuz"
 cat > "$WORK/root/boot.ipxe" <<EOF
 #!ipxe
@@ -40,23 +29,7 @@ echo tftpd: HTTP-FETCH-FAILED
 exit
 EOF
 
-ip netns add "$NS"
-ip -n "$NS" link set lo up
-ip -n "$NS" link add br0 type bridge
-ip -n "$NS" addr add 192.168.78.1/24 dev br0
-ip -n "$NS" link set br0 up
-ip -n "$NS" tuntap add tap0 mode tap
-ip -n "$NS" link set tap0 master br0
-ip -n "$NS" link set tap0 up
-
-ip netns exec "$NS" dnsmasq --no-daemon --port=0 --interface=br0 --bind-interfaces \
-    --dhcp-range=192.168.78.10,192.168.78.50,1h --dhcp-boot=boot.ipxe,,192.168.78.1 \
-    --dhcp-leasefile="$WORK/leases" > "$WORK/dnsmasq.log" 2>&1 &
-pids+=($!)
-ip netns exec "$NS" python3 -m tftpd -L -a 0.0.0.0:69 --http 0.0.0.0:80 "$WORK/root" \
-    > "$WORK/tftpd.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 50); do grep -q "listening on" "$WORK/tftpd.log" && break; sleep 0.1; done
+lab_start 192.168.78 1 boot.ipxe --http 0.0.0.0:80
 
 # Bounded: SeaBIOS, iPXE's DHCP, the script and the image take well under 120 s
 # emulated (no KVM: iPXE 1.0.0's e1000 driver stalls under it on some hosts).
@@ -72,8 +45,7 @@ for _ in $(seq 1200); do  # 120 s: until iPXE says how the fetch went
 done
 kill "$vm" 2>/dev/null || true
 wait "$vm" 2>/dev/null || true
-kill "${pids[1]}"  # tftpd: its totals
-for _ in $(seq 50); do grep -q "totals:" "$WORK/tftpd.log" && break; sleep 0.1; done
+lab_stop_tftpd
 
 echo "== iPXE"
 tr -d '\r' < "$WORK/vm.log" | sed 's/\x1b\[[0-9;]*[a-zA-Z]//g' \

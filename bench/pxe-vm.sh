@@ -15,40 +15,11 @@
 # downloads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-NS=tftpd-pxe-$$
-WORK=$(mktemp -d)
 OVMF=${OVMF:-/usr/share/ovmf/OVMF.fd}
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    ip netns del "$NS" 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+. bench/vm-lab.sh
 
-chmod 755 "$WORK"  # the workers run as nobody and must read the root
-mkdir "$WORK/root"
 head -c 1048576 /dev/urandom > "$WORK/root/nbp.efi"
-ip netns add "$NS"
-ip -n "$NS" link set lo up
-ip -n "$NS" link add br0 type bridge
-ip -n "$NS" addr add 192.168.77.1/24 dev br0
-ip -n "$NS" link set br0 up
-for tap in tap0 tap1; do
-    ip -n "$NS" tuntap add "$tap" mode tap
-    ip -n "$NS" link set "$tap" master br0
-    ip -n "$NS" link set "$tap" up
-done
-
-ip netns exec "$NS" dnsmasq --no-daemon --port=0 --interface=br0 --bind-interfaces \
-    --dhcp-range=192.168.77.10,192.168.77.50,1h --dhcp-boot=nbp.efi,,192.168.77.1 \
-    --dhcp-leasefile="$WORK/leases" > "$WORK/dnsmasq.log" 2>&1 &
-pids+=($!)
-ip netns exec "$NS" python3 -m tftpd -L -a 0.0.0.0:69 "$WORK/root" \
-    > "$WORK/tftpd.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 50); do grep -q "listening on" "$WORK/tftpd.log" && break; sleep 0.1; done
+lab_start 192.168.77 2 nbp.efi
 
 # Bounded: the firmware tries PXE first; 150 s covers it even without KVM.
 vms=()
@@ -65,8 +36,7 @@ for _ in $(seq 50); do  # the last transfer's log line
     [ "$(grep -c 'file=nbp.efi .*outcome=ok' "$WORK/tftpd.log")" -ge 2 ] && break
     sleep 0.1
 done
-kill "${pids[1]}"  # tftpd: its totals
-for _ in $(seq 50); do grep -q "totals:" "$WORK/tftpd.log" && break; sleep 0.1; done
+lab_stop_tftpd
 
 echo "== the firmware"
 tr -d '\r' < "$WORK/vm.log" | sed 's/\x1b\[[0-9;]*[a-zA-Z]//g' \
