@@ -62,6 +62,7 @@ def test_delivers_the_file_in_order_exactly_once(base: int, count: int, tail: in
     taken: list[int] = []
     net: list[tuple[str, bytes]] = []  # ("data" | "ack", datagram) in flight
     now = 0.0
+    gave_up: list[Finish] = []
 
     def send(actions: list) -> None:
         for a in actions:
@@ -69,27 +70,28 @@ def test_delivers_the_file_in_order_exactly_once(base: int, count: int, tail: in
                 for k in range(a.first, a.first + a.count):
                     net.append(("data", P.encode_data(wire_block(k, rollover),
                                                       payload(k, nblocks, tail))))
+            elif isinstance(a, Finish) and a.outcome != "ok" and sender.s.last_acked == 0:
+                # Three timeouts on a client that has acknowledged nothing end the
+                # transfer (nothing much goes to an address that has not proved it is
+                # there): losses at the very start can leave a windowed receiver
+                # re-sending ACK 0 while it holds block 1 (docs/design.md).
+                assert a.detail == "timeout: client stopped answering", a
+                gave_up.append(a)
             else:
                 assert not isinstance(a, Finish) or a.outcome == "ok", a
 
     send(sender.on_timer(sender.deadline or 0.0))  # the window after `base`
-    sender_timers = 0  # the sender's timeouts since the receiver's last
     for _ in range(MAX_STEPS):
-        if rx.finished:
+        if rx.finished or gave_up:
             break
         if not net:
             # Silence: the receiver's timer resends its last ACK, or the sender's its
-            # window; either may come first. A receiver silent through the sender's
-            # three tries is a client gone (the sender rightly gives up on one that has
-            # acknowledged nothing), so the receiver's comes by the third.
+            # window; either may come first.
             now = max(now, sender.deadline or now) + 0.01
-            if sender_timers >= 2 or data.draw(st.booleans(),
-                                               label="receiver's timer first"):
-                sender_timers = 0
+            if data.draw(st.booleans(), label="receiver's timer first"):
                 rx.timed_out()
                 net.append(("ack", last_ack))
             else:
-                sender_timers += 1
                 send(sender.on_timer(now))
             continue
         fate = fates.pop() if fates else "deliver"
@@ -121,6 +123,9 @@ def test_delivers_the_file_in_order_exactly_once(base: int, count: int, tail: in
             assert ack == wire_block(rx.received, rollover)  # always the last taken
             last_ack = P.encode_ack(ack)
             net.append(("ack", last_ack))
+    assert taken == list(range(base + 1, base + 1 + len(taken)))  # in order, once each
+    if gave_up:
+        return
     assert rx.finished, f"not finished after {MAX_STEPS} steps: took {len(taken)}/{count}"
     assert taken == list(range(base + 1, nblocks + 1))
     assert rx.received == nblocks
