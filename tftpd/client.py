@@ -37,6 +37,7 @@ class Result:
     data: bytes = b""
     oack: dict[str, str] = field(default_factory=dict)
     server: tuple = ()  # the server's transfer address (its TID)
+    local: tuple = ()  # this client's own address, as the server's log names it
     retransmits: int = 0  # requests or ACKs this client sent again
     first_answer: float = 0.0  # seconds from the request to the first answer
     foreign: int = 0  # datagrams from another TID, answered with ERROR 5
@@ -58,7 +59,7 @@ class _Conn:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         self.timeout = timeout
         self.tid: tuple | None = None
-        self.result = Result()
+        self.result = Result(local=self.sock.getsockname())
 
     def close(self) -> None:
         self.sock.close()
