@@ -386,6 +386,36 @@ def test_secure_mode_chroots_and_drops_root_by_default(
         assert uids.split()[1:] == [str(nobody)] * 4  # real, effective, saved, fs
 
 
+@needs_root("chroot and the switch to nobody")
+def test_sighup_under_chroot_rereads_the_files_outside_it(
+        daemon_factory: Callable[..., Daemon], root: Path, tmp_path: Path) -> None:
+    """-s puts the master in the root too, where /etc/tftpd.conf and the map file are
+    out of sight: SIGHUP still reads them afresh (and the workers cannot reach them)."""
+    (root / "images").mkdir()
+    (root / "images" / "kernel").write_bytes(b"kernel")
+    (root / "big").write_bytes(os.urandom(5000))
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    conf, rules = etc / "tftpd.conf", etc / "map"
+    conf.write_text("blocksize = 1024\n")
+    rules.write_text("r ^old$ images/kernel\n")
+    d = daemon_factory("-s", "-C", str(conf), "-m", str(rules))
+    assert client.get("127.0.0.1", d.port, "old").data == b"kernel"
+    conf.write_text("blocksize = 600\n")
+    rules.write_text("r ^new$ images/kernel\n")
+    os.kill(d.proc.pid, signal.SIGHUP)
+    d.wait_for_log(r"SIGHUP: reloaded")
+    assert client.get("127.0.0.1", d.port, "new").data == b"kernel"
+    assert client.get("127.0.0.1", d.port, "big", options={"blksize": "8192"}
+                      ).oack["blksize"] == "600"
+    pids = wait_until(lambda: d.worker_pids())
+    assert isinstance(pids, list)
+    for pid in pids:  # a worker holds nothing that reaches outside the chroot
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            assert not target.startswith(str(etc)), target
+
+
 @pytest.fixture
 def daemon_factory(root: Path) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []

@@ -12,10 +12,13 @@ import socket
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tftpd import __version__
 from tftpd.options import BLKSIZE_MAX, BLKSIZE_MIN, WINDOW_MAX
+
+if TYPE_CHECKING:
+    from tftpd.outside import Opener
 
 DEFAULT_PORT = 69
 HTTP_PORT = 80
@@ -423,10 +426,11 @@ def _convert(s: Setting, raw: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {err}") from None
 
 
-def read_file(path: str) -> dict[str, Any]:
-    """Settings from a tftpd.conf (TOML): keys are the long flags without dashes."""
+def read_file(path: str, opener: Opener | None = None) -> dict[str, Any]:
+    """Settings from a tftpd.conf (TOML): keys are the long flags without dashes.
+    `opener`, when given, opens the file (open()'s argument)."""
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb", opener=opener) as f:
             data = tomllib.load(f)
     except OSError as err:
         raise ConfigError(f"{path}: {err.strerror}") from None
@@ -447,10 +451,11 @@ def read_file(path: str) -> dict[str, Any]:
     return values
 
 
-def from_argv(argv: list[str]) -> Config:
-    """The configuration: defaults, then tftpd.conf (-C), then the command line."""
+def from_argv(argv: list[str], opener: Opener | None = None) -> Config:
+    """The configuration: defaults, then tftpd.conf (-C, opened through `opener` when
+    given), then the command line."""
     ns = build_parser().parse_args(argv)
-    values: dict[str, Any] = read_file(ns.config) if ns.config else {}
+    values: dict[str, Any] = read_file(ns.config, opener) if ns.config else {}
     for s in SETTINGS:
         raw = getattr(ns, s.name)
         if raw is None or raw is False or raw == [] or (s.count and raw == 0):

@@ -37,6 +37,7 @@ from tftpd.files import Root
 from tftpd.gz import GzCache
 from tftpd.listening import ListenSockets, StartupError
 from tftpd.metrics import MetricsServer, render
+from tftpd.outside import Opener, OutsideFiles
 from tftpd.remap import RemapError, Rules
 from tftpd.stats import BEAT, INDEX, Stats, beat
 from tftpd.systemd import Notifier
@@ -104,6 +105,7 @@ class Master:
     stats: Stats | None = None
     gz: GzCache | None = None
     rules: object | None = None  # remap rules, loaded here (before any chroot)
+    outside: OutsideFiles | None = None  # -C and -m, in reach of a chrooted reload
     mode: str = "standalone"  # or "inetd", "systemd"
     shared: bool = False  # a listen socket read by every worker (not reuseport)
     retired: dict[int, Slot] = field(default_factory=dict)  # old generations draining
@@ -174,6 +176,9 @@ class Master:
         # Who we become is looked up now: inside the chroot there is no /etc/passwd.
         identity = _lookup_user(user) if user and user != "root" else None
         if self.cfg.secure and os.geteuid() == 0:
+            self.outside = OutsideFiles()
+            self.outside.keep(self.cfg.config)
+            self.outside.keep(self.cfg.map_file)
             os.chroot(root)
             os.chdir("/")
             root, chrooted = "/", True
@@ -183,12 +188,11 @@ class Master:
             _drop_privileges(user or "", *identity)
         self.root = Root(root, chrooted=chrooted)
 
-    @staticmethod
-    def _load_rules(cfg: Config) -> object | None:
+    def _load_rules(self, cfg: Config) -> object | None:
         if not cfg.map_file:
             return None
         try:
-            return Rules.load(cfg.map_file)
+            return Rules.load(cfg.map_file, self._opener())
         except (OSError, RemapError) as err:
             raise StartupError(f"--map-file: {err}") from None
 
@@ -333,7 +337,7 @@ class Master:
             return
         self.notifier.reloading()
         try:
-            new = from_argv(self.argv) if self.argv else self.cfg
+            new = from_argv(self.argv, self._opener()) if self.argv else self.cfg
             rules = self._load_rules(new)
         except (ConfigError, StartupError) as err:
             log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", err)
@@ -374,6 +378,11 @@ class Master:
         log.info("SIGHUP: reloaded; %d new workers, old ones finish their transfers",
                  len(self.slots))
         self.notifier.ready(self._status())
+
+    def _opener(self) -> Opener | None:
+        """How files named in the settings are opened: through the directories kept
+        before the chroot, when there is one."""
+        return self.outside.opener if self.outside is not None else None
 
     def _await_stopped_listening(self, slot: Slot, pid: int) -> None:
         assert self.stats is not None
@@ -531,6 +540,8 @@ class Master:
         signal.set_wakeup_fd(-1)
         if self._wakeup is not None:
             self._wakeup.close()  # the master's; the worker makes its own
+        if self.outside is not None:
+            self.outside.close()  # the way out of the chroot stays the master's
         if self._sel is not None:
             self._sel.close()
         if self.metrics is not None:

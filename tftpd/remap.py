@@ -61,7 +61,10 @@ import os
 import re
 import socket
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from tftpd.outside import Opener
 
 __all__ = ["MAX_GLOBAL_REPEATS", "MAX_STEPS", "Outcome", "RemapError", "Rules"]
 
@@ -488,8 +491,9 @@ class Rules:
         return cls._parse_bytes(text.encode("utf-8", "surrogateescape"), source, **kwargs)
 
     @classmethod
-    def load(cls, path: str, **kwargs: int | bool) -> Rules:
-        with open(path, "rb") as f:
+    def load(cls, path: str, opener: Opener | None = None, **kwargs: int | bool) -> Rules:
+        """The rules in the file at `path` (opened through `opener` when given)."""
+        with open(path, "rb", opener=opener) as f:
             data = f.read()
         return cls._parse_bytes(data, path, **kwargs)
 
