@@ -500,3 +500,38 @@ def test_per_client_roots_by_mac(root: Path, veth: tuple[str, str, str], tmp_pat
             == b"DEFAULT shared\n"
     finally:
         d.stop()
+
+
+def test_mac_roots_turned_on_by_sighup_under_chroot(root: Path, veth: tuple[str, str, str],
+                                                   tmp_path: Path) -> None:
+    """A reload can turn MAC roots on under -s too: the chrooted master could not
+    import what reads the neighbour table then, so it did so before the chroot."""
+    ns, server_ip, _ = veth
+    prefix = "01-" + NS_MAC.replace(":", "-")
+    (root / "default").write_bytes(b"DEFAULT shared\n")
+    (root / prefix).mkdir()
+    (root / prefix / "default").write_bytes(b"DEFAULT mine\n")
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    conf = etc / "tftpd.conf"
+    conf.write_text("")
+    d = start_daemon(root, "-s", "--workers", "1", "-C", str(conf), host=server_ip)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def fetch_from_namespace() -> bytes:
+        out = tmp_path / "default.out"
+        proc = subprocess.run(["ip", "netns", "exec", ns, "python3", "-m", "tftpd.client",
+                               f"{server_ip}:{d.port}", "default", "-o", str(out)],
+                              capture_output=True, text=True, env=env,
+                              timeout=CLIENT_TIMEOUT, check=False)
+        assert proc.returncode == 0, proc.stderr
+        return out.read_bytes()
+
+    try:
+        assert fetch_from_namespace() == b"DEFAULT shared\n"
+        conf.write_text('root-per-client = "mac"\n')
+        os.kill(d.proc.pid, signal.SIGHUP)
+        d.wait_for_log(r"SIGHUP: reloaded")
+        assert fetch_from_namespace() == b"DEFAULT mine\n"
+    finally:
+        d.stop()

@@ -262,10 +262,10 @@ def needs_netlink(cfg: Config) -> bool:
     return cfg.root_per_client == "mac" or bool(cfg.content_hook)
 
 
-def prepare_master(cfg: Config) -> None:
+def prepare_master(cfg: Config, chroot: bool) -> None:
     """In the master, before any chroot: import what MAC lookups need (pyroute2 is not
-    reachable inside a chroot)."""
-    if needs_netlink(cfg):
+    reachable inside a chroot). Before a chroot always, for a reload may ask for MACs."""
+    if chroot or needs_netlink(cfg):
         load_netlink()
 
 

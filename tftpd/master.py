@@ -172,10 +172,11 @@ class Master:
                 except (KeyError, OSError):
                     pass
         open_sysfs()
-        prepare_master(self.cfg)  # what MAC lookups import, before any chroot
+        chroot = self.cfg.secure and os.geteuid() == 0
+        prepare_master(self.cfg, chroot)  # what MAC lookups import, before any chroot
         # Who we become is looked up now: inside the chroot there is no /etc/passwd.
         identity = _lookup_user(user) if user and user != "root" else None
-        if self.cfg.secure and os.geteuid() == 0:
+        if chroot:
             self.outside = OutsideFiles()
             self.outside.keep(self.cfg.config)
             self.outside.keep(self.cfg.map_file)
