@@ -55,3 +55,48 @@ def test_demo_prints_curl_lines_that_work() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# Python as a fresh machine has it: no h11 (the HTTP parser), whatever this one has.
+WITHOUT_H11 = ("import runpy, sys; sys.modules['h11'] = None; "
+               "sys.argv[0] = 'tftpd'; runpy.run_module('tftpd', run_name='__main__')")
+
+
+def test_demo_without_h11_serves_tftp_and_says_what_http_needs(tmp_path: Path) -> None:
+    tport = free_port(socket.SOCK_DGRAM)
+    proc = subprocess.Popen([sys.executable, "-c", WITHOUT_H11, "--demo", "-a",
+                             f"127.0.0.1:{tport}"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        said = ""
+        deadline = time.monotonic() + 20
+        while "Ctrl-C" not in said and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, f"the demo ended after {said!r}"
+            said += line
+        commands = re.findall(r"^\s+(curl -s \S+)$", said, re.M)
+        assert commands == [f"curl -s tftp://127.0.0.1:{tport}/hello.txt"]
+        assert "pip install h11" in said
+        root = re.search(r"Demo root (\S+) ", said)
+        assert root is not None
+        out = subprocess.run(commands[0].split(), capture_output=True, text=True,
+                             timeout=20, check=True).stdout
+        assert out == "Hello from tftpd: served over TFTP from a preforked pool.\n"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert not Path(root.group(1)).exists()
+
+
+def test_http_without_h11_is_a_clear_startup_error(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_H11, "-L", "-a", "127.0.0.1:0",
+                           "--http", "127.0.0.1:0", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode != 0
+    assert "--http needs the h11 package" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -80,18 +80,27 @@ def _demo(cfg: Config) -> tuple[Config, str]:
         f.write(os.urandom(1 << 20))
     addresses = cfg.addresses or (Address(socket.AF_INET, "127.0.0.1", DEMO_PORT),)
     http = cfg.http or (Address(socket.AF_INET, addresses[0].host, DEMO_HTTP_PORT),)
-    with open(os.path.join(root, "boot.ipxe"), "w") as f:
-        f.write(DEMO_IPXE.format(http=http[0]))
+    if not _have_h11():
+        http = ()  # TFTP alone; main() says what HTTP needs
+    else:
+        with open(os.path.join(root, "boot.ipxe"), "w") as f:
+            f.write(DEMO_IPXE.format(http=http[0]))
     # The demo root is private to whoever started it: the server stays that user.
     user = cfg.user or pwd.getpwuid(os.geteuid()).pw_name
     return dataclasses.replace(cfg, root=root, addresses=addresses, http=http,
                                foreground=True, workers=min(cfg.workers, 2), user=user), root
 
 
-def main(argv: list[str] | None = None) -> int:
-    from tftpd import systemd
-    from tftpd.master import Master, StartupError, daemonize, workers_text
+def _have_h11() -> bool:
+    """Whether HTTP can be served: h11 parses it (a plain Python has no h11)."""
+    try:
+        import h11  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
+
+def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         cfg = from_argv(args)
@@ -101,6 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     demo_root = None
     if cfg.demo:
         cfg, demo_root = _demo(cfg)
+    try:
+        return _serve(cfg, args, demo_root)
+    finally:
+        # Workers never return here (they leave through os._exit), only the master.
+        if demo_root:
+            shutil.rmtree(demo_root, ignore_errors=True)
+
+
+def _serve(cfg: Config, args: list[str], demo_root: str | None) -> int:
+    from tftpd import systemd
+    from tftpd.master import Master, StartupError, daemonize, workers_text
+
     # Where the listen sockets come from: systemd (LISTEN_FDS), inetd (a socket on
     # standard input, `wait` mode), or our own binds.
     mode, inherited = "standalone", systemd.listen_fds()
@@ -136,20 +157,23 @@ def main(argv: list[str] | None = None) -> int:
           + (f"; http on {', '.join(master.http_bound)}" if master.http_bound else ""),
           file=sys.stderr, flush=True)
     if demo_root:
-        addr, http = master.bound[0], master.http_bound[0]
-        print(f"Demo root {demo_root} holds hello.txt, boot.img (1 MiB) and boot.ipxe\n"
-              "(an iPXE script that goes from TFTP to HTTP). Fetch one with:\n\n"
-              f"    curl -s tftp://{addr}/hello.txt\n"
-              f"    curl -s http://{http}/hello.txt\n\n"
-              "Ctrl-C stops the server.", flush=True)
+        print(_demo_text(demo_root, master.bound[0], master.http_bound), flush=True)
     if cfg.listen and not cfg.foreground and mode == "standalone":
         daemonize()
-    try:
-        return master.run()
-    finally:
-        # Workers never return here (they leave through os._exit), only the master.
-        if demo_root:
-            shutil.rmtree(demo_root, ignore_errors=True)
+    return master.run()
+
+
+def _demo_text(root: str, addr: str, http_bound: list[str]) -> str:
+    if not http_bound:
+        return (f"Demo root {root} holds hello.txt and boot.img (1 MiB). Fetch one with:\n\n"
+                f"    curl -s tftp://{addr}/hello.txt\n\n"
+                "HTTP on the same root needs h11 (pip install h11, or pip install .).\n"
+                "Ctrl-C stops the server.")
+    return (f"Demo root {root} holds hello.txt, boot.img (1 MiB) and boot.ipxe\n"
+            "(an iPXE script that goes from TFTP to HTTP). Fetch one with:\n\n"
+            f"    curl -s tftp://{addr}/hello.txt\n"
+            f"    curl -s http://{http_bound[0]}/hello.txt\n\n"
+            "Ctrl-C stops the server.")
 
 
 def _stdin_is_socket() -> bool:

@@ -137,7 +137,10 @@ def _metrics_socket(text: str) -> socket.socket:
 
 
 def _http_socket(addr: Address) -> socket.socket:
-    from tftpd.http import listen_socket
+    try:
+        from tftpd.http import listen_socket
+    except ImportError as err:
+        raise StartupError(f"--http needs the h11 package (pip install h11): {err}") from None
 
     try:
         return listen_socket(addr)
