@@ -117,7 +117,8 @@ def test_every_environment_variable_read_is_in_the_man_page() -> None:
 
     top = Path(__file__).resolve().parent.parent
     sources = [*(top / "tftpd").rglob("*.py"), *(top / "_ext").glob("*.[ch]"),
-               *(top / "_ext").glob("*.py"), top / "setup.py"]
+               *(top / "_ext").glob("*.py"), *(top / "examples").glob("*.py"),
+               *(top / "bench").rglob("*.py"), top / "setup.py"]
     # A read: env.get("TFTPD_X"), environ["TFTPD_X"], getenv("TFTPD_X"), or a name
     # kept in _ENV for such a read (C's TFTPD_ constants are not switches).
     read_at = re.compile(r"(?:\.get\(|\.pop\(|environ\[|getenv\(|_ENV\s*=\s*)"
@@ -131,6 +132,9 @@ def test_every_environment_variable_read_is_in_the_man_page() -> None:
     section = page[page.index(".SH ENVIRONMENT"):page.index(".SH FILES")]
     for name in declared:
         assert f".B {name}\n" in section, name
+    for var in ENVIRONMENT:  # the page shows "VALUE: what it does"
+        value, _, what = var.help.partition(": ")
+        assert what and " " not in value.strip(), var
 
 
 def test_man_pages_render_without_warnings() -> None:

@@ -281,8 +281,10 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
            "data path does not build or load, instead of falling back to Python"),
     EnvVar("TFTPD_SANITIZE", "address,undefined (any -fsanitize= list): build the C "
            "data path with those sanitizers (_ext/build_datapath.py, tests/asan.sh)"),
-    EnvVar("TFTPD_STORM_CACHE", "a private directory where tftpd-storm builds its C "
+    EnvVar("TFTPD_STORM_CACHE", "DIR: a private directory where tftpd-storm builds its C "
            "engine (default $XDG_CACHE_HOME/tftpd-storm or ~/.cache/tftpd-storm)"),
+    EnvVar("TFTPD_INVENTORY", "FILE: the inventory the example content hook "
+           "examples/pernode_hook.py reads (default inventory.toml beside it)"),
 )
 
 
