@@ -134,7 +134,7 @@ def test_every_environment_variable_read_is_in_the_man_page() -> None:
         assert f".B {name}\n" in section, name
     for var in ENVIRONMENT:  # the page shows "VALUE: what it does"
         value, _, what = var.help.partition(": ")
-        assert what and " " not in value.strip(), var
+        assert value.strip() and what.strip(), var
 
 
 def test_man_pages_render_without_warnings() -> None:
