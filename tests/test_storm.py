@@ -239,6 +239,29 @@ def test_tsize_is_held_to_the_bytes_received(engine: str, tmp_path: Path,
     assert res.ok == 0 and res.failed == {"short-file": 3}, res.summary()
 
 
+@pytest.mark.parametrize("engine", ["python", "c"])
+def test_a_read_without_tsize_is_held_to_the_size_probed_before(
+        engine: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mfs probes a name with tsize, then reads it plainly: the read must bring the size
+    the probe announced."""
+    from tftpd.storm.engine import run_storm
+
+    monkeypatch.setenv("TFTPD_STORM_CACHE", str(tmp_path / "cache"))
+    wl = load("mfs")
+    assert any(a.file == b.file and "tsize" in a.options and "tsize" not in b.options
+               for i, a in enumerate(wl.sequence) for b in wl.sequence[i + 1:])
+    files = {p: content(p, 3000) for p in wl.files}
+    unknown = dict.fromkeys(wl.files)
+    with FaultyServer(files) as good:
+        res = run_storm(("127.0.0.1", good.port), wl, 2, engine=engine, files=unknown,
+                        deadline_s=20)
+    assert (res.ok, res.failed) == (2, {}), res.summary()
+    with FaultyServer(files, {"tsize-wrong"}) as liar:  # announces one byte more
+        res = run_storm(("127.0.0.1", liar.port), wl, 2, engine=engine, files=unknown,
+                        deadline_s=20)
+    assert res.ok == 0 and set(res.failed) <= {"short-file", "bad-tsize"}, res.summary()
+
+
 def test_cache_dir_writable_by_others_is_refused(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     shared = tmp_path / "shared"

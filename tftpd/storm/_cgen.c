@@ -73,6 +73,12 @@ static void send_rrq(struct storm *s, struct client *c, double now)
     c->rrq_try++;
 }
 
+/* The tsize client c was told at `step` (TB_SIZE_UNKNOWN until told). */
+static uint64_t *announced(struct storm *s, struct client *c, int step)
+{
+    return &s->announced[(size_t)(c - s->c) * (size_t)s->cfg->nsteps + (size_t)step];
+}
+
 static void start_step(struct storm *s, struct client *c, double now)
 {
     int fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -100,7 +106,9 @@ static void start_step(struct storm *s, struct client *c, double now)
     c->window = 1;
     c->inwin = 0;
     c->nblk = 1;
-    c->size = s->steps[c->step].known ? s->steps[c->step].size : TB_SIZE_UNKNOWN;
+    const struct tb_step *st = &s->steps[c->step];
+    c->size = st->known ? st->size
+            : st->size_from >= 0 ? *announced(s, c, st->size_from) : TB_SIZE_UNKNOWN;
     c->gap_acked = 0;
     c->retries = 0;
     c->acked = -1;
@@ -227,9 +235,10 @@ static void on_oack(struct storm *s, struct client *c, const unsigned char *b, s
             window = (uint32_t)val;
         } else if (kl == 5 && strncasecmp(k, "tsize", 5) == 0 && (st->ask & TB_ASK_TSIZE)) {
             got_tsize = 1;
-            if (st->expect != TB_NOTFOUND && !st->known) {
+            if (st->expect != TB_NOTFOUND && !st->known && c->size == TB_SIZE_UNKNOWN) {
                 c->size = val; /* the bytes are unknown: hold the server to its word */
-            } else if (st->expect != TB_NOTFOUND && val != st->size) {
+                *announced(s, c, c->step) = val;
+            } else if (st->expect != TB_NOTFOUND && val != c->size) {
                 fail(s, c, TB_R_BAD_TSIZE);
                 return;
             }
@@ -380,6 +389,7 @@ void tb_on_packet(struct storm *s, struct client *c, const unsigned char *b, siz
 static void storm_free(struct storm *s)
 {
     free(s->heap);
+    free(s->announced);
     free(s->running);
     free(s->c);
     if (s->ep >= 0)
@@ -405,13 +415,16 @@ static int storm_init(struct storm *s, const struct tb_config *cfg,
     s->ep = epoll_create1(EPOLL_CLOEXEC);
     s->c = calloc((size_t)cfg->nclients, sizeof *s->c);
     s->running = calloc((size_t)cfg->nclients, sizeof *s->running);
+    s->announced = malloc((size_t)cfg->nclients * (size_t)cfg->nsteps * sizeof *s->announced);
     if (s->faults && cfg->f_reorder > 0 && cfg->f_max_held > 0)
         s->heap = calloc(cfg->f_max_held, sizeof *s->heap);
-    if (s->ep < 0 || !s->c || !s->running ||
+    if (s->ep < 0 || !s->c || !s->running || !s->announced ||
         (s->faults && cfg->f_reorder > 0 && cfg->f_max_held > 0 && !s->heap)) {
         storm_free(s);
         return -1;
     }
+    for (size_t i = 0; i < (size_t)cfg->nclients * (size_t)cfg->nsteps; i++)
+        s->announced[i] = TB_SIZE_UNKNOWN;
     for (int i = 0; i < cfg->nclients; i++) {
         s->c[i].fd = -1;
         out[i].reason = 0;

@@ -23,6 +23,8 @@ struct tb_step {
     uint32_t ask_blksize;
     uint32_t ask_window;
     uint32_t ask_timeout;
+    int size_from;             /* unknown bytes: the earlier step whose announced tsize
+                                  holds here too (workload.size_sources), or -1 */
 };
 
 struct tb_config {

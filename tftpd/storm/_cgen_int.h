@@ -55,6 +55,7 @@ struct storm {
     uint64_t rng;
     struct held *heap;
     uint32_t nheld;
+    uint64_t *announced;   /* [client * nsteps + step]: the tsize that step was told */
     int *running;          /* clients started and not yet done or failed */
     int nrunning;
 };

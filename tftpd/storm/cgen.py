@@ -31,7 +31,7 @@ from typing import Any
 from tftpd.storm.content import expected
 from tftpd.storm.pyengine import apply_overrides, encode_rrq, raise_nofile
 from tftpd.storm.result import Faults, StormResult
-from tftpd.storm.workload import Step, Workload
+from tftpd.storm.workload import Step, Workload, size_sources
 
 HERE = Path(__file__).resolve().parent
 SOURCES = [HERE / "_cgen.c", HERE / "_cgen_faults.c"]
@@ -151,7 +151,8 @@ def _c_steps(ffi: Any, steps: tuple[Step, ...], files: dict[str, bytes | None],
              keep: list[object]) -> Any:
     """The steps as struct tb_step[]; `keep` holds the buffers they point into."""
     csteps = ffi.new("struct tb_step[]", len(steps))
-    for cs, s in zip(csteps, steps, strict=True):
+    for cs, s, source in zip(csteps, steps, size_sources(steps), strict=True):
+        cs.size_from = source
         rrq = encode_rrq(s.file, s.options)
         rbuf = ffi.from_buffer(rrq)
         keep += [rrq, rbuf]

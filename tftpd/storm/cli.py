@@ -4,11 +4,12 @@
     tftpd-storm --make-root DIR --workload pxe
 
 The server's files are the workload's names. Without --root the tool knows only their
-names: each transfer must complete and, when the workload asks tsize, add up to the size
-the server announced. With --root (a copy of the files the server serves) every byte
-received is compared with the copy. --make-root writes a workload's files, for an
-operator to serve them. Exit status: 0 every client finished, 1 some failed, 2 a usage
-error or a server that does not answer.
+names: each transfer must complete and, when the workload asks the name's tsize (in that
+step or an earlier one, as a probe before a plain read), add up to the size announced.
+With --root (a copy of the files the server serves) every byte received is compared
+with the copy. --make-root writes a workload's files, for an operator to serve them.
+Exit status: 0 every client finished, 1 some failed, 2 a usage error or a server that
+does not answer.
 """
 
 from __future__ import annotations

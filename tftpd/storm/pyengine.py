@@ -24,7 +24,7 @@ from collections import Counter
 
 from tftpd.storm.content import expected
 from tftpd.storm.result import StormResult
-from tftpd.storm.workload import Step, Workload
+from tftpd.storm.workload import Step, Workload, size_sources
 
 OP_RRQ, OP_WRQ, OP_DATA, OP_ACK, OP_ERROR, OP_OACK = 1, 2, 3, 4, 5, 6
 _ACK = struct.Struct("!HH")
@@ -84,6 +84,7 @@ class _Storm:
         self.workload = workload
         self.files = files
         self.steps = steps
+        self.sources = size_sources(steps)
         self.rrqs = rrqs
         self.result = result
         self.ep = select.epoll()
@@ -97,7 +98,7 @@ class _Client:
     __slots__ = (
         "st", "idx", "started", "step", "state", "sock", "fd", "tid", "t_req", "rrq_try",
         "deadline", "retries", "blksize", "window", "inwin", "nblk", "exp", "size",
-        "gap_acked", "wrong_tid", "iteration", "loop_end", "last_ack", "acked",
+        "gap_acked", "wrong_tid", "iteration", "loop_end", "last_ack", "acked", "announced",
     )
 
     def __init__(self, st: _Storm, idx: int) -> None:
@@ -119,6 +120,7 @@ class _Client:
         self.nblk = 1
         self.exp: bytes | None = b""
         self.size = 0  # UNKNOWN_SIZE until an OACK announces it
+        self.announced = [UNKNOWN_SIZE] * len(st.steps)  # tsize each step was told
         self.gap_acked = False
         self.wrong_tid = 0
         self.iteration = 0
@@ -164,7 +166,11 @@ class _Client:
         self.acked = -1
         if step.expect != "notfound":
             self.exp = st.files[step.file]
-            self.size = UNKNOWN_SIZE if self.exp is None else len(self.exp)
+            if self.exp is not None:
+                self.size = len(self.exp)
+            else:  # held to the size an earlier step was told, if one asked
+                source = st.sources[self.step]
+                self.size = self.announced[source] if source >= 0 else UNKNOWN_SIZE
         self.state = _WAIT_FIRST
         self.rrq_try = 0
         self.t_req = now
@@ -335,8 +341,9 @@ class _Client:
             elif k == "tsize":
                 if step.expect == "notfound":
                     pass
-                elif self.exp is None:
+                elif self.exp is None and self.size == UNKNOWN_SIZE:
                     self.size = val  # the bytes are unknown: hold the server to its word
+                    self.announced[self.step] = val
                 elif val != self.size:
                     self.fail("bad-tsize")
                     return

@@ -45,6 +45,18 @@ class Step:
     expect: str
 
 
+def size_sources(steps: tuple[Step, ...]) -> list[int]:
+    """For each step, the latest earlier one that asks the same file's tsize, or -1: the
+    size announced there holds for this step too (mfs probes a name, then reads it
+    without options)."""
+    sources, last = [], {}
+    for i, step in enumerate(steps):
+        sources.append(last.get(step.file, -1))
+        if step.expect != "notfound" and "tsize" in step.options:
+            last[step.file] = i
+    return sources
+
+
 @dataclass(frozen=True)
 class Repeat:
     """Extension: each client runs its sequence again and again, bounded in time and count."""
