@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import time
-from concurrent.futures import wait
+from concurrent.futures import Future, wait
 from pathlib import Path
 
 import pytest
@@ -256,6 +256,28 @@ def test_a_slow_hook_times_out_without_blocking_the_caller(root: Path, hook_modu
     # the queued call's time ran out before a thread was free: never started
     assert [c.filename for c in _calls(mod)] == ["a.txt"]
     assert hook.threads == 1 and res.hook_timed_out == 2
+
+
+def test_a_lone_slow_call_times_out(root: Path, hook_module) -> None:  # type: ignore[no-untyped-def]
+    """The timeout holds for a call with nothing else in flight: the first call (which
+    starts the pool's thread) and a call that wakes an idle thread alike."""
+    make, _ = hook_module
+
+    def times_out(fut: Future) -> None:
+        t0 = time.monotonic()
+        done, _ = wait([fut], timeout=WAIT)
+        assert done and time.monotonic() - t0 < 0.3 + 2.0
+        assert isinstance(fut.exception(), HookTimeout)
+
+    times_out(make("slow", timeout=0.3).submit(object()))  # the first call
+    hook = make("slow_for_some", timeout=0.3)
+    res = ContentResolver(FileCache(Root(str(root))), hook=hook)
+    quick = res.begin(b"quick.txt", "octet", ("10.0.0.5", 1), "tftp", {})
+    assert isinstance(quick, PendingContent)
+    assert wait([quick.future], timeout=WAIT).done and _text(res.complete(quick)) == "quick"
+    slow = res.begin(b"slow.txt", "octet", ("10.0.0.5", 1), "tftp", {})  # an idle thread
+    assert isinstance(slow, PendingContent)
+    times_out(slow.future)
 
 
 def test_complete_waits_for_the_hook(root: Path, hook_module) -> None:  # type: ignore[no-untyped-def]

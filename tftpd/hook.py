@@ -189,16 +189,19 @@ class ContentHook:
             deadline = self.clock() + self.timeout
             self._due.append((deadline, fut))
             self._calls.append((fn, req, fut))
+            # The watchdog must wake by this deadline (it sleeps without one when
+            # nothing was due), or by the moment it should judge whether the busy
+            # threads need another beside them.
+            wake = deadline < self._watch_until
             if self._idle:
                 self._idle -= 1
                 self._ready.notify()
             elif not self._threads:
                 self._start_thread()
-            elif deadline < self._watch_until or (
-                    len(self._threads) < self._max_threads
-                    and self._watch_until - (deadline - self.timeout) > SLOW_S):
-                # The watchdog sleeps past this deadline, or past the moment it should
-                # judge whether the busy threads need another beside them.
+            elif len(self._threads) < self._max_threads \
+                    and self._watch_until - (deadline - self.timeout) > SLOW_S:
+                wake = True
+            if wake:
                 self._watch_until = float("-inf")
                 self._wake.notify()
         return fut
