@@ -181,6 +181,11 @@ def test_hook_answers_over_tftp_and_http(root: Path, hook_dir: Path, files: dict
         # None: the name asked, from the root; a miss is a miss.
         assert client.get("127.0.0.1", d.port, "plain.txt").data == files["plain.txt"]
         assert curl(hport, "plain.txt")[2] == files["plain.txt"]
+        # A request that closes the connection after it is answered too, whatever the
+        # hook says (HTTP/1.0, Connection: close).
+        assert curl(hport, "plain.txt", "-0", "-m", "5")[2] == files["plain.txt"]
+        assert curl(hport, "bytes/hello", "-H", "Connection: close", "-m", "5")[2] == hello
+        assert curl(hport, "raise", "-H", "Connection: close", "-m", "5")[0] == 500
         assert tftp_error(d.port, "missing").code == 1
         assert curl(hport, "missing")[0] == 404
         # What the hook was told, by protocol.

@@ -449,7 +449,9 @@ class HttpServer:
                 continue  # closed while it waited (its descriptor may be another's now)
             try:
                 self._answer(c, self.content.complete(pending))
-                if c.h.their_state is h11.DONE:  # the request's end was read before
+                # The request's end was read before (MUST_CLOSE: read, and the
+                # client asked to close after the response).
+                if c.h.their_state in (h11.DONE, h11.MUST_CLOSE):
                     self._respond(c)
                     if c.phase == IDLE and c.fd in self.conns:
                         self._watch(c, selectors.EVENT_READ)
