@@ -256,6 +256,15 @@ def test_if_modified_since(served: tuple[Daemon, int]) -> None:
     assert r.status == 200 and r.body == b"hello over http\n"
     r = get(port, "/hello.txt", "If-Modified-Since: not a date")
     assert r.status == 200
+    # A recipient accepts the three date forms of RFC 9110 5.6.7: IMF, RFC 850, asctime.
+    when = email.utils.parsedate_to_datetime(last)
+    for form in (when.strftime("%A, %d-%b-%y %H:%M:%S GMT"),
+                 when.strftime("%a %b ") + f"{when.day:2d}" + when.strftime(" %H:%M:%S %Y")):
+        assert get(port, "/hello.txt", f"If-Modified-Since: {form}").status == 304, form
+        r = get(port, "/hello.txt", "Range: bytes=0-1", f"If-Range: {form}")
+        assert (r.status, r.body) == (206, b"he"), form
+    # If-Range with an entity tag: we send none, so it never matches.
+    assert get(port, "/hello.txt", "Range: bytes=0-1", 'If-Range: "x"').status == 200
 
 
 def test_misses_and_directories(served: tuple[Daemon, int]) -> None:

@@ -6,6 +6,7 @@ state of one connection.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import os
 import re
@@ -94,14 +95,27 @@ def mtime_of(f: OpenFile) -> int:
     return int(os.fstat(f.fd).st_mtime)
 
 
-def not_modified(since: str, mtime: int) -> bool:
+def http_time(value: str) -> float | None:
+    """Seconds since the epoch of an HTTP date in any of RFC 9110's three forms (IMF,
+    RFC 850, asctime), or None for anything else."""
     try:
-        when = email.utils.parsedate_to_datetime(since)
+        when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
-        return False  # an invalid date is ignored (RFC 9110 13.1.3)
+        return None
     if when.tzinfo is None:
-        return False
-    return mtime <= when.timestamp()
+        when = when.replace(tzinfo=datetime.UTC)  # asctime has no zone: GMT
+    return when.timestamp()
+
+
+def not_modified(since: str, mtime: int) -> bool:
+    when = http_time(since)  # an invalid date is ignored (RFC 9110 13.1.3)
+    return when is not None and mtime <= when
+
+
+def range_applies(if_range: str | None, mtime: int) -> bool:
+    """Whether a Range holds under If-Range: no If-Range, or the file's own date (an
+    entity tag never matches: no ETag is sent)."""
+    return if_range is None or http_time(if_range) == mtime
 
 
 def raw_response(status: int, reason: str) -> bytes:
@@ -174,7 +188,7 @@ def prepare_file(c: Conn, f: OpenFile, headers: dict[str, str]) -> None:
     first, last = 0, f.size - 1
     status = 200
     wanted = headers.get("range")
-    if wanted is not None and headers.get("if-range", last_modified) == last_modified:
+    if wanted is not None and range_applies(headers.get("if-range"), mtime):
         span = parse_range(wanted, f.size)
         if span is not None:
             first, last = span
