@@ -369,6 +369,25 @@ def test_json_records(root: Path, tmp_path: Path) -> None:
         d.stop()
 
 
+def test_json_lines_carry_the_traceback_of_an_error() -> None:
+    """A failing content hook is logged with its traceback: in JSON too, on one line."""
+    import logging
+
+    from tftpd.cli import JsonFormatter
+
+    try:
+        raise RuntimeError("the inventory is unreadable")
+    except RuntimeError as err:
+        record = logging.LogRecord("tftpd", logging.ERROR, __file__, 1, "hook failed: %s",
+                                   (err,), (type(err), err, err.__traceback__))
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    got = json.loads(line)
+    assert got["msg"] == "hook failed: the inventory is unreadable"
+    assert got["traceback"].startswith("Traceback (most recent call last):")
+    assert "RuntimeError: the inventory is unreadable" in got["traceback"]
+
+
 @needs_root("chroot and the switch to nobody")
 def test_secure_mode_chroots_and_drops_root_by_default(
         daemon_factory: Callable[..., Daemon], root: Path) -> None:

@@ -45,6 +45,8 @@ class JsonFormatter(logging.Formatter):
         body = getattr(record, "transfer", None)
         if body is None:
             body = {"level": record.levelname.lower(), "msg": record.getMessage()}
+            if record.exc_info:
+                body["traceback"] = self.formatException(record.exc_info)
         return json.dumps({"ts": ts, "pid": record.process, **body}, separators=(",", ":"))
 
 
