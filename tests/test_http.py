@@ -329,6 +329,20 @@ def test_malformed_requests(served: tuple[Daemon, int], request_bytes: bytes,
     assert get(port, "/hello.txt").body == b"hello over http\n"
 
 
+def test_the_head_bound_is_exact(served: tuple[Daemon, int]) -> None:
+    """A request head of MAX_HEAD bytes, request line and blank line counted, is read;
+    one byte more is 431."""
+    from tftpd.http.message import MAX_HEAD
+
+    _, port = served
+    base = b"GET /hello.txt HTTP/1.1\r\nHost: x\r\nX: \r\n\r\n"
+    fill = MAX_HEAD - len(base)
+    fits = base.replace(b"X: ", b"X: " + b"y" * fill)
+    assert len(fits) == MAX_HEAD
+    assert ask(port, fits).status == 200
+    assert ask(port, fits.replace(b"X: ", b"X: y")).status == 431
+
+
 def test_slow_head_is_closed_at_the_deadline(root: Path, files: dict[str, bytes]) -> None:
     d, port = start_http(root, "--http-head-timeout", "1", "--http-idle-timeout", "1")
     try:

@@ -396,8 +396,11 @@ class HttpServer:
         c.name, c.span, c.detail, c.sent = sanitize(req.target, 200), "", "", 0
         c.remaining = 0
         self.tally.add("http_requests")
-        if len(req.target) + sum(len(k) + len(v) + 4 for k, v in req.headers) > MAX_HEAD:
-            # h11 bounds a head that has not ended; this, one that came whole.
+        # The head's bytes: "METHOD TARGET HTTP/V\r\n", "Name: value\r\n" each, "\r\n"
+        # (h11 bounds a head that has not ended; this, one that came whole).
+        head = len(req.method) + len(req.target) + len(req.http_version) + 9 \
+            + sum(len(k) + len(v) + 4 for k, v in req.headers) + 2
+        if head > MAX_HEAD:
             self._refuse(c, BadRequest(431, "request head too large"), close=True)
             return True
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in req.headers}
