@@ -217,6 +217,28 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
     assert proc.stderr.startswith("tftpd-storm: ") or "usage:" in proc.stderr
 
 
+@pytest.mark.parametrize(("args", "said"), [
+    (["127.0.0.1:69", "--faults", "loss=abc"], "--faults loss=abc: loss is not a number"),
+    (["127.0.0.1:69", "--workload", "nosuch"], "unknown workload 'nosuch'; known: lockstep, "),
+    (["127.0.0.1:69:5"], "127.0.0.1:69:5: expected HOST:PORT"),
+    (["127.0.0.1:69", "--workload", "LIST.json"], "a workload is a JSON object"),
+    (["127.0.0.1:69", "--workload", "BADOPT.json"], "step 0: option blksize: expected an "
+                                                    "integer, got 'abc'"),
+])
+def test_usage_errors_say_what_is_wrong(args: list[str], said: str, tmp_path: Path) -> None:
+    (tmp_path / "LIST.json").write_text("[1, 2]")
+    doc = json.loads((REPO / "tftpd/storm/workloads/pxe.json").read_text())
+    doc["sequence"][0]["options"] = {"blksize": "abc"}
+    (tmp_path / "BADOPT.json").write_text(json.dumps(doc))
+    args = [str(tmp_path / a) if a.endswith(".json") else a for a in args]
+    proc = subprocess.run([sys.executable, "-m", "tftpd.storm", *args], capture_output=True,
+                          text=True, timeout=30, check=False,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert said in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 # -- the engines, in process: no bytes known, only the announced size -------------------
 
 @pytest.mark.parametrize("engine", ["python", "c"])

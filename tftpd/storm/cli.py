@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import ipaddress
 import json
 import select
 import socket
@@ -74,10 +75,20 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text.split("%")[0])
+    except ValueError:
+        return False
+    return True
+
+
 def parse_server(text: str) -> tuple[str, int]:
     """HOST[:PORT] as (IPv4 address, port)."""
-    if text.startswith("[") or text.count(":") > 1:
+    if text.startswith("[") or _is_ipv6(text):
         raise UsageError(f"{text}: IPv6 is not supported; give an IPv4 address or name")
+    if text.count(":") > 1:
+        raise UsageError(f"{text}: expected HOST:PORT")
     host, sep, port_text = text.partition(":")
     try:
         port = int(port_text) if sep else 69
@@ -202,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         faults = Faults.parse(args.faults) if args.faults else None
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(f"--faults {args.faults}: {exc}") from None
     clients = _clients(args, wl)
     timeout = _timeout(args, wl, clients, faults)
     files = known_files(wl, args.root)

@@ -7,6 +7,14 @@ Both engines fill a StormResult; `summary()` holds the scalar figures the tables
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+def _number(kind: type, key: str, text: str) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{key} is not a number: {text!r}") from None
 
 
 @dataclass(frozen=True)
@@ -36,20 +44,20 @@ class Faults:
             if not sep:
                 raise ValueError(f"faults: {item!r} is not NAME=VALUE")
             if key in ("loss", "dup", "reorder"):
-                pct = float(val)
+                pct = _number(float, key, val)
                 if not 0 <= pct < 100:
                     raise ValueError(f"faults: {key} must be in [0, 100)")
                 kw[key] = pct
             elif key == "hold":
                 lo, _, hi = val.partition("-")
-                pair = (float(lo), float(hi or lo))
+                pair = (_number(float, key, lo), _number(float, key, hi or lo))
                 if not 0 <= pair[0] <= pair[1] <= 10_000:
                     raise ValueError("faults: hold is MS or MIN-MAX, 0..10000 ms")
                 kw["hold_ms"] = pair
             elif key == "seed":
-                kw["seed"] = int(val)
+                kw["seed"] = _number(int, key, val)
             elif key == "max_held":
-                kw["max_held"] = int(val)
+                kw["max_held"] = _number(int, key, val)
             else:
                 raise ValueError(f"faults: unknown {key!r} (loss, dup, reorder, hold, seed)")
         return cls(**kw)

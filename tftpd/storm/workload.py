@@ -112,6 +112,27 @@ def _num(value: object, what: str) -> float:
 
 def parse(doc: dict, source: str = "") -> Workload:
     """Check a decoded workload document and return it as a Workload."""
+    if not isinstance(doc, dict):
+        raise WorkloadError(f"{source or 'workload'}: a workload is a JSON object, "
+                            f"not {type(doc).__name__}")
+    try:
+        return _parse(doc, source)
+    except WorkloadError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise WorkloadError(f"{source or 'workload'}: {type(exc).__name__}: {exc}") from None
+
+
+def _int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise WorkloadError(f"{what}: expected an integer, got {value!r}")
+    try:
+        return int(value)
+    except ValueError:
+        raise WorkloadError(f"{what}: expected an integer, got {value!r}") from None
+
+
+def _parse(doc: dict, source: str) -> Workload:
     try:
         name = str(doc["name"])
         files_doc = doc["files"]
@@ -142,7 +163,8 @@ def parse(doc: dict, source: str = "") -> Workload:
         expect = s.get("expect")
         if expect not in EXPECTS:
             raise WorkloadError(f"step {i}: expect must be one of {EXPECTS}, got {expect!r}")
-        opts = {str(k): int(v) for k, v in dict(s.get("options", {})).items()}
+        opts = {str(k): _int(v, f"step {i}: option {k}")
+                for k, v in dict(s.get("options", {})).items()}
         for k in opts:
             if k not in KNOWN_OPTIONS:
                 raise WorkloadError(f"step {i}: unknown option {k!r}")
@@ -184,6 +206,9 @@ def load(name_or_path: str | os.PathLike[str]) -> Workload:
     p = Path(name_or_path)
     if not p.suffix and not p.exists():
         p = WORKLOAD_DIR / f"{p}.json"
+        if not p.exists():
+            raise WorkloadError(f"unknown workload {str(name_or_path)!r}; known: "
+                                f"{', '.join(names())}, or a FILE.json")
     with open(p, encoding="utf-8") as fh:
         return parse(json.load(fh), source=str(p))
 
