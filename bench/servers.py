@@ -1,8 +1,8 @@
 """The TFTP servers the benchmark knows, and how each one is started fairly.
 
 Each server runs in the foreground inside a network namespace of its own, serves ROOT as
-TFTP only on 127.0.0.1:69, and has the limits a storm would hit first lifted (see
-../shared/PEERS.md). A server whose program is missing is skipped with a note. Servers
+TFTP only on 127.0.0.1:69, and has the limits a storm would hit first lifted (each
+launcher below says which). A server whose program is missing is skipped with a note. Servers
 with an `http_launch` also run the `http` workload (bench/http.py); nginx runs only that.
 """
 
