@@ -224,12 +224,16 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
     (["127.0.0.1:69", "--workload", "LIST.json"], "a workload is a JSON object"),
     (["127.0.0.1:69", "--workload", "BADOPT.json"], "step 0: option blksize: expected an "
                                                     "integer, got 'abc'"),
+    (["127.0.0.1:69", "--workload", "HUGE.json"], "OverflowError"),
 ])
 def test_usage_errors_say_what_is_wrong(args: list[str], said: str, tmp_path: Path) -> None:
     (tmp_path / "LIST.json").write_text("[1, 2]")
     doc = json.loads((REPO / "tftpd/storm/workloads/pxe.json").read_text())
     doc["sequence"][0]["options"] = {"blksize": "abc"}
     (tmp_path / "BADOPT.json").write_text(json.dumps(doc))
+    doc["sequence"][0]["options"] = {"blksize": 1024.0}  # a whole number is an integer
+    doc["client"]["ack_retries"] = 1e400
+    (tmp_path / "HUGE.json").write_text(json.dumps(doc).replace("Infinity", "1e400"))
     args = [str(tmp_path / a) if a.endswith(".json") else a for a in args]
     proc = subprocess.run([sys.executable, "-m", "tftpd.storm", *args], capture_output=True,
                           text=True, timeout=30, check=False,
@@ -259,6 +263,18 @@ def test_tsize_is_held_to_the_bytes_received(engine: str, tmp_path: Path,
         res = run_storm(("127.0.0.1", liar.port), wl, 3, engine=engine, files=unknown,
                         deadline_s=20)
     assert res.ok == 0 and res.failed == {"short-file": 3}, res.summary()
+
+
+def test_size_sources_lead_to_the_step_that_keeps_the_size() -> None:
+    from tftpd.storm.workload import Step, size_sources
+
+    probe, sized, plain = (Step("f", {"tsize": 0}, "probe"), Step("f", {"tsize": 0}, "data"),
+                           Step("f", {}, "data"))
+    other, miss = Step("g", {}, "data"), Step("f", {"tsize": 0}, "notfound")
+    assert size_sources((probe, sized, plain)) == [-1, 0, 0]
+    assert size_sources((probe, probe, plain)) == [-1, 0, 0]
+    assert size_sources((plain, probe, other, plain)) == [-1, -1, -1, 1]
+    assert size_sources((miss, plain)) == [-1, -1]
 
 
 @pytest.mark.parametrize("engine", ["python", "c"])

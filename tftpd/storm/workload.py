@@ -46,14 +46,15 @@ class Step:
 
 
 def size_sources(steps: tuple[Step, ...]) -> list[int]:
-    """For each step, the latest earlier one that asks the same file's tsize, or -1: the
+    """For each step, the first earlier one that asks the same file's tsize, or -1: the
     size announced there holds for this step too (mfs probes a name, then reads it
-    without options)."""
-    sources, last = [], {}
+    without options). The first, because only a step with no source of its own keeps
+    what it was told; the later ones are held to it."""
+    sources, first = [], {}
     for i, step in enumerate(steps):
-        sources.append(last.get(step.file, -1))
+        sources.append(first.get(step.file, -1))
         if step.expect != "notfound" and "tsize" in step.options:
-            last[step.file] = i
+            first.setdefault(step.file, i)
     return sources
 
 
@@ -119,11 +120,13 @@ def parse(doc: dict, source: str = "") -> Workload:
         return _parse(doc, source)
     except WorkloadError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise WorkloadError(f"{source or 'workload'}: {type(exc).__name__}: {exc}") from None
 
 
 def _int(value: object, what: str) -> int:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)  # 1024.0
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise WorkloadError(f"{what}: expected an integer, got {value!r}")
     try:
