@@ -196,15 +196,30 @@ def test_worker_killed_during_storm(root: Path, datapath: str) -> None:
 # -- SIGTERM drain ---------------------------------------------------------------------------
 
 
-def _listening(port: int) -> bool:
-    """Whether any UDP socket is bound to `port` (from /proc/net/udp and udp6)."""
+def _listening(d: Daemon) -> bool:
+    """Whether the daemon (its master or a worker) holds a UDP socket bound to its port.
+    Another process's socket on that port number (a client's, anywhere on the machine)
+    does not count: the sockets are matched by inode to the daemon's descriptors."""
+    mine: set[str] = set()
+    for pid in (d.proc.pid, *d.worker_pids()):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except FileNotFoundError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except FileNotFoundError:
+                continue
+            if target.startswith("socket:["):
+                mine.add(target[8:-1])
     for table in ("/proc/net/udp", "/proc/net/udp6"):
         try:
             with open(table) as f:
                 next(f)
                 for line in f:
-                    local = line.split()[1]
-                    if int(local.rsplit(":", 1)[1], 16) == port:
+                    fields = line.split()
+                    if int(fields[1].rsplit(":", 1)[1], 16) == d.port and fields[9] in mine:
                         return True
         except FileNotFoundError:
             continue
@@ -222,12 +237,13 @@ def test_sigterm_drains_running_transfer(daemon: Daemon) -> None:
         raw, tid = a.recvfrom(P.MAX_DATAGRAM)
         assert P.parse(raw) == P.Data(1, data[:512])
         got = [data[:512]]
+        assert _listening(daemon)
         daemon.proc.send_signal(signal.SIGTERM)
         daemon.wait_for_log(r"SIGTERM: no new requests")
         deadline = time.monotonic() + 3.0
-        while _listening(daemon.port) and time.monotonic() < deadline:
+        while _listening(daemon) and time.monotonic() < deadline:
             time.sleep(0.01)  # bounded polling of socket state
-        assert not _listening(daemon.port), "listen port still bound after SIGTERM"
+        assert not _listening(daemon), "listen port still bound after SIGTERM"
         # A new request gets no answer now.
         c = udp()
         try:
