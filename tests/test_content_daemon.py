@@ -186,6 +186,9 @@ def test_hook_answers_over_tftp_and_http(root: Path, hook_dir: Path, files: dict
         assert curl(hport, "plain.txt", "-0", "-m", "5")[2] == files["plain.txt"]
         assert curl(hport, "bytes/hello", "-H", "Connection: close", "-m", "5")[2] == hello
         assert curl(hport, "raise", "-H", "Connection: close", "-m", "5")[0] == 500
+        # One that offers to switch protocols (h11 pauses there) gets its answer too.
+        assert curl(hport, "bytes/hello", "-H", "Upgrade: websocket", "-H",
+                    "Connection: Upgrade", "-m", "5")[2] == hello
         assert tftp_error(d.port, "missing").code == 1
         assert curl(hport, "missing")[0] == 404
         # What the hook was told, by protocol.

@@ -136,7 +136,7 @@ READING, SENDING, IDLE, WAITING = 0, 1, 2, 3
 class Conn:
     __slots__ = ("sock", "fd", "peer", "h", "phase", "deadline", "out", "file", "offset",
                  "remaining", "sent", "started", "name", "method", "status", "span",
-                 "detail", "close_after", "events", "pending", "headers")
+                 "detail", "close_after", "events", "pending", "headers", "read_whole")
 
     def __init__(self, sock: socket.socket, peer: tuple[str, int], deadline: float) -> None:
         self.sock = sock
@@ -159,6 +159,7 @@ class Conn:
         self.close_after = False  # close once this response is out
         self.events = selectors.EVENT_READ
         self.pending: Any = None  # the resolver's PendingContent while WAITING
+        self.read_whole = False  # the current request's end has been read
         self.headers: dict[str, str] = {}  # of the request being answered
 
 

@@ -371,6 +371,7 @@ class HttpServer:
                 return
             elif not isinstance(ev, h11.EndOfMessage):
                 continue
+            c.read_whole = True
             self._respond(c)
             if c.phase != IDLE or c.fd not in self.conns:
                 return  # the response waits for the socket, or the connection ended
@@ -392,6 +393,7 @@ class HttpServer:
         """Decide the response to a request whose head is complete; it is sent once
         the request's end has been read (_respond), or at once (True)."""
         c.started = time.monotonic()
+        c.read_whole = False
         c.method = req.method.decode("ascii", "replace")
         c.name, c.span, c.detail, c.sent = sanitize(req.target, 200), "", "", 0
         c.remaining = 0
@@ -452,9 +454,7 @@ class HttpServer:
                 continue  # closed while it waited (its descriptor may be another's now)
             try:
                 self._answer(c, self.content.complete(pending))
-                # The request's end was read before (MUST_CLOSE: read, and the
-                # client asked to close after the response).
-                if c.h.their_state in (h11.DONE, h11.MUST_CLOSE):
+                if c.read_whole:  # else it is sent once the request's end is read
                     self._respond(c)
                     if c.phase == IDLE and c.fd in self.conns:
                         self._watch(c, selectors.EVENT_READ)
