@@ -413,12 +413,19 @@ def test_sighup_under_chroot_rereads_the_files_outside_it(
     (root / "images").mkdir()
     (root / "images" / "kernel").write_bytes(b"kernel")
     (root / "big").write_bytes(os.urandom(5000))
-    etc = tmp_path / "etc"
+    etc, real = tmp_path / "etc", tmp_path / "real"
     etc.mkdir()
-    conf, rules = etc / "tftpd.conf", etc / "map"
+    real.mkdir()
+    # The configuration is an absolute symlink, as /etc's often are: after the chroot
+    # the same path would lead into the served root, where a client may write.
+    (etc / "tftpd.conf").symlink_to(real / "tftpd.conf")
+    conf, rules = real / "tftpd.conf", etc / "map"
+    planted = root / str(conf).lstrip("/")
+    planted.parent.mkdir(parents=True)
+    planted.write_text("blocksize = 513\n")
     conf.write_text("blocksize = 1024\n")
     rules.write_text("r ^old$ images/kernel\n")
-    d = daemon_factory("-s", "-C", str(conf), "-m", str(rules))
+    d = daemon_factory("-s", "-C", str(etc / "tftpd.conf"), "-m", str(rules))
     assert client.get("127.0.0.1", d.port, "old").data == b"kernel"
     conf.write_text("blocksize = 600\n")
     rules.write_text("r ^new$ images/kernel\n")

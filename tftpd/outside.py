@@ -4,8 +4,10 @@ With -s the master chroots into the served root with its workers, and the
 configuration file (-C) and the map file (-m) are outside it. Before the chroot the
 master opens the directory of each; a reload then opens the file by name relative to
 that directory (openat), so an edited or replaced file is read afresh. The directory
-descriptors are the master's only: a worker closes them first thing, so nothing that
-handles network input holds a way out of the chroot.
+descriptors are the master's only, and lead out of the chroot: a worker closes them
+first thing, so no process that answers TFTP or HTTP clients holds them (the master
+reads the network only for --metrics scrapes). The master has dropped privileges
+before a reload, so the files must be readable by the user it runs as.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ class OutsideFiles:
         """Keep `path`'s directory in reach (call before the chroot)."""
         if not path or path in self._names:
             return
-        directory, name = os.path.split(os.path.abspath(path))
+        # Symlinks resolved now: inside the chroot an absolute target would be looked
+        # up in the served root. The file itself is then opened without following one.
+        directory, name = os.path.split(os.path.realpath(path))
         if directory not in self._dirs:
             try:
                 self._dirs[directory] = os.open(directory, os.O_RDONLY | os.O_DIRECTORY
@@ -45,7 +49,8 @@ class OutsideFiles:
             raise OSError(errno.ENOENT, "outside the chroot (-s); a new path needs a restart",
                           path)
         directory, name = kept
-        return os.open(name, flags | os.O_CLOEXEC, dir_fd=self._dirs[directory])
+        return os.open(name, flags | os.O_CLOEXEC | os.O_NOFOLLOW,
+                       dir_fd=self._dirs[directory])
 
     def close(self) -> None:
         for fd in self._dirs.values():
