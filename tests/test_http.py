@@ -265,6 +265,14 @@ def test_if_modified_since(served: tuple[Daemon, int]) -> None:
         assert (r.status, r.body) == (206, b"he"), form
     # If-Range with an entity tag: we send none, so it never matches.
     assert get(port, "/hello.txt", "Range: bytes=0-1", 'If-Range: "x"').status == 200
+    # A date in another zone, or none that HTTP knows, is no validator: the whole file
+    # (a resumed download must not join two versions), and no 304 either.
+    local = when.strftime("%a, %d %b %Y %H:%M:%S")
+    for odd in (f"{local} CET", f"{local} -0000", f"{local}",
+                "Sun, 06 Nov 99999999999999999999 08:49:37 GMT"):
+        r = get(port, "/hello.txt", "Range: bytes=0-1", f"If-Range: {odd}")
+        assert (r.status, r.body) == (200, b"hello over http\n"), odd
+        assert get(port, "/hello.txt", f"If-Modified-Since: {odd}").status == 200, odd
 
 
 def test_misses_and_directories(served: tuple[Daemon, int]) -> None:

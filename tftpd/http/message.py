@@ -95,16 +95,22 @@ def mtime_of(f: OpenFile) -> int:
     return int(os.fstat(f.fd).st_mtime)
 
 
+# asctime's form, the one HTTP date without a zone (it is GMT): Sun Nov  6 08:49:37 1994
+_ASCTIME = re.compile(r"[A-Za-z]{3} [A-Za-z]{3} [ \d]\d \d\d:\d\d:\d\d \d{4}")
+
+
 def http_time(value: str) -> float | None:
     """Seconds since the epoch of an HTTP date in any of RFC 9110's three forms (IMF,
-    RFC 850, asctime), or None for anything else."""
+    RFC 850, asctime), or None for anything else, a date in an unknown zone included."""
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:  # no zone, -0000 or a name email.utils does not know
+            if not _ASCTIME.fullmatch(value.strip()):
+                return None
+            when = when.replace(tzinfo=datetime.UTC)
+        return when.timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)  # asctime has no zone: GMT
-    return when.timestamp()
 
 
 def not_modified(since: str, mtime: int) -> bool:
