@@ -398,8 +398,9 @@ class HttpServer:
         c.name, c.span, c.detail, c.sent = sanitize(req.target, 200), "", "", 0
         c.remaining = 0
         self.tally.add("http_requests")
-        # The head's bytes: "METHOD TARGET HTTP/V\r\n", "Name: value\r\n" each, "\r\n"
-        # (h11 bounds a head that has not ended; this, one that came whole).
+        # The head's bytes as h11 read them: "METHOD TARGET HTTP/V\r\n", "Name: value\r\n"
+        # each, "\r\n" (whitespace around values and bare LFs aside). h11 bounds a head
+        # that has not ended; this, one that came whole in a read.
         head = len(req.method) + len(req.target) + len(req.http_version) + 9 \
             + sum(len(k) + len(v) + 4 for k, v in req.headers) + 2
         if head > MAX_HEAD:
