@@ -100,3 +100,22 @@ def test_http_without_h11_is_a_clear_startup_error(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "--http needs the h11 package" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_an_inherited_http_socket_without_h11_is_a_clear_startup_error(tmp_path: Path) -> None:
+    """systemd's ListenStream= hands a listening TCP socket over: without h11 that is the
+    same one-line refusal as --http, not a worker's traceback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen()
+        fd = lst.fileno()
+        # As systemd starts a service: the socket at descriptor 3, LISTEN_PID its pid.
+        activate = (f"import os, sys; os.dup2({fd}, 3); os.close({fd}); "
+                    "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); "
+                    "os.execv(sys.executable, [sys.executable, '-c', *sys.argv[1:]])")
+        proc = subprocess.run([sys.executable, "-c", activate, WITHOUT_H11, "-L", "-u", "root",
+                               str(tmp_path)], cwd=REPO, pass_fds=(fd,), capture_output=True,
+                              text=True, timeout=30, check=False)
+    assert proc.returncode != 0
+    assert "--http needs the h11 package" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

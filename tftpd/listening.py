@@ -83,6 +83,7 @@ class ListenSockets:
     def _adopt(self, sock: socket.socket) -> None:
         if sock.type == socket.SOCK_STREAM and sock.getsockopt(
                 socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            _require_http()
             self._add_http(sock)  # systemd's ListenStream=: served over HTTP
             return
         if sock.type != socket.SOCK_DGRAM:
@@ -136,11 +137,17 @@ def _metrics_socket(text: str) -> socket.socket:
     return sock
 
 
-def _http_socket(addr: Address) -> socket.socket:
+def _require_http() -> None:
+    """HTTP is served with h11: say so at the start, not in a worker's traceback."""
     try:
-        from tftpd.http import listen_socket
+        import tftpd.http  # noqa: F401
     except ImportError as err:
         raise StartupError(f"--http needs the h11 package (pip install h11): {err}") from None
+
+
+def _http_socket(addr: Address) -> socket.socket:
+    _require_http()
+    from tftpd.http import listen_socket
 
     try:
         return listen_socket(addr)
