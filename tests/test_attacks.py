@@ -202,3 +202,48 @@ def test_log_lines_one_address_can_cause_are_bounded(root: Path, datapath: str) 
     summarised = sum(int(n) for n in re.findall(r"(\d+) more like this from 127\.0\.0\.1",
                                                 text))
     assert summarised > 3 * flood - 1500, (summarised, text[-3000:])
+
+
+@pytest.mark.parametrize("datapath", ["c", "python"])
+def test_a_transfer_port_tells_strangers_nothing(root: Path, datapath: str) -> None:
+    """The random transfer port is what keeps a spoofer from acknowledging blocks for
+    its victim. Answered with ERROR 5, a scan from another address finds it in a second;
+    a transfer's port therefore answers no other host, and the client's own host (RFC
+    1350's stray datagram) a few times only: no oracle, and no reflector."""
+    from tftpd.transfer import FOREIGN_REPLIES
+
+    (root / "big").write_bytes(os.urandom(1 << 20))
+    d = start_daemon(root, "--workers", "1", env={"TFTPD_DATAPATH": datapath})
+    real, stranger, neighbour = _udp(), _udp("127.0.0.2"), _udp()
+    try:
+        real.sendto(P.encode_rrq("big", "octet", {"blksize": "1024"}), ("127.0.0.1", d.port))
+        raw, tid = real.recvfrom(65536)
+        assert P.parse(raw) == P.OAck({"blksize": "1024"})
+        for sock in (stranger, neighbour):
+            for _ in range(10):
+                sock.sendto(P.encode_ack(0), tid)
+        stranger.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            stranger.recvfrom(65536)
+        answers = []
+        neighbour.settimeout(0.5)
+        try:
+            while len(answers) <= FOREIGN_REPLIES:
+                answers.append(P.parse(neighbour.recvfrom(65536)[0]))
+        except TimeoutError:
+            pass
+        assert answers == [P.Error(5, "Unknown transfer ID")] * FOREIGN_REPLIES
+        # None of it was taken for the client's ACK: the transfer waits for the client.
+        real.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            while True:
+                assert P.parse(real.recvfrom(65536)[0]) == P.OAck({"blksize": "1024"})
+        real.settimeout(5.0)
+        real.sendto(P.encode_ack(0), tid)
+        assert P.parse(real.recvfrom(65536)[0]).block == 1  # type: ignore[union-attr]
+        real.sendto(P.encode_error(0, "enough"), tid)
+        d.wait_for_log(r"file=big .*outcome=aborted")
+    finally:
+        for sock in (real, stranger, neighbour):
+            sock.close()
+        d.stop()

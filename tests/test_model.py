@@ -50,6 +50,7 @@ from hypothesis.stateful import (
 
 from tftpd import client
 from tftpd import packet as P
+from tftpd.transfer import FOREIGN_REPLIES
 
 # -- the daemon's settings, and what the model derives from them --------------------------
 
@@ -62,6 +63,7 @@ WINDOW_MAX = 64  # --windowsize default
 WINDOW_BYTES = 128 * 1024  # --window-bytes default
 EPS = 0.03  # s of slack for timer checks (kernel timestamps on loopback)
 REPLY = 3.0  # s to wait for an answer the model says must come
+SILENCE = 0.2  # s to watch for an answer the model says must not come
 
 SO_TIMESTAMPNS = 35  # Linux; neither is exported by the socket module
 SO_RCVBUFFORCE = 33
@@ -242,6 +244,7 @@ class Read:
     ack_t: float = 0.0
     timer_bursts: int = 0  # timer resends since the last progress
     ack0: bool = False
+    foreign: int = 0  # ERROR 5s the server has sent to other ports of the client's host
     sends: dict[int, int] = field(default_factory=dict)  # receipts while nothing acked
     srtt: float = -1.0
     rttvar: float = 0.0
@@ -398,6 +401,7 @@ class Upload:
     last_pkt: bytes = b""
     last_t: float = 0.0
     resends: int = 0
+    foreign: int = 0  # ERROR 5s the server has sent to other ports of the client's host
     timeouts: int = 0  # timer resends in all, progress or not
     outcome: str | None = None
     # The ACK last taken as foretold repeated the one before it after a full RTO: it
@@ -716,7 +720,8 @@ class ProtocolModel(RuleBasedStateMachine):
     @precondition(lambda self: self.reads or self.uploads)
     @rule(index=st.integers(0, 7), what=st.sampled_from(["ack", "data", "rrq"]))
     def foreign_tid(self, index: int, what: str) -> None:
-        """A datagram from another port: ERROR 5 to that port, the transfer goes on."""
+        """A datagram from another port of the client's host: ERROR 5 to that port (the
+        first FOREIGN_REPLIES times a transfer, then nothing), the transfer goes on."""
         tr = self.pick(self.reads + self.uploads, index)  # type: ignore[operator]
         if tr is None:
             return
@@ -725,12 +730,18 @@ class ProtocolModel(RuleBasedStateMachine):
             datagram = {"ack": P.encode_ack(1), "data": P.encode_data(1, b"x" * 10),
                         "rrq": P.encode_rrq("f1")}[what]
             other.send(datagram, tr.tid)
-            got = other.recv(REPLY)
+            answered = tr.foreign < FOREIGN_REPLIES
+            got = other.recv(REPLY if answered else SILENCE)
             if got is None:
-                raise tr.fail(f"no ERROR 5 for a {what} from foreign port {other.port}")
+                if answered:
+                    raise tr.fail(f"no ERROR 5 for a {what} from foreign port {other.port}")
+                return
             data, src, _ = got
+            if not answered:
+                raise tr.fail(f"ERROR 5 number {tr.foreign + 1}, past {FOREIGN_REPLIES}")
             if src != tr.tid or P.parse(data) != P.Error(5, "Unknown transfer ID"):
                 raise tr.fail(f"foreign port got {data!r} from {src}, want ERROR 5")
+            tr.foreign += 1
         finally:
             other.close()
 

@@ -9,12 +9,14 @@ from hypothesis import strategies as st
 
 from tftpd import packet as P
 from tftpd.transfer import (
+    FOREIGN_REPLIES,
     OACK_SENT,
     Finish,
     ReadTransfer,
     Send,
     SendBlocks,
     SendTo,
+    WriteTransfer,
     block_count,
     wire_block,
 )
@@ -251,11 +253,27 @@ def test_other_errors_abort() -> None:
 def test_foreign_tid_gets_error_5_and_transfer_goes_on() -> None:
     t = ReadTransfer(PEER, 5000)
     t.start(0.0)
-    other = ("192.0.2.9", 3000)
+    other = (PEER[0], PEER[1] + 1)  # the client's host, another port (RFC 1350's case)
     out = t.on_datagram(ack(1), other, 0.01)
     assert out == [SendTo(other, P.encode_error(5, "Unknown transfer ID"))]
     assert t.last_acked == 0
     assert t.on_datagram(ack(1), PEER, 0.02) == [SendBlocks(2, 1)]
+
+
+@pytest.mark.parametrize("kind", ["read", "write"])
+def test_foreign_tids_tell_strangers_nothing(kind: str) -> None:
+    """ERROR 5 would tell another host that this port is a live transfer (the port is
+    what keeps a spoofer from acknowledging for its victim): it gets nothing. The
+    client's own host gets ERROR 5, FOREIGN_REPLIES times at most: no reflector."""
+    t: ReadTransfer | WriteTransfer = ReadTransfer(PEER, 5000) if kind == "read" \
+        else WriteTransfer(PEER)
+    t.start(0.0)
+    assert t.on_datagram(ack(1), ("192.0.2.9", 3000), 0.01) == []
+    replies = [t.on_datagram(ack(1), (PEER[0], 40000 + i), 0.01) for i in range(10)]
+    assert replies[:FOREIGN_REPLIES] == [
+        [SendTo((PEER[0], 40000 + i), P.encode_error(5, "Unknown transfer ID"))]
+        for i in range(FOREIGN_REPLIES)]
+    assert replies[FOREIGN_REPLIES:] == [[]] * (10 - FOREIGN_REPLIES)
 
 
 def test_garbage_from_peer_is_ignored() -> None:

@@ -29,6 +29,21 @@ UNANSWERED_RETRIES = 3
 #   two windows and a few blocks in all, whatever the windowsize.
 
 
+# - A datagram to a transfer's port from another TID gets ERROR 5 (RFC 1350) only from
+#   the client's own host, and this many times per transfer at most. Answering another
+#   host would tell it that the port is a live transfer, and the random port is all that
+#   keeps a spoofer from acknowledging blocks for its victim; answering without bound
+#   would make the port a reflector.
+FOREIGN_REPLIES = 3
+
+
+def foreign_reply(peer: tuple, src: tuple, replied: int) -> list[Action]:
+    """What a datagram from `src`, not the transfer's `peer`, is answered with."""
+    if src[0] != peer[0] or replied >= FOREIGN_REPLIES:
+        return []
+    return [SendTo(src, P.encode_error(P.E_UNKNOWN_TID, "Unknown transfer ID"))]
+
+
 def wire_block(k: int, rollover: int = 0) -> int:
     """The 16-bit block number of absolute block k (rollover to 0 or 1 past 65535).
     C twin: tftpd_wire_block (_ext/tftpd_send.c)."""
@@ -118,6 +133,7 @@ class ReadTransfer:
                  oack_packet: bytes | None = None) -> None:
         self.peer = peer
         self.oack = oack
+        self.foreign_replies = 0  # ERROR 5s sent to other TIDs
         # The encoded OACK, when the caller has it already (the same for every
         # transfer of the same request): P.encode_oack(oack) otherwise.
         self._oack_packet = oack_packet if oack else None
@@ -193,9 +209,10 @@ class ReadTransfer:
     def on_datagram(self, data: bytes, src: tuple, now: float) -> list[Action]:
         if self.state == DONE:
             return []
-        if src != self.peer:
-            # RFC 1350: a packet from another TID gets ERROR 5; the transfer goes on.
-            return [SendTo(src, P.encode_error(P.E_UNKNOWN_TID, "Unknown transfer ID"))]
+        if src != self.peer:  # another TID: the transfer goes on
+            out = foreign_reply(self.peer, src, self.foreign_replies)
+            self.foreign_replies += len(out)
+            return out
         try:
             pkt = P.parse(data)
         except P.PacketError:
@@ -492,6 +509,7 @@ class WriteTransfer:
                  client_timeout: bool = False, retries: int = DEFAULT_RETRIES,
                  max_size: int | None = None, rollover: int = 0) -> None:
         self.peer = peer
+        self.foreign_replies = 0  # ERROR 5s sent to other TIDs
         self.blksize = blksize
         self.windowsize = windowsize
         self.oack = oack
@@ -527,8 +545,10 @@ class WriteTransfer:
     def on_datagram(self, data: bytes, src: tuple, now: float) -> list[Action]:
         if self.state == DONE:
             return []
-        if src != self.peer:
-            return [SendTo(src, P.encode_error(P.E_UNKNOWN_TID, "Unknown transfer ID"))]
+        if src != self.peer:  # another TID: the transfer goes on
+            out = foreign_reply(self.peer, src, self.foreign_replies)
+            self.foreign_replies += len(out)
+            return out
         try:
             pkt = P.parse(data)
         except P.PacketError:
