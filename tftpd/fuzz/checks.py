@@ -44,8 +44,8 @@ CLAUSES = {
                       "left out of the OACK, never acknowledged",
     "window": "RFC 1350 / RFC 7440: block n is sent only after the client's ACK of block "
               "n - windowsize",
-    "foreign-tid": "RFC 1350 section 4: a packet from an unknown TID gets ERROR 5 and does "
-                   "not touch the transfer",
+    "foreign-tid": "RFC 1350 section 4: a packet from an unknown TID does not touch the "
+                   "transfer (at most ERROR 5 answers it, never DATA or an OACK)",
     "liveness": "RFC 1350: the server keeps serving; a plain RRQ is answered within 2 s",
 }
 
