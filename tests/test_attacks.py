@@ -247,3 +247,17 @@ def test_a_transfer_port_tells_strangers_nothing(root: Path, datapath: str) -> N
         for sock in (real, stranger, neighbour):
             sock.close()
         d.stop()
+
+
+def test_transfer_records_are_bounded_in_all_too() -> None:
+    """Records of answered transfers are bounded per address, and in all: one host can
+    answer from as many addresses as its IPv6 /64 holds. A storm's thousand clients stay
+    well inside the bound (pxe: 2 records a client, mfs: 11)."""
+    from tftpd.http.server import HttpTally
+    from tftpd.worker.records import RECORDS_TOTAL, TransferLog
+
+    assert RECORDS_TOTAL >= 11 * 1000
+    for throttle in (TransferLog(memoryview(bytearray(4096)), None, False).records,  # type: ignore[arg-type]
+                     HttpTally(None, 1).records):
+        allowed = sum(throttle.allow(f"2001:db8::{i:x}", 0.0) for i in range(RECORDS_TOTAL + 5))
+        assert allowed == RECORDS_TOTAL

@@ -40,6 +40,12 @@ from tftpd.http.message import (
     raw_response,
 )
 from tftpd.worker.process import WakeupPipe
+from tftpd.worker.records import (
+    NOISE_PER_ADDRESS,
+    NOISE_TOTAL,
+    RECORDS_PER_ADDRESS,
+    RECORDS_TOTAL,
+)
 
 log = logging.getLogger("tftpd")
 
@@ -48,11 +54,9 @@ ACCEPT_BATCH = 64  # connections accepted per readiness of a listening socket
 SENDFILE_MAX = 0x7FFFF000  # Linux's bound on one sendfile(2)
 SWEEP_EVERY = 0.1  # s between checks of the connections' deadlines
 STOP_WAIT = 2.0  # s the worker waits for the thread to stop listening or to end
-# Log lines per client address and 10 s (logs.Throttle), as for TFTP: records of
-# served requests (the client completed a TCP handshake: its address is proven), and
-# lines about malformed input.
-RECORDS_PER_ADDRESS = 200
-NOISE_PER_ADDRESS, NOISE_TOTAL = 100, 1000
+# Log lines per worker and 10 s take TFTP's bounds (worker.records): records of served
+# requests (the client completed a TCP handshake: its address is proven), and lines
+# about malformed input.
 
 
 def _peer(addr: tuple) -> str:
@@ -80,7 +84,8 @@ class HttpTally:
         self.conns = 0
         self.lock = threading.Lock()
         # The log lines a client can cause, bounded for the worker as a whole.
-        self.records = logs.SharedThrottle("http records", RECORDS_PER_ADDRESS)
+        self.records = logs.SharedThrottle("http records", RECORDS_PER_ADDRESS,
+                                           RECORDS_TOTAL)
         self.noise = logs.SharedThrottle("http malformed input", NOISE_PER_ADDRESS,
                                          NOISE_TOTAL)
 

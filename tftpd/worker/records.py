@@ -22,9 +22,10 @@ BUSY_LOG_INTERVAL = 10.0  # s between "server full" reports
 #   from any address, so per address and in all;
 NOISE_PER_ADDRESS, NOISE_TOTAL = 100, 1000
 # - records of transfers whose client answered from its address (a round trip to a
-#   port no one could guess): per address only, for a storm's thousands of real
-#   clients are each entitled to their lines.
-RECORDS_PER_ADDRESS = 200
+#   port no one could guess): per address, and in all with room for a storm's
+#   thousands of real clients (an mfs boot is 11 records), since one host may answer
+#   from every address of its IPv6 /64.
+RECORDS_PER_ADDRESS, RECORDS_TOTAL = 200, 20_000
 
 
 @dataclass(slots=True)  # not frozen: made per transfer, and frozen costs 4x to make
@@ -53,7 +54,7 @@ class TransferLog:
         self.files = files
         self.json_log = json_log
         self.noise = logs.Throttle("unproven input", NOISE_PER_ADDRESS, NOISE_TOTAL)
-        self.records = logs.Throttle("transfer records", RECORDS_PER_ADDRESS)
+        self.records = logs.Throttle("transfer records", RECORDS_PER_ADDRESS, RECORDS_TOTAL)
         self.busy_refusals = 0
         self.busy_logged_at = 0.0
         self._hits_reported = 0
