@@ -27,8 +27,6 @@ UNANSWERED_RETRIES = 3
 # - One that has acknowledged no DATA block yet (ACK 0 at most) is sent its first
 #   window, that window once more, then only its first block on each later timeout:
 #   two windows and a few blocks in all, whatever the windowsize.
-
-
 # - A datagram to a transfer's port from another TID gets ERROR 5 (RFC 1350) only from
 #   the client's own host, and this many times per transfer at most. Answering another
 #   host would tell it that the port is a live transfer, and the random port is all that
