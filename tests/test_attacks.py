@@ -261,3 +261,19 @@ def test_transfer_records_are_bounded_in_all_too() -> None:
                      HttpTally(None, 1).records):
         allowed = sum(throttle.allow(f"2001:db8::{i:x}", 0.0) for i in range(RECORDS_TOTAL + 5))
         assert allowed == RECORDS_TOTAL
+
+
+def test_a_narrow_port_range_is_warned_about(root: Path) -> None:
+    """Transfer ports are what keeps a spoofer from acknowledging for a client; a range
+    of a few ports makes them guessable, and the operator hears so at the start."""
+    d = start_daemon(root, "-R", "40000:40099")
+    try:
+        d.wait_for_log(r"--port-range 40000:40099 holds 100 ports: .*guess")
+    finally:
+        d.stop()
+    wide = start_daemon(root, "-R", "20000:59999")
+    try:
+        wide.wait_for_log(r"serving .* on 127\.0\.0\.1:")  # past the start's warnings
+    finally:
+        wide.stop()
+    assert "--port-range" not in wide.log_text()

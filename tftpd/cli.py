@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 
-from tftpd.config import Address, Config, ConfigError, from_argv
+from tftpd.config import GUESSABLE_PORTS, Address, Config, ConfigError, from_argv
 from tftpd.logs import BatchingHandler
 
 log = logging.getLogger("tftpd")
@@ -93,6 +93,17 @@ def _demo(cfg: Config) -> tuple[Config, str]:
                                foreground=True, workers=min(cfg.workers, 2), user=user), root
 
 
+def _warn_of_guessable_ports(cfg: Config) -> None:
+    if cfg.port_range is None:
+        return
+    lo, hi = cfg.port_range
+    if hi - lo + 1 < GUESSABLE_PORTS:
+        logging.getLogger("tftpd").warning(
+            "--port-range %d:%d holds %d ports: a spoofer can guess a transfer's port and "
+            "acknowledge for its client; give it at least %d", lo, hi, hi - lo + 1,
+            GUESSABLE_PORTS)
+
+
 def _have_h11() -> bool:
     """Whether HTTP can be served: h11 parses it (a plain Python has no h11)."""
     try:
@@ -135,6 +146,7 @@ def _serve(cfg: Config, args: list[str], demo_root: str | None) -> int:
             mode, inherited = "inetd", [sock]
     # in.tftpd under inetd logs to syslog; so do we, and when detached.
     _setup_logging(cfg, syslog=(mode == "inetd") or (cfg.listen and not cfg.foreground))
+    _warn_of_guessable_ports(cfg)
     try:
         from tftpd.datapath import get_datapath
 

@@ -73,6 +73,11 @@ def _http_address(text: str) -> Address:
     return parse_address(text, HTTP_PORT)
 
 
+# Fewer transfer ports than this and a spoofer's guesses hit too often (a hit lets it
+# acknowledge blocks for the client whose address it forges): warned about at the start.
+GUESSABLE_PORTS = 4096
+
+
 def _port_range(text: str) -> tuple[int, int]:
     lo, sep, hi = text.partition(":")
     if not sep or not lo.isdigit() or not hi.isdigit() or not 1 <= int(lo) <= int(hi) <= 65535:
@@ -173,7 +178,9 @@ SETTINGS: tuple[Setting, ...] = (
             1_000_000, _int_in(10_000, 255_000_000), metavar="USEC"),
     Setting("port_range", ("-R", "--port-range"),
             "transfer ports drawn at random from LOW:HIGH (default: the kernel's ephemeral "
-            "range, also at random); each port serves one transfer", None,
+            "range, also at random); each port serves one transfer. A range of fewer than "
+            f"{GUESSABLE_PORTS} is warned about: its ports are what keeps a spoofer from "
+            "acknowledging for a client, and few are easily guessed", None,
             _port_range, metavar="LOW:HIGH"),
     Setting("refuse", ("-r", "--refuse"), "never negotiate OPTION (blksize, tsize, timeout, "
             "windowsize); repeatable", (), str, repeat=True, metavar="OPTION"),
