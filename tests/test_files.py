@@ -27,6 +27,7 @@ def test_normalize(name: bytes, expected: str) -> None:
 @pytest.mark.parametrize("name", [
     b"../etc/passwd", b"a/../../x", b"..\\..\\x", b"/..", b"a/..", b"x\x01", b"\x1b[31m",
     b"a" * 1025, b"a/" + b"b" * 256, b"/", b".", b"\x7f",
+    b"pxelinux.0/", b"boot/.", b"boot\\", b"/tftpboot/",  # a directory's name, never a file
 ])
 def test_normalize_refuses(name: bytes) -> None:
     with pytest.raises(FileError) as exc:

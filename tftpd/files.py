@@ -82,7 +82,8 @@ def normalize(filename: bytes, root: str) -> str:
 
     `\\` becomes `/` (Windows boxen); a leading `/` means the root, and an absolute
     name that spells out the root itself (`/tftpboot/x` with root /tftpboot, as the
-    FreeBSD loader asks) is taken relative to it. `..` is refused, never resolved.
+    FreeBSD loader asks) is taken relative to it. `..` is refused, never resolved, and
+    so is a name ending in `/` (a directory's: `x.txt/` is not `x.txt`).
     """
     # Legacy PXE ROMs have been seen to end the filename with a 0xFF byte.
     name = filename.rstrip(b"\xff")
@@ -91,6 +92,8 @@ def normalize(filename: bytes, root: str) -> str:
     if _CONTROL.search(name):
         raise FileError(P.E_ACCESS, "Access violation", "control byte in filename")
     text = os.fsdecode(name.replace(b"\\", b"/"))
+    if text.endswith(("/", "/.")):  # a directory's name: no file is served by it
+        raise FileError(P.E_ACCESS, "Access violation", "filename ends in '/'")
     parts = [p for p in text.split("/") if p not in ("", ".")]
     if text.startswith("/"):
         root_parts = [p for p in root.split("/") if p]
