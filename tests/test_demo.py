@@ -22,6 +22,27 @@ def free_port(kind: int) -> int:
         return s.getsockname()[1]
 
 
+def what_the_demo_says(proc: subprocess.Popen[str]) -> str:
+    """The demo's standard output up to its last line ("Ctrl-C stops the server.")."""
+    assert proc.stdout is not None
+    said = ""
+    deadline = time.monotonic() + 20
+    while "Ctrl-C" not in said and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        assert line, f"the demo ended after {said!r}"
+        said += line
+    return said
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def test_demo_prints_curl_lines_that_work() -> None:
     tport, hport = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM)
     proc = subprocess.Popen([sys.executable, "-m", "tftpd", "--demo", "-a",
@@ -29,13 +50,7 @@ def test_demo_prints_curl_lines_that_work() -> None:
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, start_new_session=True)
     try:
-        assert proc.stdout is not None
-        said = ""
-        deadline = time.monotonic() + 20
-        while "Ctrl-C" not in said and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line, f"the demo ended after {said!r}"
-            said += line
+        said = what_the_demo_says(proc)
         commands = re.findall(r"^\s+(curl -s \S+)$", said, re.M)
         assert [c.split("://")[0] for c in commands] == ["curl -s tftp", "curl -s http"]
         for command in commands:
@@ -49,12 +64,7 @@ def test_demo_prints_curl_lines_that_work() -> None:
                                capture_output=True, timeout=20, check=True).stdout
         assert len(image) == 1 << 20
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 # Python as a fresh machine has it: no h11 (the HTTP parser), whatever this one has.
@@ -68,13 +78,7 @@ def test_demo_without_h11_serves_tftp_and_says_what_http_needs(tmp_path: Path) -
                              f"127.0.0.1:{tport}"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        assert proc.stdout is not None
-        said = ""
-        deadline = time.monotonic() + 20
-        while "Ctrl-C" not in said and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line, f"the demo ended after {said!r}"
-            said += line
+        said = what_the_demo_says(proc)
         commands = re.findall(r"^\s+(curl -s \S+)$", said, re.M)
         assert commands == [f"curl -s tftp://127.0.0.1:{tport}/hello.txt"]
         assert "pip install h11" in said
@@ -84,12 +88,7 @@ def test_demo_without_h11_serves_tftp_and_says_what_http_needs(tmp_path: Path) -
                              timeout=20, check=True).stdout
         assert out == "Hello from tftpd: served over TFTP from a preforked pool.\n"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     assert not Path(root.group(1)).exists()
 
 

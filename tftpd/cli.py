@@ -75,6 +75,8 @@ def _setup_logging(cfg: Config, syslog: bool) -> None:
 
 
 def _demo(cfg: Config) -> tuple[Config, str]:
+    from tftpd.listening import http_missing
+
     root = tempfile.mkdtemp(prefix="tftpd-demo-")
     with open(os.path.join(root, "hello.txt"), "w") as f:
         f.write("Hello from tftpd: served over TFTP from a preforked pool.\n")
@@ -82,7 +84,7 @@ def _demo(cfg: Config) -> tuple[Config, str]:
         f.write(os.urandom(1 << 20))
     addresses = cfg.addresses or (Address(socket.AF_INET, "127.0.0.1", DEMO_PORT),)
     http = cfg.http or (Address(socket.AF_INET, addresses[0].host, DEMO_HTTP_PORT),)
-    if not _have_h11():
+    if http_missing() is not None:
         http = ()  # TFTP alone; main() says what HTTP needs
     else:
         with open(os.path.join(root, "boot.ipxe"), "w") as f:
@@ -102,15 +104,6 @@ def _warn_of_guessable_ports(cfg: Config) -> None:
             "--port-range %d:%d holds %d ports: a spoofer can guess a transfer's port and "
             "acknowledge for its client; give it at least %d", lo, hi, hi - lo + 1,
             GUESSABLE_PORTS)
-
-
-def _have_h11() -> bool:
-    """Whether HTTP can be served: h11 parses it (a plain Python has no h11)."""
-    try:
-        import h11  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,12 +137,20 @@ def _metrics_socket(text: str) -> socket.socket:
     return sock
 
 
-def _require_http() -> None:
-    """HTTP is served with h11: say so at the start, not in a worker's traceback."""
+def http_missing() -> str | None:
+    """Why HTTP cannot be served here (h11 parses it; a plain Python has none), or None."""
     try:
         import tftpd.http  # noqa: F401
     except ImportError as err:
-        raise StartupError(f"--http needs the h11 package (pip install h11): {err}") from None
+        return str(err)
+    return None
+
+
+def _require_http() -> None:
+    """Say so at the start, not in a worker's traceback."""
+    missing = http_missing()
+    if missing is not None:
+        raise StartupError(f"--http needs the h11 package (pip install h11): {missing}")
 
 
 def _http_socket(addr: Address) -> socket.socket:
